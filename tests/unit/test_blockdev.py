@@ -1,0 +1,506 @@
+"""Layer 6: the image.  Real files in tmp_path; a loop device when we can."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+
+import pytest
+import trio
+
+from delafs.blockdev import BLOCK_SIZE, BlockDevice, FaultTable, Recorder
+from delafs.errors import FsError
+
+NBLOCKS = 64
+
+
+def block(fill: int, n: int = 1) -> bytes:
+    return bytes([fill]) * (BLOCK_SIZE * n)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = str(tmp_path / "image")
+    BlockDevice.create_file(path, NBLOCKS * BLOCK_SIZE)
+    return path
+
+
+@pytest.fixture
+def dev(image):
+    d = BlockDevice.open(image)
+    yield d
+    d.close()
+
+
+# -- opening ---------------------------------------------------------------
+
+
+def test_open_missing_path(tmp_path):
+    with pytest.raises(FsError) as exc:
+        BlockDevice.open(str(tmp_path / "nope"))
+    assert exc.value.errno == errno.ENOENT
+    assert "does not exist" in str(exc.value)
+
+
+def test_open_directory(tmp_path):
+    with pytest.raises(FsError) as exc:
+        BlockDevice.open(str(tmp_path))
+    assert exc.value.errno == errno.EINVAL
+    assert "is a directory" in str(exc.value)
+
+
+def test_open_fifo_is_rejected_without_blocking(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    with pytest.raises(FsError) as exc:
+        BlockDevice.open(fifo, readonly=True)
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_geometry(dev, image):
+    assert dev.kind == "file"
+    assert dev.path == image
+    assert dev.size == NBLOCKS * BLOCK_SIZE
+    assert dev.nblocks == NBLOCKS
+    assert not dev.readonly and not dev.direct
+
+
+def test_trailing_partial_block_is_not_addressable(tmp_path):
+    path = str(tmp_path / "odd")
+    BlockDevice.create_file(path, 3 * BLOCK_SIZE + 100)
+    with BlockDevice.open(path) as d:
+        assert d.nblocks == 3
+        with pytest.raises(FsError):
+            d.read_sync(3, 1)
+
+
+def test_create_file_is_sparse_and_never_shrinks(tmp_path):
+    path = str(tmp_path / "big")
+    BlockDevice.create_file(path, 1 << 30)
+    st = os.stat(path)
+    assert st.st_size == 1 << 30
+    assert st.st_blocks * 512 < 64 * 1024
+    BlockDevice.create_file(path, 1 << 20)
+    assert os.stat(path).st_size == 1 << 30
+    BlockDevice.create_file(path, 2 << 30)
+    assert os.stat(path).st_size == 2 << 30
+
+
+def test_create_file_in_missing_directory(tmp_path):
+    with pytest.raises(FsError) as exc:
+        BlockDevice.create_file(str(tmp_path / "no" / "image"), BLOCK_SIZE)
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_close_is_idempotent(image):
+    d = BlockDevice.open(image)
+    d.close()
+    d.close()
+
+
+# -- reads and writes --------------------------------------------------------
+
+
+def test_sparse_image_reads_zeros(dev):
+    assert dev.read_sync(0, NBLOCKS) == bytes(NBLOCKS * BLOCK_SIZE)
+
+
+def test_sync_round_trip(dev, image):
+    dev.write_sync(5, [block(0xAB, 2)])
+    assert dev.read_sync(5, 2) == block(0xAB, 2)
+    assert dev.read_sync(4, 1) == block(0)
+    with open(image, "rb") as f:
+        f.seek(5 * BLOCK_SIZE)
+        assert f.read(2 * BLOCK_SIZE) == block(0xAB, 2)
+
+
+def test_pwritev_with_several_buffers(dev):
+    bufs = [block(1), bytearray(block(2, 2)), memoryview(block(3))]
+    dev.write_sync(10, bufs)
+    assert dev.read_sync(10, 4) == block(1) + block(2, 2) + block(3)
+
+
+def test_partial_pwritev_is_resumed(dev, monkeypatch):
+    real_pwritev = os.pwritev
+
+    def dribble(fd, bufs, offset):
+        # Write at most 1000 bytes per call, cutting buffers mid-way.
+        return real_pwritev(fd, [memoryview(bufs[0])[:1000]], offset)
+
+    monkeypatch.setattr(os, "pwritev", dribble)
+    dev.write_sync(1, [block(1), block(2, 2)])
+    monkeypatch.undo()
+    assert dev.read_sync(1, 3) == block(1) + block(2, 2)
+
+
+def test_more_buffers_than_iov_max(tmp_path):
+    path = str(tmp_path / "wide")
+    n = os.sysconf("SC_IOV_MAX") + 100
+    BlockDevice.create_file(path, n * BLOCK_SIZE)
+    with BlockDevice.open(path) as d:
+        d.write_sync(0, [block(i % 251) for i in range(n)])
+        assert d.read_sync(0, n) == b"".join(block(i % 251) for i in range(n))
+        assert d.statistics()["writes"] == 1
+
+
+async def test_concurrent_async_io(dev):
+    async def worker(blk):
+        await dev.write(blk, [block(blk)])
+        assert await dev.read(blk, 1) == block(blk)
+
+    async with trio.open_nursery() as nursery:
+        for blk in range(NBLOCKS):
+            nursery.start_soon(worker, blk)
+    assert dev.read_sync(0, NBLOCKS) == b"".join(block(b) for b in range(NBLOCKS))
+    stats = dev.statistics()
+    assert stats["writes"] == stats["reads"] - 1 == NBLOCKS
+
+
+def test_buffer_must_be_whole_blocks(dev):
+    with pytest.raises(ValueError):
+        dev.write_sync(0, [b"x" * 100])
+
+
+def test_read_past_eof_of_truncated_image_is_eio(dev, image):
+    os.truncate(image, 2 * BLOCK_SIZE)
+    with pytest.raises(FsError) as exc:
+        dev.read_sync(1, 2)
+    assert exc.value.errno == errno.EIO
+
+
+async def test_async_round_trip(dev):
+    await dev.write(3, [block(7), block(8)])
+    await dev.flush()
+    assert await dev.read(3, 2) == block(7) + block(8)
+    await dev.discard(3, 1)
+    assert await dev.read(3, 2) == block(0) + block(8)
+
+
+@pytest.mark.parametrize(
+    "blk,count", [(-1, 1), (NBLOCKS, 1), (NBLOCKS - 1, 2), (0, NBLOCKS + 1)]
+)
+def test_bounds(dev, image, blk, count):
+    before = os.stat(image).st_blocks
+    for op in (
+        lambda: dev.read_sync(blk, count),
+        lambda: dev.write_sync(blk, [block(0xFF, count)]),
+        lambda: dev.discard_sync(blk, count),
+    ):
+        with pytest.raises(FsError) as exc:
+            op()
+        assert exc.value.errno == errno.EIO
+        assert "beyond end of device" in str(exc.value)
+    assert os.stat(image).st_blocks == before
+    assert dev.statistics()["writes"] == 0
+
+
+def test_last_block_is_addressable(dev):
+    dev.write_sync(NBLOCKS - 1, [block(9)])
+    assert dev.read_sync(NBLOCKS - 1, 1) == block(9)
+
+
+def test_readonly_refuses_writes(dev, image):
+    dev.write_sync(0, [block(4)])
+    with BlockDevice.open(image, readonly=True) as ro:
+        assert ro.readonly
+        assert ro.read_sync(0, 1) == block(4)
+        for op in (lambda: ro.write_sync(0, [block(5)]), lambda: ro.discard_sync(0, 1)):
+            with pytest.raises(FsError) as exc:
+                op()
+            assert exc.value.errno == errno.EROFS
+    assert dev.read_sync(0, 1) == block(4)
+
+
+# -- discard -----------------------------------------------------------------
+
+
+def test_discard_punches_a_hole(dev, image):
+    dev.write_sync(0, [block(0x55, 16)])
+    dev.flush_sync()
+    allocated = os.stat(image).st_blocks
+    assert allocated * 512 >= 16 * BLOCK_SIZE
+    dev.discard_sync(4, 8)
+    assert os.stat(image).st_blocks * 512 <= allocated * 512 - 8 * BLOCK_SIZE
+    assert os.stat(image).st_size == NBLOCKS * BLOCK_SIZE
+    assert dev.read_sync(0, 16) == block(0x55, 4) + block(0, 8) + block(0x55, 4)
+
+
+# -- fault injection -----------------------------------------------------------
+
+
+def test_fault_table_is_falsy_when_empty():
+    faults = FaultTable()
+    assert not faults
+    fid = faults.add("read")
+    assert faults
+    faults.remove(fid)
+    assert not faults
+
+
+def test_fault_range_overlap(dev):
+    dev.write_sync(10, [block(1, 4)])
+    dev.faults.add("write", 12, 2)
+    with pytest.raises(FsError) as exc:
+        dev.write_sync(8, [block(2, 5)])  # 8..12 touches 12
+    assert exc.value.errno == errno.EIO
+    assert "injected write error" in str(exc.value) and "block 12" in str(exc.value)
+    assert dev.read_sync(10, 4) == block(1, 4)  # failed before any I/O
+    dev.write_sync(8, [block(2, 4)])  # 8..11: no overlap
+    dev.write_sync(14, [block(2)])  # just past the range
+    with pytest.raises(FsError):
+        dev.write_sync(13, [block(2, 3)])
+    dev.read_sync(12, 2)  # other ops unaffected
+    assert dev.faults.fired == 2
+    assert dev.statistics()["injected_errors"] == 2
+
+
+def test_fault_whole_device_and_errno(dev):
+    dev.faults.add("read", error=errno.ENOSPC)
+    for blk in (0, NBLOCKS - 1):
+        with pytest.raises(FsError) as exc:
+            dev.read_sync(blk, 1)
+        assert exc.value.errno == errno.ENOSPC
+
+
+def test_fault_open_ended_range_starts_at_start(dev):
+    dev.faults.add("discard", 32)
+    dev.discard_sync(0, 32)
+    with pytest.raises(FsError):
+        dev.discard_sync(31, 2)
+
+
+def test_fault_times(dev):
+    dev.faults.add("read", 0, 1, times=2)
+    for _ in range(2):
+        with pytest.raises(FsError):
+            dev.read_sync(0, 1)
+    dev.read_sync(0, 1)
+    assert not dev.faults
+    assert dev.faults.fired == 2
+
+
+def test_fault_flush_and_removal(dev):
+    fid = dev.faults.add("flush", 50, 1, error=errno.EIO)  # the range is ignored
+    with pytest.raises(FsError) as exc:
+        dev.flush_sync()
+    assert "injected flush error" in str(exc.value)
+    dev.faults.remove(fid)
+    dev.flush_sync()
+    dev.faults.add("flush")
+    dev.faults.add("write")
+    dev.faults.clear()
+    dev.flush_sync()
+    dev.write_sync(0, [block(1)])
+    assert dev.statistics()["flushes"] == 2
+
+
+def test_fault_first_matching_rule_wins(dev):
+    dev.faults.add("read", 0, 4, error=errno.EIO, times=1)
+    dev.faults.add("read", 0, 4, error=errno.ENODATA)
+    with pytest.raises(FsError) as exc:
+        dev.read_sync(1, 1)
+    assert exc.value.errno == errno.EIO
+    with pytest.raises(FsError) as exc:
+        dev.read_sync(1, 1)
+    assert exc.value.errno == errno.ENODATA
+
+
+async def test_async_fault(dev):
+    dev.faults.add("write", 0, 1)
+    with pytest.raises(FsError):
+        await dev.write(0, [block(1)])
+
+
+def test_fault_bad_arguments():
+    faults = FaultTable()
+    for args, kw in [(("fsync",), {}), (("read", -1), {}), (("read", 0, 0), {}), (("read",), {"times": 0})]:
+        with pytest.raises(ValueError):
+            faults.add(*args, **kw)
+
+
+# -- recorder and statistics -----------------------------------------------------
+
+
+def test_recorder_events_in_order(dev):
+    dev.write_sync(1, [block(1)])  # before the recorder: not recorded
+    dev.recorder = Recorder()
+    dev.write_sync(2, [block(2), block(3)])
+    dev.flush_sync()
+    dev.discard_sync(2, 1)
+    dev.faults.add("write", 9, 1)
+    with pytest.raises(FsError):
+        dev.write_sync(9, [block(9)])  # failed: not recorded
+    dev.read_sync(0, 4)  # reads are not recorded
+    dev.write_sync(4, [block(4)])
+    assert dev.recorder.events == [
+        ("write", 2, block(2) + block(3)),
+        ("flush",),
+        ("discard", 2, 1),
+        ("write", 4, block(4)),
+    ]
+    assert all(type(ev[2]) is bytes for ev in dev.recorder.events if ev[0] == "write")
+    dev.recorder.clear()
+    assert dev.recorder.events == []
+
+
+def test_recorded_data_is_a_copy(dev):
+    dev.recorder = Recorder()
+    buf = bytearray(block(1))
+    dev.write_sync(0, [buf])
+    buf[:] = block(2)
+    assert dev.recorder.events[0][2] == block(1)
+
+
+def test_statistics(dev):
+    dev.write_sync(0, [block(1, 3)])
+    dev.write_sync(3, [block(1), block(2)])
+    dev.read_sync(0, 5)
+    dev.flush_sync()
+    dev.discard_sync(0, 2)
+    assert dev.statistics() == {
+        "reads": 1,
+        "writes": 2,
+        "blocks_read": 5,
+        "blocks_written": 5,
+        "flushes": 1,
+        "discards": 1,
+        "injected_errors": 0,
+    }
+
+
+# -- locking -----------------------------------------------------------------
+
+
+def test_lock_conflict_between_two_opens(image):
+    with BlockDevice.open(image) as a, BlockDevice.open(image, readonly=True) as b:
+        a.lock()
+        with pytest.raises(FsError) as exc:
+            b.lock()
+        assert exc.value.errno == errno.EBUSY
+        assert "in use by another delafs process" in str(exc.value)
+        a.unlock()
+        b.lock()
+
+
+def test_lock_released_on_close(image):
+    a = BlockDevice.open(image)
+    a.lock()
+    a.close()
+    with BlockDevice.open(image) as b:
+        b.lock()
+
+
+def test_lock_wait_succeeds_when_holder_unlocks(image):
+    with BlockDevice.open(image) as a, BlockDevice.open(image) as b:
+        a.lock()
+        timer = threading.Timer(0.3, a.unlock)
+        timer.start()
+        try:
+            b.lock(wait=5.0)
+        finally:
+            timer.join()
+
+
+def test_lock_wait_times_out(image):
+    with BlockDevice.open(image) as a, BlockDevice.open(image) as b:
+        a.lock()
+        with pytest.raises(FsError) as exc:
+            b.lock(wait=0.25)
+        assert exc.value.errno == errno.EBUSY
+
+
+# -- O_DIRECT and block devices ------------------------------------------------
+
+
+@pytest.fixture
+def disk_dir(tmp_path_factory):
+    """A directory on a disk filesystem: O_DIRECT is refused by some tmpfs."""
+    for base in ("/var/tmp", "/work"):
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            break
+    else:
+        pytest.skip("no writable disk-backed directory")
+    d = os.path.join(base, f"delafs-test-{os.getpid()}-{threading.get_ident()}")
+    os.makedirs(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def open_direct(path):
+    try:
+        return BlockDevice.open(path, direct=True)
+    except FsError as e:
+        if e.errno == errno.EINVAL:
+            pytest.skip(str(e))
+        raise
+
+
+async def test_direct_round_trip(disk_dir):
+    path = os.path.join(disk_dir, "image")
+    BlockDevice.create_file(path, NBLOCKS * BLOCK_SIZE)
+    with open_direct(path) as d:
+        assert d.direct
+        # Unaligned source buffers: a slice of bytes at an odd offset.
+        raw = b"?" + block(0x11) + block(0x22)
+        d.write_sync(7, [memoryview(raw)[1:], bytearray(block(0x33))])
+        assert d.read_sync(7, 3) == block(0x11) + block(0x22) + block(0x33)
+        await d.write(20, [block(0x44)])
+        await d.flush()
+        assert await d.read(20, 1) == block(0x44)
+    with BlockDevice.open(path) as d:
+        assert d.read_sync(8, 1) == block(0x22)
+
+
+def test_direct_refused_by_filesystem_is_einval(image, monkeypatch):
+    """tmpfs before Linux 6.6 fails O_DIRECT opens with EINVAL; say so clearly."""
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.raises(FsError) as exc:
+        BlockDevice.open(image, direct=True)
+    assert exc.value.errno == errno.EINVAL
+    assert "O_DIRECT" in str(exc.value)
+
+
+@pytest.fixture
+def loop_device(disk_dir):
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    backing = os.path.join(disk_dir, "backing")
+    BlockDevice.create_file(backing, NBLOCKS * BLOCK_SIZE)
+    proc = subprocess.run(
+        ["losetup", "--find", "--show", backing], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+    loop = proc.stdout.strip()
+    try:
+        yield loop, backing
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=False)
+
+
+def test_loop_device(loop_device):
+    loop, backing = loop_device
+    with BlockDevice.open(loop) as d:
+        assert d.kind == "block"
+        assert d.size == NBLOCKS * BLOCK_SIZE
+        assert d.nblocks == NBLOCKS
+        d.lock()
+        d.write_sync(2, [block(0x66, 2)])
+        d.flush_sync()
+        assert d.read_sync(2, 2) == block(0x66, 2)
+        d.discard_sync(2, 1)  # advisory: must not raise either way
+        with pytest.raises(FsError):
+            d.read_sync(NBLOCKS, 1)
+    with open(backing, "rb") as f:
+        f.seek(3 * BLOCK_SIZE)
+        assert f.read(BLOCK_SIZE) == block(0x66)
