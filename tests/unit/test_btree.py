@@ -1,0 +1,157 @@
+"""The B+tree against a dict model, over an in-memory block store that
+re-decodes every node from its encoded image (so encode/decode is exercised
+on every access, as after a cache eviction)."""
+
+import random
+
+import pytest
+
+from delafs.btree import BTree, KEY_MAX, KEY_MIN, MAX_VALUE, Node, NODE_CAP
+from delafs.errors import CorruptionError
+
+
+class ImageStore:
+    """Keeps only encoded images, so every get() decodes afresh."""
+
+    def __init__(self):
+        self.images = {}
+        self.live = {}
+
+    async def get(self, blk, decode):
+        obj = self.live.get(blk)
+        if obj is None:
+            obj = decode(self.images[blk], blk)
+            self.live[blk] = obj
+        return obj
+
+    def add(self, obj):
+        self.live[obj.blocknr] = obj
+
+    def mark_dirty(self, obj):
+        self.live[obj.blocknr] = obj
+
+    def forget(self, blk):
+        self.live.pop(blk, None)
+        self.images.pop(blk, None)
+
+    def flush(self):
+        """Encode everything and drop the decoded objects."""
+        for blk, obj in self.live.items():
+            self.images[blk] = obj.encode(1)
+        self.live = {}
+
+
+class Holder:
+    def __init__(self):
+        self.root_block = 0
+        self.root_level = 0
+        self.changes = 0
+
+    def root_changed(self):
+        self.changes += 1
+
+
+def make_tree():
+    store = ImageStore()
+    holder = Holder()
+    nxt = iter(range(100, 10**6))
+    freed = []
+    tree = BTree(store, holder, lambda goal: next(nxt), freed.append)
+    root = Node(next(nxt), 0, [], [])
+    store.add(root)
+    holder.root_block = root.blocknr
+    return tree, store, holder, freed
+
+
+async def check_tree(tree, model):
+    items = await tree.scan(KEY_MIN, KEY_MAX)
+    assert items == sorted(model.items())
+    seen = set()
+
+    def visit(node, lo, hi):
+        assert node.blocknr not in seen
+        seen.add(node.blocknr)
+        assert node.nbytes <= NODE_CAP
+        for k in node.keys:
+            assert lo <= k < hi, (lo, k, hi)
+    await tree.walk(visit)
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_ops_match_model(seed):
+    rng = random.Random(seed)
+    tree, store, holder, freed = make_tree()
+    model = {}
+    for step in range(4000):
+        op = rng.random()
+        key = (rng.randrange(50), rng.randrange(3), rng.randrange(2000))
+        if op < 0.55:
+            val = bytes([step % 256]) * rng.choice([0, 8, 30, 200, MAX_VALUE])
+            if key in model:
+                with pytest.raises(KeyError):
+                    await tree.insert(key, val)
+                await tree.insert(key, val, replace=True)
+            else:
+                await tree.insert(key, val)
+            model[key] = val
+        elif op < 0.9:
+            # delete an existing key most of the time
+            if model and rng.random() < 0.9:
+                key = rng.choice(list(model))
+            assert await tree.delete(key) == (key in model)
+            model.pop(key, None)
+        else:
+            assert await tree.lookup(key) == model.get(key)
+            le = await tree.lookup_le(key)
+            smaller = [k for k in model if k <= key]
+            assert le == ((max(smaller), model[max(smaller)]) if smaller else None)
+        if step % 500 == 0:
+            store.flush()
+            await check_tree(tree, model)
+    store.flush()
+    nodes = await check_tree(tree, model)
+    # Every node ever allocated is either in the tree or was freed.
+    assert not (nodes & set(freed))
+    assert holder.root_level >= 1
+
+
+async def test_delete_everything_collapses_to_leaf_root():
+    tree, store, holder, freed = make_tree()
+    keys = [(i, 1, 0) for i in range(3000)]
+    for k in keys:
+        await tree.insert(k, b"x" * 40)
+    assert holder.root_level >= 1
+    random.Random(1).shuffle(keys)
+    for k in keys:
+        assert await tree.delete(k)
+    assert holder.root_level == 0
+    assert await tree.scan(KEY_MIN, KEY_MAX) == []
+
+
+async def test_scan_limit_and_bounds():
+    tree, *_ = make_tree()
+    for i in range(1000):
+        await tree.insert((7, 2, i), b"v%d" % i)
+    got = await tree.scan((7, 2, 100), (7, 2, 200))
+    assert [k[2] for k, _ in got] == list(range(100, 200))
+    got = await tree.scan((7, 2, 990), KEY_MAX, limit=3)
+    assert [k[2] for k, _ in got] == [990, 991, 992]
+
+
+def test_value_too_large_is_refused():
+    import trio
+    tree, *_ = make_tree()
+    with pytest.raises(ValueError):
+        trio.run(tree.insert, (1, 1, 1), b"x" * (MAX_VALUE + 1))
+
+
+def test_decode_detects_damage():
+    node = Node(55, 0, [(1, 1, 1), (2, 1, 1)], [b"abc", b"def"])
+    img = bytearray(node.encode(3))
+    assert Node.decode(bytes(img), 55).vals == [b"abc", b"def"]
+    with pytest.raises(CorruptionError, match="block 56.*misdirected"):
+        Node.decode(bytes(img), 56)
+    img[100] ^= 1
+    with pytest.raises(CorruptionError, match="btree node at block 55: checksum"):
+        Node.decode(bytes(img), 55)
