@@ -1,0 +1,299 @@
+"""The filesystem layer through its Python API: POSIX semantics, errors,
+space accounting, orphans, and reopening without a clean close."""
+
+import errno
+import stat
+
+import pytest
+
+from delafs.blockdev import BlockDevice
+from delafs.errors import FsError
+from delafs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
+from delafs.fsck import check
+
+ROOT = 1
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = str(tmp_path / "fs.img")
+    BlockDevice.create_file(path, 32 << 20)
+    return path
+
+
+async def fresh(path, **kw):
+    dev = BlockDevice.open(path)
+    await Filesystem.format(dev, log_blocks=kw.pop("log_blocks", None))
+    return dev, await Filesystem.open(dev, **kw)
+
+
+async def reopen(dev, fs=None, *, clean=False):
+    """Drop every in-memory structure (optionally unmounting cleanly first)."""
+    if clean and fs is not None:
+        await fs.close()
+    path = dev.path
+    dev.close()
+    dev = BlockDevice.open(path)
+    return dev, await Filesystem.open(dev)
+
+
+async def fsck_clean(dev):
+    import io
+    out = io.StringIO()
+    report = await check(dev, repair=False, out=out)
+    assert report.exit_code == 0, out.getvalue()
+
+
+def err(e):
+    return e.value.errno
+
+
+async def test_names_and_errors(image):
+    dev, fs = await fresh(image)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    f = await fs.create(d.ino, b"f", 0o644)
+    with pytest.raises(FsError) as e:
+        await fs.create(d.ino, b"f", 0o644)
+    assert err(e) == errno.EEXIST
+    with pytest.raises(FsError) as e:
+        await fs.lookup(d.ino, b"missing")
+    assert err(e) == errno.ENOENT
+    with pytest.raises(FsError) as e:
+        await fs.create(d.ino, b"x" * 256, 0o644)
+    assert err(e) == errno.ENAMETOOLONG
+    for bad in (b"a/b", b"a\0b", b".", b"..", b""):
+        with pytest.raises(FsError) as e:
+            await fs.create(d.ino, bad, 0o644)
+        assert err(e) == errno.EINVAL
+    with pytest.raises(FsError) as e:
+        await fs.create(f.ino, b"g", 0o644)
+    assert err(e) == errno.ENOTDIR
+    with pytest.raises(FsError) as e:
+        await fs.rmdir(ROOT, b"d")
+    assert err(e) == errno.ENOTEMPTY
+    with pytest.raises(FsError) as e:
+        await fs.unlink(ROOT, b"d")
+    assert err(e) == errno.EISDIR
+    with pytest.raises(FsError) as e:
+        await fs.rmdir(d.ino, b"f")
+    assert err(e) == errno.ENOTDIR
+    # Every byte but NUL and '/' is a valid name byte.
+    odd = bytes(range(1, 256)).replace(b"/", b"")[:255]
+    o = await fs.create(ROOT, odd, 0o600)
+    assert (await fs.lookup(ROOT, odd)).ino == o.ino
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_link_counts_and_types(image):
+    dev, fs = await fresh(image)
+    a = await fs.mkdir(ROOT, b"a", 0o755)
+    b = await fs.mkdir(a.ino, b"b", 0o700)
+    assert (await fs.getattr(a.ino)).nlink == 3
+    assert (await fs.getattr(ROOT)).nlink == 3
+    f = await fs.create(b.ino, b"f", 0o644)
+    await fs.link(f.ino, a.ino, b"f2")
+    assert (await fs.getattr(f.ino)).nlink == 2
+    with pytest.raises(FsError) as e:
+        await fs.link(a.ino, ROOT, b"dirlink")
+    assert err(e) == errno.EPERM
+    fifo = await fs.create(ROOT, b"fifo", stat.S_IFIFO | 0o600)
+    dev_node = await fs.create(ROOT, b"null", stat.S_IFCHR | 0o666, rdev=0x103)
+    assert stat.S_ISFIFO(fifo.mode) and (await fs.getattr(dev_node.ino)).rdev == 0x103
+    s = await fs.symlink(ROOT, b"long", b"x" * 3000)
+    s2 = await fs.symlink(ROOT, b"short", b"a/b/f")
+    dev, fs = await reopen(dev, fs, clean=True)
+    assert await fs.readlink(s.ino) == b"x" * 3000
+    assert await fs.readlink(s2.ino) == b"a/b/f"
+    names = sorted(n for n, *_ in await fs.readdir(ROOT))
+    assert names == [b"a", b"fifo", b"long", b"null", b"short"]
+    await fs.unlink(b.ino, b"f")
+    assert (await fs.getattr(f.ino)).nlink == 1
+    await fs.rmdir(a.ino, b"b")
+    assert (await fs.getattr(a.ino)).nlink == 2
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_rename_semantics(image):
+    dev, fs = await fresh(image)
+    a = await fs.mkdir(ROOT, b"a", 0o755)
+    b = await fs.mkdir(ROOT, b"b", 0o755)
+    x = await fs.create(a.ino, b"x", 0o644)
+    y = await fs.create(b.ino, b"y", 0o644)
+    await fs.rename(a.ino, b"x", b.ino, b"y")          # replaces y
+    assert (await fs.lookup(b.ino, b"y")).ino == x.ino
+    with pytest.raises(FsError):
+        await fs.getattr(y.ino)                          # y was freed
+    z = await fs.create(a.ino, b"z", 0o644)
+    with pytest.raises(FsError) as e:
+        await fs.rename(a.ino, b"z", b.ino, b"y", RENAME_NOREPLACE)
+    assert err(e) == errno.EEXIST
+    await fs.rename(a.ino, b"z", b.ino, b"y", RENAME_EXCHANGE)
+    assert (await fs.lookup(b.ino, b"y")).ino == z.ino
+    assert (await fs.lookup(a.ino, b"z")).ino == x.ino
+    # Directory moves keep link counts and refuse cycles.
+    sub = await fs.mkdir(a.ino, b"sub", 0o755)
+    await fs.rename(a.ino, b"sub", b.ino, b"sub")
+    assert (await fs.getattr(a.ino)).nlink == 2
+    assert (await fs.getattr(b.ino)).nlink == 3
+    assert (await fs.getattr(sub.ino)).parent == b.ino
+    with pytest.raises(FsError) as e:
+        await fs.rename(ROOT, b"b", sub.ino, b"loop")
+    assert err(e) == errno.EINVAL
+    with pytest.raises(FsError) as e:
+        await fs.rename(b.ino, b"y", ROOT, b"a")          # file over a directory
+    assert err(e) == errno.EISDIR
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_xattrs(image):
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.setxattr(f.ino, b"user.small", b"v")
+    await fs.setxattr(f.ino, b"user.big", bytes(range(256)) * 256)      # 64 KiB
+    with pytest.raises(FsError) as e:
+        await fs.setxattr(f.ino, b"user.small", b"w", XATTR_CREATE)
+    assert err(e) == errno.EEXIST
+    with pytest.raises(FsError) as e:
+        await fs.setxattr(f.ino, b"user.none", b"w", XATTR_REPLACE)
+    assert err(e) == errno.ENODATA
+    with pytest.raises(FsError) as e:
+        await fs.setxattr(f.ino, b"user.huge", b"x" * 65537)
+    assert err(e) == errno.E2BIG
+    with pytest.raises(FsError) as e:
+        await fs.getxattr(f.ino, b"user.none")
+    assert err(e) == errno.ENODATA
+    used = fs.space.alloc.used
+    await fs.setxattr(f.ino, b"user.big", b"short now")                 # frees its blocks
+    await fs.commit()
+    assert fs.space.alloc.used < used
+    dev, fs = await reopen(dev)
+    assert sorted(await fs.listxattr(f.ino)) == [b"user.big", b"user.small"]
+    assert await fs.getxattr(f.ino, b"user.big") == b"short now"
+    await fs.removexattr(f.ino, b"user.small")
+    assert await fs.listxattr(f.ino) == [b"user.big"]
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_data_extents_and_truncate(image):
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.pwrite(f.ino, 0, b"a" * 10000)
+    await fs.pwrite(f.ino, 5, b"XY")                  # partial-block overwrite
+    await fs.pwrite(f.ino, 1 << 20, b"tail")          # leaves a hole
+    assert await fs.pread(f.ino, 0, 8) == b"aaaaaXYa"
+    assert await fs.pread(f.ino, 500000, 4) == bytes(4)
+    exts = await fs.map_blocks(f.ino, 0, 257)
+    assert [e.state.name for e in exts] == ["WRITTEN", "HOLE", "WRITTEN"]
+    await fs.truncate(f.ino, 4097)
+    assert (await fs.getattr(f.ino)).size == 4097
+    await fs.truncate(f.ino, 20000)                   # grow: the old tail reads as zeros
+    assert await fs.pread(f.ino, 4096, 3) == b"a" + bytes(2)
+    with pytest.raises(FsError) as e:
+        await fs.pwrite(f.ino, 1 << 52, b"x")
+    assert err(e) == errno.EFBIG
+    dev, fs = await reopen(dev, fs, clean=True)
+    assert (await fs.getattr(f.ino)).blocks == 2
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_enospc_changes_nothing_and_space_returns(image):
+    dev, fs = await fresh(image)
+    initial = fs.statfs()["bfree"]
+    files = []
+    with pytest.raises(FsError) as e:
+        for i in range(10000):
+            f = await fs.create(ROOT, b"f%d" % i, 0o644)
+            files.append(f.ino)
+            await fs.pwrite(f.ino, 0, b"x" * (1 << 20))
+    assert err(e) == errno.ENOSPC
+    assert not fs.shutdown
+    fs.space.alloc.check()
+    # The failed write left nothing behind but the empty file it was given.
+    last = await fs.getattr(files[-1])
+    assert last.size == 0 and last.blocks == 0
+    await fs.commit()
+    dev, fs = await reopen(dev)
+    for i in range(len(files)):
+        await fs.unlink(ROOT, b"f%d" % i)
+    await fs.sync()
+    assert fs.statfs()["bfree"] == initial
+    dev, fs = await reopen(dev, fs, clean=True)
+    assert fs.statfs()["bfree"] == initial
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_orphan_survives_crash_and_is_reaped(image):
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.pwrite(f.ino, 0, b"z" * 100000)
+    fs.open_ref(f.ino)
+    await fs.unlink(ROOT, b"f")
+    assert await fs.pread(f.ino, 0, 3) == b"zzz"      # still readable while open
+    await fs.commit()
+    free_before = fs.statfs()["bfree"]
+    dev, fs = await reopen(dev)                        # crash with the file open
+    assert fs.stats["orphans_recovered"] == 1
+    with pytest.raises(FsError):
+        await fs.getattr(f.ino)
+    assert fs.statfs()["bfree"] > free_before
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_reopen_without_clean_close_keeps_committed(image):
+    dev, fs = await fresh(image)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    for i in range(300):
+        f = await fs.create(d.ino, b"%04d" % i, 0o644)
+        await fs.pwrite(f.ino, 0, b"%d" % i)
+    await fs.commit()
+    await fs.create(d.ino, b"uncommitted", 0o644)      # may or may not survive
+    dev, fs = await reopen(dev)
+    for i in range(300):
+        f = await fs.lookup(d.ino, b"%04d" % i)
+        assert await fs.pread(f.ino, 0, 10) == b"%d" % i
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_readonly_open_writes_nothing(image):
+    dev, fs = await fresh(image)
+    await fs.create(ROOT, b"f", 0o644)
+    await fs.commit()                                   # in the log, not checkpointed
+    dev.close()
+    dev = BlockDevice.open(image, readonly=True)
+    fs = await Filesystem.open(dev)
+    assert fs.readonly
+    assert (await fs.lookup(ROOT, b"f")).size == 0       # journal applied in memory
+    with pytest.raises(FsError) as e:
+        await fs.create(ROOT, b"g", 0o644)
+    assert err(e) == errno.EROFS
+    assert dev.statistics()["writes"] == 0
+
+
+async def test_readdir_cookies_stable_under_changes(image):
+    dev, fs = await fresh(image)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    for i in range(500):
+        await fs.create(d.ino, b"n%03d" % i, 0o644)
+    first = await fs.readdir(d.ino, 0, 100)
+    cookie = first[-1][3]
+    seen = {n for n, *_ in first}
+    # Remove names already returned and add new ones: the cookie still resumes
+    # exactly after the last returned entry, and no old name repeats.
+    for name in list(seen)[:50]:
+        await fs.unlink(d.ino, name)
+    for i in range(100):
+        await fs.create(d.ino, b"new%03d" % i, 0o644)
+    rest = await fs.readdir(d.ino, cookie, 10000)
+    assert not ({n for n, *_ in rest} & seen)
+    old = {b"n%03d" % i for i in range(500)} - seen
+    assert old <= {n for n, *_ in rest}
+    assert all(0 < c < 2**63 for *_, c in first + rest)
+    await fs.close()
