@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything delafs needs on Debian 12 (run as root), then create
+# .venv with delafs and its test dependencies.  Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends \
+        python3 python3-venv python3-dev build-essential pkg-config \
+        fuse3 libfuse3-dev fio util-linux e2fsprogs attr acl \
+        rsync git sqlite3 tar diffutils >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+echo "setup: done ($(.venv/bin/python --version), delafs $(.venv/bin/python -c 'import delafs; print(delafs.__version__)'))"
