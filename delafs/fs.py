@@ -43,7 +43,7 @@ from .items import (COLLISION_SLOTS, EXT_UNWRITTEN, EXT_WRITTEN, MAX_EXTENT_LEN,
                     dirent_range, dtype_of, encode_dirent, encode_extent,
                     encode_symlink, encode_xattr, name_hash)
 from .metabuf import MetaStore
-from .ondisk import (BLOCK_SHIFT, BLOCK_SIZE, MAX_FILE_SIZE, MAX_NAME_LEN,
+from .ondisk import (BLOCK_SHIFT, BLOCK_SIZE, MAX_NAME_LEN,
                      ROOT_INO, SB_STATE_CLEAN, SB_STATE_DIRTY, FsInfo,
                      Superblock, crc32c, fixed_ranges, make_geometry)
 from .space import Space, data_blocks, initial_bitmap
@@ -867,8 +867,8 @@ class Filesystem:
         UNWRITTEN until the data is flushed, then converted."""
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
-        if offset + len(data) > MAX_FILE_SIZE:
-            raise FsError(errno.EFBIG, f"file size limit is {MAX_FILE_SIZE} bytes")
+        if offset + len(data) > self.sb.max_file_size:
+            raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
         if not data:
             return 0
         b0 = offset >> BLOCK_SHIFT
@@ -916,8 +916,8 @@ class Filesystem:
     async def truncate(self, ino: int, size: int) -> None:
         if size < 0:
             raise FsError(errno.EINVAL, "negative size")
-        if size > MAX_FILE_SIZE:
-            raise FsError(errno.EFBIG, f"file size limit is {MAX_FILE_SIZE} bytes")
+        if size > self.sb.max_file_size:
+            raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
         async with self._op(items=2, item_size=_EXTENT_ITEM, pool=True):
             inode = await self._iget(ino)
             if not inode.is_reg:

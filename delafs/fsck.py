@@ -402,6 +402,9 @@ class Checker:
     async def _pass4(self, sb: Superblock, info: FsInfo) -> None:
         self.progress.phase("Pass 4: free space")
         for ref, what in self.out_of_line:
+            if ref.nblocks != -(-ref.length // 4096) or ref.length == 0:
+                self.error(f"{what}: {ref.length} bytes in {ref.nblocks} blocks")
+                continue
             buf = await self.dev.read(ref.pblock, ref.nblocks)
             if crc32c(bytes(buf[:ref.length])) != ref.crc:
                 self.error(f"{what} at block {ref.pblock}: value checksum mismatch")

@@ -185,7 +185,8 @@ class OutOfLine:
 
 
 # ---------------------------------------------------------------------------
-# Xattrs: key offset = name hash << 8 | collision slot, as directory entries
+# Xattrs: key offset = (name hash << 8) + DIRENT_BASE + collision slot,
+# exactly as for directory entries
 # ---------------------------------------------------------------------------
 
 XATTR_INLINE_MAX = 512

@@ -13,9 +13,10 @@ record and every image in it are intact.  All of it is written and then
 flushed once; a crash in between leaves a transaction that fails
 verification, and recovery stops there: the torn tail is ignored.
 
-Cost bound: a transaction that changes k metadata blocks uses
-``k + ceil(k / TAGS_PER_DESC) + 1`` log blocks, so changing one metadata
-block costs 3 log blocks, whatever the size of the file or directory.
+Cost bound: a transaction that changes k metadata blocks and revokes r
+uses ``k + max(1, ceil((k + r) / TAGS_PER_DESC)) + 1`` log blocks, so
+changing one metadata block costs 3 log blocks, whatever the size of the
+file or directory.
 
 The journal superblock (two alternating slots, the newer valid one wins, so
 a torn slot write loses nothing) records the *tail*: the oldest transaction
@@ -348,6 +349,8 @@ class _LogReader:
                 txn.revokes.discard(home)
             for home, _, flags in tags:
                 if flags & TAG_REVOKE:
+                    if home >= self.sb.nblocks:
+                        raise _Stop(f"revoke of block {home} beyond the device", blk, "journal descriptor")
                     txn.revokes.add(home)
             txn.length += 1 + len(data_tags)
             cur += 1 + len(data_tags)

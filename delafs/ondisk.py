@@ -10,7 +10,7 @@ Image layout (block numbers, block size 4096)::
 
     0                      superblock, primary copy
     1, 2                   journal superblock slots A and B (written alternately)
-    3 .. 3+J               journal log area (circular)
+    3 .. 2+L               journal log area of L blocks (circular)
     bitmap_start ..        free-space bitmap, one bit per device block
     fsinfo_block           the journaled root of all other metadata
     data_start ..          allocatable: btree nodes, file data, large xattrs
@@ -36,7 +36,8 @@ BLOCK_SHIFT = 12
 FORMAT_VERSION = 1
 
 # Files are limited so that byte offsets and block counts stay well inside
-# a signed 64-bit off_t and extent lengths inside a u32: 2**52 bytes (4 PiB).
+# a signed 64-bit off_t: 2**52 bytes (4 PiB).  Extent items hold at most
+# 2**32 - 1 blocks each; longer runs are stored as several items.
 MAX_FILE_SIZE = 1 << 52
 MAX_FILE_BLOCKS = MAX_FILE_SIZE >> BLOCK_SHIFT
 MAX_NAME_LEN = 255
@@ -191,6 +192,8 @@ class Superblock:
             bad("inconsistent geometry")
         if self.state not in (SB_STATE_CLEAN, SB_STATE_DIRTY):
             bad(f"unknown state {self.state}")
+        if not (0 < self.max_file_size <= MAX_FILE_SIZE and self.max_file_size % BLOCK_SIZE == 0):
+            bad(f"maximum file size {self.max_file_size}")
 
     @property
     def read_only_features(self) -> bool:
