@@ -192,6 +192,13 @@ class BTree:
             return leaf.vals[i]
         return None
 
+    async def lookup_item(self, key: Key) -> tuple[bytes, int] | None:
+        """(value, leaf block) of ``key``: the block names the leaf in errors."""
+        leaf, i = (await self._path(key))[-1]
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            return leaf.vals[i], leaf.blocknr
+        return None
+
     async def _step(self, path: list[list], forward: bool) -> bool:
         """Move the path's leaf to its next (or previous) sibling leaf."""
         depth = len(path) - 2
@@ -224,8 +231,10 @@ class BTree:
             leaf, i = path[-1]
         return leaf.keys[i - 1], leaf.vals[i - 1]
 
-    async def scan(self, lo: Key, hi: Key, limit: int | None = None) -> list[tuple[Key, bytes]]:
-        """Items with lo <= key < hi, in order, at most ``limit`` of them."""
+    async def scan(self, lo: Key, hi: Key, limit: int | None = None, *,
+                   with_block: bool = False) -> list[tuple]:
+        """Items with lo <= key < hi, in order, at most ``limit`` of them, as
+        (key, value) or, ``with_block``, (key, value, leaf block)."""
         out = []
         path = await self._path(lo)
         while True:
@@ -235,7 +244,7 @@ class BTree:
                 k = keys[i]
                 if k >= hi:
                     return out
-                out.append((k, leaf.vals[i]))
+                out.append((k, leaf.vals[i], leaf.blocknr) if with_block else (k, leaf.vals[i]))
                 if limit is not None and len(out) >= limit:
                     return out
                 i += 1

@@ -69,30 +69,37 @@ def existing_signature(path: str, dev: BlockDevice) -> str | None:
 
 def cmd_mkfs(args) -> int:
     from .fs import Filesystem
+    from .ondisk import make_geometry
     path = args.image
     try:
         st = os.stat(path)
     except FileNotFoundError:
         st = None
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return fail(f"{path} is neither a regular file nor a block device")
+    if st is not None and stat.S_ISBLK(st.st_mode) and args.size is not None:
+        return fail("--size cannot be used with a block device (its size is the device's)")
     if st is None or stat.S_ISREG(st.st_mode):
         if args.size is None and (st is None or st.st_size == 0):
             return fail(f"{path} does not exist (or is empty): give --size to create it")
-        if args.size is not None and st is not None and st.st_size > 0 and args.size != st.st_size \
-                and not args.force:
+        if args.size is not None and st is not None and st.st_size > 0 \
+                and args.size != st.st_size and not args.force:
             return fail(f"{path} is {st.st_size} bytes; refusing to resize it to {args.size} without --force")
-        if args.size is not None:
-            if args.size < MIN_BLOCKS * BLOCK_SIZE:
-                return fail(f"size {args.size} is too small (minimum {MIN_BLOCKS * BLOCK_SIZE} bytes)")
-            if st is not None and args.size < st.st_size:
-                os.truncate(path, args.size)
+        if args.size is not None and args.size < MIN_BLOCKS * BLOCK_SIZE:
+            return fail(f"size {args.size} is too small (minimum {MIN_BLOCKS * BLOCK_SIZE} bytes)")
+        if st is None:
             BlockDevice.create_file(path, args.size)
-    elif stat.S_ISBLK(st.st_mode):
-        if args.size is not None:
-            return fail("--size cannot be used with a block device (its size is the device's)")
-    else:
-        return fail(f"{path} is neither a regular file nor a block device")
     with BlockDevice.open(path) as dev:
+        # The lock comes before any change: a daemon may still hold the image.
         dev.lock(wait=0)
+        if args.size is not None and dev.kind == "file" and args.size != dev.size:
+            os.truncate(path, args.size)
+            dev.close()
+            return cmd_mkfs(args)
+        try:
+            make_geometry(dev.nblocks, log_blocks=args.journal_blocks)
+        except ValueError as e:
+            return fail(str(e))
         sig = existing_signature(path, dev)
         if sig and not args.force:
             return fail(f"{path} contains {sig}; use --force to overwrite it")

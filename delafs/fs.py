@@ -206,7 +206,10 @@ class Filesystem:
         readonly = readonly or dev.readonly or sb.read_only_features
         meta_lock = trio.Lock()
         if readonly:
-            scan = await journal_log.scan(dev, sb)
+            scan = await journal_log.scan(dev, sb, look_past_end=True)
+            if scan.corruption is not None:
+                raise CorruptionError(scan.corruption.structure, scan.corruption.block,
+                                      scan.corruption.detail + "; committed transactions follow it")
             overlay = journal_log.replay_images(scan.txns)
             store = MetaStore(dev, None, meta_lock, cache_blocks=cache_blocks, overlay=overlay)
         else:
@@ -328,10 +331,10 @@ class Filesystem:
         if inode is not None:
             self.inodes.move_to_end(ino)
             return inode
-        val = await self.tree.lookup((ino, T_INODE, 0))
-        if val is None:
+        item = await self.tree.lookup_item((ino, T_INODE, 0))
+        if item is None:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-        inode = Inode.decode(ino, val)
+        inode = Inode.decode(ino, *item)
         self.inodes[ino] = inode
         return inode
 
@@ -393,8 +396,9 @@ class Filesystem:
     async def _find(self, dir_ino: int, name: bytes) -> tuple[tuple, int, int] | None:
         """(key, child ino, dtype) of ``name`` in the directory, or None."""
         lo, hi = dirent_range(name_hash(name, self.salt))
-        for key, val in await self.tree.scan((dir_ino, T_DIRENT, lo), (dir_ino, T_DIRENT, hi)):
-            ino, dtype, ename = decode_dirent(val)
+        for key, val, blk in await self.tree.scan((dir_ino, T_DIRENT, lo), (dir_ino, T_DIRENT, hi),
+                                                  with_block=True):
+            ino, dtype, ename = decode_dirent(val, blk)
             if ename == name:
                 return key, ino, dtype
         return None
@@ -641,9 +645,10 @@ class Filesystem:
         async with self._op(write=False):
             await self._dir(dir_ino)
             out = []
-            for key, val in await self.tree.scan((dir_ino, T_DIRENT, cookie),
-                                                 (dir_ino, T_DIRENT + 1, 0), limit):
-                ino, dtype, name = decode_dirent(val)
+            for key, val, blk in await self.tree.scan((dir_ino, T_DIRENT, cookie),
+                                                      (dir_ino, T_DIRENT + 1, 0), limit,
+                                                      with_block=True):
+                ino, dtype, name = decode_dirent(val, blk)
                 out.append((name, ino, dtype, key[2] + 1))
             return out
 
@@ -653,8 +658,9 @@ class Filesystem:
 
     async def _find_xattr(self, ino: int, name: bytes):
         lo, hi = dirent_range(name_hash(name, self.salt))
-        for key, val in await self.tree.scan((ino, T_XATTR, lo), (ino, T_XATTR, hi)):
-            xname, value = decode_xattr(val)
+        for key, val, blk in await self.tree.scan((ino, T_XATTR, lo), (ino, T_XATTR, hi),
+                                                  with_block=True):
+            xname, value = decode_xattr(val, blk)
             if xname == name:
                 return key, value
         return None
@@ -751,8 +757,9 @@ class Filesystem:
         emap = self.emaps.get(ino)
         if emap is None:
             emap = ExtentMap()
-            for key, val in await self.tree.scan((ino, T_EXTENT, 0), (ino, T_EXTENT + 1, 0)):
-                pblock, length, state = decode_extent(val)
+            for key, val, blk in await self.tree.scan((ino, T_EXTENT, 0), (ino, T_EXTENT + 1, 0),
+                                                      with_block=True):
+                pblock, length, state = decode_extent(val, blk)
                 emap.set(Extent(key[2], length, _DISK_TO_STATE[state], pblock))
             self.emaps[ino] = emap
         return emap
@@ -939,6 +946,11 @@ class Filesystem:
                 first = (size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
                 inode.size = size
                 await self._iwrite(inode)
+                # Delalloc past the new EOF only exists in memory: drop it
+                # and its reservation.
+                gone = emap.remove(first, (1 << 52) - first, (ExtState.DELALLOC,))
+                if gone:
+                    self.space.alloc.unreserve(sum(e.length + e.indlen for e in gone))
                 end = max((e.end for e in emap.iter_extents(first)), default=first)
                 if end > first:
                     await self._punch(inode, first, end - first)

@@ -109,8 +109,10 @@ class Checker:
         print(f"FIXED: {msg}", file=self.out)
 
     def problem(self, msg: str) -> None:
-        """A repairable problem: fixed later under -y, an error otherwise."""
-        if self.repair:
+        """A repairable problem: fixed later under -y, an error otherwise.
+        With a damaged tree the item-level facts are incomplete, so nothing
+        derived from them is repaired (it could destroy what is intact)."""
+        if self.repair and not self.bad_tree:
             self.pending_fixes.append(msg)
         else:
             self.error(msg)
@@ -181,14 +183,18 @@ class Checker:
         for e in scan.bad_slots:
             if len(scan.bad_slots) < 2:
                 self.report.notes.append(f"journal superblock slot ignored: {e}")
-        if scan.corruption is not None:
+        can_write = self.repair and not dev.readonly
+        if scan.corruption is not None and not can_write:
             self.error(f"{scan.corruption} (transactions after it are valid, so this is damage, not a torn write)")
         if scan.txns:
             self.report.notes.append(f"journal: {len(scan.txns)} committed transaction(s) to replay")
-        if scan.txns and self.repair and not dev.readonly:
-            await journal_log.recover(dev, good)
+        if (scan.txns or scan.corruption) and can_write:
+            await journal_log.recover(dev, good, discard_damaged=True)
             self.overlay = {}
             self.report.notes.append("journal replayed")
+            if scan.corruption is not None:
+                self.fixed(f"{scan.corruption}: replayed the {len(scan.txns)} intact "
+                           f"transaction(s) before it and reset the log past the damage")
         else:
             self.overlay = journal_log.replay_images(scan.txns)
         return good
@@ -371,12 +377,15 @@ class Checker:
                     reach.add(ino)
                     if self.inodes[ino].is_dir:
                         todo.append(ino)
+        unreachable: set[int] = set()
         for ino, inode in self.inodes.items():
             if inode.is_dir:
                 expect = 2 + subdirs[ino]
                 if ino != ROOT_INO and ino in parent_of and inode.parent != parent_of[ino]:
                     self.error(f"directory {ino}: parent field {inode.parent}, but its entry is in {parent_of[ino]}")
-                nents = len(self.entries.get(ino, ()))
+                nents = sum(1 for e in self.entries.get(ino, ()) if e[1] in self.inodes)
+                if self.bad_tree or not self.repair:
+                    nents = len(self.entries.get(ino, ()))
                 if inode.size != nents:
                     self.problem(f"directory {ino}: size {inode.size}, has {nents} entries")
                     self.fix_dirsize[ino] = nents
@@ -386,11 +395,17 @@ class Checker:
                 if ino in self.orphans:
                     continue
                 self.problem(f"inode {ino} is not reachable from the root and not on the orphan list")
-                self.fix_unreachable.append(ino)
+                unreachable.add(ino)
                 continue
             if inode.nlink != expect:
                 self.problem(f"inode {ino}: link count {inode.nlink}, counted {expect}")
                 self.fix_nlink[ino] = expect
+        # Reattach only the tops of disconnected subtrees: an inode named by
+        # an entry of another unreachable directory comes back with it.
+        named_inside = {e[1] for d in unreachable for e in self.entries.get(d, ())}
+        self.fix_unreachable = sorted(unreachable - named_inside)
+        for ino in unreachable & named_inside:
+            self.fix_nlink.pop(ino, None)
         for ino in self.orphans:
             inode = self.inodes.get(ino)
             if inode is None or inode.nlink != 0:
@@ -453,8 +468,14 @@ class Checker:
     async def _apply_repairs(self) -> None:
         """Repair through a mounted Filesystem so every change is journaled."""
         from .fs import Filesystem
+        if self.bitmap_fix and not self.bad_tree:
+            # Directly, before the open: a damaged bitmap block would stop
+            # the open itself.  The journal is empty here (replayed above).
+            await self._write_bitmap()
         fs = await Filesystem.open(self.dev)
         try:
+            fs.info.inode_count = len(self.inodes)
+            fs.store.mark_dirty(fs.info)
             async with fs._op(items=8, pool=True):
                 for d, key in self.fix_dangling:
                     await fs.tree.delete(key)
@@ -475,9 +496,6 @@ class Checker:
                     inode = await fs._iget(ino)
                     inode.size = n
                     await fs._iwrite(inode)
-                fs.info.inode_count = len(self.inodes)
-                if self.bitmap_fix and not self.bad_tree:
-                    self._rebuild_bitmap(fs)
                 fs.store.mark_dirty(fs.info)
             await fs.close()
         except BaseException:
@@ -506,21 +524,22 @@ class Checker:
                 await fs._iwrite(d)
             self.fix_nlink.pop(ino, None)
 
-    def _rebuild_bitmap(self, fs) -> None:
-        """Make the bitmap, the allocator and used_blocks equal the references."""
+    async def _write_bitmap(self) -> None:
+        """Make the bitmap and fsinfo.used_blocks equal the references."""
+        from .ondisk import encode_bitmap
         sb = self.sb
-        for i, bm in enumerate(fs.space.bitmap):
+        for i in range(sb.bitmap_blocks):
             base = i * BITS_PER_BITMAP_BLOCK
             n = min(BITS_PER_BITMAP_BLOCK, sb.nblocks - base)
-            bits = bytearray(len(bm.bits))
+            bits = bytearray((BITS_PER_BITMAP_BLOCK + 7) // 8)
             for j, b in enumerate(self.used[base:base + n]):
                 if b:
                     bits[j >> 3] |= 1 << (j & 7)
             set_bits(bits, n, BITS_PER_BITMAP_BLOCK - n, True)
-            if bits != bm.bits:
-                bm.bits[:] = bits
-                fs.store.mark_dirty(bm)
-        fs.info.used_blocks = self.counted_used
+            await self.dev.write(sb.bitmap_start + i, [encode_bitmap(bits, sb.bitmap_start + i, 0)])
+        self.info.used_blocks = self.counted_used
+        await self.dev.write(sb.fsinfo_block, [self.info.encode(sb.fsinfo_block, 0)])
+        await self.dev.flush()
 
 
 async def check(dev, *, repair: bool, out=sys.stdout, progress: bool = False) -> Report:

@@ -358,9 +358,13 @@ class _LogReader:
                 raise _Stop("transaction longer than the log", blk, "journal descriptor")
 
     async def valid_txn_after(self, pos: int, seq: int, limit: int) -> bool:
+        blocks: list[bytes] = []
         for off in range(1, max(limit, 1)):
             p = pos + off
-            (buf,) = await self.read(p, 1)
+            if not blocks:
+                blocks = await self.read(p, min(256, limit - off))
+                blocks.reverse()
+            buf = blocks.pop()
             if peek_magic(buf) != MAGIC_JDESC:
                 continue
             try:
@@ -375,6 +379,21 @@ class _LogReader:
             except _Stop:
                 continue
         return False
+
+
+async def _max_seq(dev, sb: Superblock) -> int:
+    """The highest sequence number of any record of ours anywhere in the log."""
+    best = 0
+    L = sb.log_blocks
+    chunk = 256
+    for start in range(0, L, chunk):
+        n = min(chunk, L - start)
+        buf = await dev.read(sb.log_start + start, n)
+        for i in range(n):
+            blk = bytes(buf[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+            if peek_magic(blk) in (MAGIC_JDESC, MAGIC_JCOMMIT) and blk[HDR_SIZE:TAGS_OFF] == sb.uuid:
+                best = max(best, struct.unpack_from("<Q", blk, 16)[0])
+    return best
 
 
 def replay_images(txns: list[Transaction]) -> dict[int, bytes]:
@@ -396,11 +415,30 @@ def replay_images(txns: list[Transaction]) -> dict[int, bytes]:
     return out
 
 
-async def recover(dev, sb: Superblock) -> tuple["Journal", int]:
+async def recover(dev, sb: Superblock, *, discard_damaged: bool = False) -> tuple["Journal", int]:
     """Replay the log into the home locations; return the journal and how
-    many transactions were replayed.  The log is empty afterwards."""
-    res = await scan(dev, sb)
+    many transactions were replayed.  The log is empty afterwards.
+
+    A damaged record followed by valid transactions is corruption, not a
+    torn tail: recovery refuses it (replaying the prefix would silently drop
+    committed transactions, and leaving the rest in the log would let a
+    later recovery replay them over newer state).  fsck -y passes
+    ``discard_damaged``: the valid prefix is replayed and the log is reset
+    past every sequence number it holds."""
+    res = await scan(dev, sb, look_past_end=True)
+    if res.corruption is not None and not discard_damaged:
+        raise CorruptionError(res.corruption.structure, res.corruption.block,
+                              res.corruption.detail + "; committed transactions follow it "
+                              "(run delafs fsck -y to replay what is intact)")
     j = Journal(dev, sb, res)
+    if res.corruption is not None:
+        j.next_seq = max(j.next_seq, await _max_seq(dev, sb) + 2)
+        images = replay_images(res.txns)
+        for start, run in _runs(sorted(images.items())):
+            await dev.write(start, run)
+        await dev.flush()
+        await j.write_tail(j.head_pos, j.next_seq)
+        return j, len(res.txns)
     if res.txns:
         images = replay_images(res.txns)
         if images:

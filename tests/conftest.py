@@ -1,0 +1,21 @@
+"""Suite-wide options.
+
+``--runslow`` runs the tests marked ``@pytest.mark.slow`` (soaks, crash
+matrices, benchmarks at full size); without it they are skipped.
+"""
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,321 @@
+"""The ``delafs`` command line: mkfs and fsck, run as real processes.
+
+Exit statuses checked here: mkfs 0 success / 1 refused or failed / 2 usage;
+fsck 0 clean / 1 repaired / 4 uncorrected / 8 operational.  Every failure
+must be one readable line, never a Python traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from delafs.blockdev import BLOCK_SIZE, BlockDevice
+from delafs.ondisk import MIN_BLOCKS, SB_MAGIC, Superblock
+
+_SCRIPT = Path(sys.executable).parent / "delafs"
+DELAFS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "delafs.cli"]
+
+
+def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(DELAFS + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+
+
+def no_traceback(r: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+
+
+def sb_of(path) -> Superblock:
+    with BlockDevice.open(str(path), readonly=True) as dev:
+        return Superblock.decode(dev.read_sync(0, 1), 0, dev.nblocks)
+
+
+def du_kib(path) -> float:
+    return os.stat(path).st_blocks * 512 / 1024
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A freshly made 64 MiB image."""
+    path = tmp_path / "img"
+    ok(run("mkfs", path, "--size", "64M", "-q"))
+    return path
+
+
+def ext4_image(path) -> None:
+    mkfs = shutil.which("mkfs.ext4")
+    if mkfs is None:
+        pytest.skip("mkfs.ext4 not installed")
+    subprocess.run([mkfs, "-q", "-F", str(path), "8M"], check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------------------
+# mkfs
+# ---------------------------------------------------------------------------
+
+def test_mkfs_1g_is_sparse_and_checks_clean(tmp_path):
+    img = tmp_path / "img"
+    r = run("mkfs", img, "--size", "1G")
+    ok(r)
+    assert "formatted" in r.stdout and "262144 blocks" in r.stdout, r.stdout
+    assert os.path.getsize(img) == 1 << 30
+    r = run("fsck", img)
+    ok(r)
+    assert "clean" in r.stdout
+    used = du_kib(img)
+    print(f"\nmkfs 1G: image uses {used:.0f} KiB on the host")
+    assert used < 2048, f"1 GiB image uses {used} KiB"
+    sb = sb_of(img)
+    assert sb.nblocks == 1 << 18 and sb.log_blocks == 4096     # 1/64 of the device
+
+
+def test_mkfs_sizes_and_options(tmp_path):
+    img = tmp_path / "img"
+    ok(run("mkfs", img, "--size", "64MiB", "--journal-blocks", "300", "--label", "scratch", "-q"))
+    sb = sb_of(img)
+    assert sb.nblocks == 16384 and sb.log_blocks == 300 and sb.label == b"scratch"
+    ok(run("fsck", "-n", img))
+    img2 = tmp_path / "img2"
+    r = run("mkfs", img2, "--size", str(MIN_BLOCKS * BLOCK_SIZE), "-q")    # bytes, the minimum
+    ok(r)
+    assert r.stdout == ""
+    ok(run("fsck", "-n", img2))
+
+
+def test_mkfs_refuses_existing_delafs_without_force(image):
+    uuid = sb_of(image).uuid
+    r = run("mkfs", image)
+    assert r.returncode != 0
+    no_traceback(r)
+    assert "--force" in r.stderr and "delafs" in r.stderr, r.stderr
+    assert sb_of(image).uuid == uuid                # untouched
+    r = run("mkfs", image, "--force", "-q")
+    ok(r)
+    assert sb_of(image).uuid != uuid
+    ok(run("fsck", "-n", image))
+
+
+def test_mkfs_refuses_image_with_only_the_secondary_superblock(image):
+    with BlockDevice.open(str(image)) as dev:
+        dev.write_sync(0, [bytes(BLOCK_SIZE)])
+        assert dev.read_sync(dev.nblocks - 1, 1)[:8] == SB_MAGIC
+    r = run("mkfs", image)
+    assert r.returncode != 0
+    assert "--force" in r.stderr and "secondary" in r.stderr, r.stderr
+
+
+def test_mkfs_refuses_ext4(tmp_path):
+    img = tmp_path / "ext4.img"
+    ext4_image(img)
+    before = img.read_bytes()
+    r = run("mkfs", img)
+    assert r.returncode != 0
+    no_traceback(r)
+    assert "ext" in r.stderr and "--force" in r.stderr, r.stderr
+    assert img.read_bytes() == before
+    ok(run("mkfs", img, "--force", "-q"))
+    ok(run("fsck", "-n", img))
+
+
+def test_mkfs_missing_file_without_size(tmp_path):
+    img = tmp_path / "nope"
+    r = run("mkfs", img)
+    assert r.returncode != 0
+    no_traceback(r)
+    assert "--size" in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert not img.exists()
+
+
+def test_mkfs_empty_file_without_size(tmp_path):
+    img = tmp_path / "empty"
+    img.write_bytes(b"")
+    r = run("mkfs", img)
+    assert r.returncode != 0
+    assert "--size" in r.stderr
+
+
+@pytest.mark.parametrize("size", ["12X", "lots", "-1G", "1.5G", ""])
+def test_mkfs_bad_size_is_a_usage_error(tmp_path, size):
+    img = tmp_path / "img"
+    r = run("mkfs", img, "--size", size)
+    assert r.returncode == 2, r.stderr
+    no_traceback(r)
+    assert "usage:" in r.stderr and "--size" in r.stderr
+    assert not img.exists()
+
+
+@pytest.mark.parametrize("size", ["1M", "4095K", "3MiB", "0"])
+def test_mkfs_too_small(tmp_path, size):
+    img = tmp_path / "img"
+    r = run("mkfs", img, "--size", size)
+    assert r.returncode == 1, r.stderr
+    no_traceback(r)
+    assert "too small" in r.stderr
+    assert not img.exists()
+
+
+def test_mkfs_refuses_to_resize_without_force(image):
+    r = run("mkfs", image, "--size", "128M")
+    assert r.returncode != 0
+    assert "--force" in r.stderr and "resize" in r.stderr, r.stderr
+    assert os.path.getsize(image) == 64 << 20
+    ok(run("mkfs", image, "--size", "128M", "--force", "-q"))
+    assert os.path.getsize(image) == 128 << 20
+    assert sb_of(image).nblocks == 32768
+    ok(run("mkfs", image, "--size", "32M", "--force", "-q"))   # shrinking too
+    assert os.path.getsize(image) == 32 << 20
+    ok(run("fsck", "-n", image))
+
+
+def test_mkfs_on_a_directory(tmp_path):
+    r = run("mkfs", tmp_path)
+    assert r.returncode != 0
+    no_traceback(r)
+    assert "regular file" in r.stderr
+
+
+def test_mkfs_refuses_a_locked_image(image):
+    with BlockDevice.open(str(image)) as holder:
+        holder.lock()
+        r = run("mkfs", image, "--force")
+    assert r.returncode != 0
+    no_traceback(r)
+    assert "in use" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["journal=10", "journal=-5", "journal=100000",
+                                  "existing-1M-file", "existing-100-byte-file"])
+def test_mkfs_bad_geometry_is_a_clean_error(tmp_path, case):
+    img = tmp_path / "img"
+    if case.startswith("journal="):
+        args = ["--size", "64M", "--journal-blocks", case.split("=")[1]]
+    else:
+        img.write_bytes(b"")
+        os.truncate(img, (1 << 20) if "1M" in case else 100)
+        args = []
+    r = run("mkfs", img, *args)
+    assert r.returncode in (1, 2)
+    no_traceback(r)
+    assert "journal" in r.stderr or "small" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Help and usage
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["mkfs", "--help"], ["fsck", "--help"], ["-h"]])
+def test_help(args):
+    r = run(*args)
+    ok(r)
+    assert "usage: delafs" in r.stdout
+
+
+def test_help_via_python_m():
+    r = subprocess.run([sys.executable, "-m", "delafs.cli", "fsck", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    ok(r)
+    assert "--wait" in r.stdout and "Exit status" in r.stdout
+
+
+def test_no_command_is_a_usage_error():
+    r = run()
+    assert r.returncode == 2
+    assert "usage:" in r.stderr
+
+
+def test_fsck_n_and_y_are_exclusive(image):
+    r = run("fsck", "-n", "-y", image)
+    assert r.returncode == 2
+    assert "not allowed" in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# fsck
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", [None, "-n", "-y"])
+def test_fsck_missing_image(tmp_path, flag):
+    r = run("fsck", *([flag] if flag else []), tmp_path / "missing.img")
+    assert r.returncode == 8
+    no_traceback(r)
+    assert "does not exist" in r.stderr, r.stderr
+
+
+def test_fsck_on_a_directory(tmp_path):
+    r = run("fsck", tmp_path)
+    assert r.returncode == 8
+    no_traceback(r)
+    assert "directory" in r.stderr
+
+
+def test_fsck_unreadable_image(image):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    os.chmod(image, 0)
+    r = run("fsck", image)
+    assert r.returncode == 8
+    no_traceback(r)
+
+
+@pytest.mark.parametrize("flag", [None, "-n", "-y"])
+def test_fsck_clean_image(image, flag):
+    r = run("fsck", *([flag] if flag else []), image)
+    ok(r)
+    assert r.stdout.strip().endswith("clean")
+
+
+def test_fsck_gives_up_on_a_locked_image(image):
+    with BlockDevice.open(str(image)) as holder:
+        holder.lock()
+        t = time.monotonic()
+        r = run("fsck", "--wait", "0.5", image)
+        waited = time.monotonic() - t
+    assert r.returncode == 8, r.stdout + r.stderr
+    no_traceback(r)
+    assert "in use" in r.stderr, r.stderr
+    assert waited >= 0.5
+
+
+def test_fsck_n_also_respects_the_lock(image):
+    with BlockDevice.open(str(image), readonly=True) as holder:
+        holder.lock()
+        r = run("fsck", "-n", "--wait", "0.2", image)
+    assert r.returncode == 8
+    assert "in use" in r.stderr
+
+
+def test_fsck_waits_for_the_lock_to_be_released(image):
+    holder = BlockDevice.open(str(image))
+    holder.lock()
+    try:
+        p = subprocess.Popen(DELAFS + ["fsck", "--wait", "30", str(image)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert p.poll() is None, "fsck did not wait for the lock"
+    finally:
+        holder.close()                 # releases the flock
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, out + err
+    assert "clean" in out
+
+
+@pytest.mark.parametrize("size", ["32M", "128M"])
+def test_mkfs_on_a_locked_image_does_not_resize_it(image, size):
+    before = os.path.getsize(image)
+    with BlockDevice.open(str(image)) as holder:
+        holder.lock()
+        r = run("mkfs", image, "--force", "--size", size)
+    assert r.returncode != 0 and "in use" in r.stderr
+    assert os.path.getsize(image) == before
+    ok(run("fsck", "-n", image))
