@@ -1,0 +1,300 @@
+"""Sleeping locks of the engine, and the one canonical statement of their order.
+
+Lock order (outermost first; a task may only take a lock further down the
+list while holding one further up, never the reverse)::
+
+    i_rwsem            per inode, RWSemaphore          -- VFS adapter / engine
+      invalidate_lock  per mapping, RWSemaphore        -- engine, page cache
+        folio lock     per folio (pagecache.Folio)     -- page cache
+          meta_lock    the filesystem's trio.Lock: the punch callback and
+                       every extent-map change           -- fs.py
+            commit_lock  the journal's trio.Lock       -- metabuf.py
+
+Who takes what:
+
+- buffered write: ``i_rwsem`` exclusive for the whole write; inside it each
+  iteration locks the folios it copies into.  The punch after a short copy
+  also takes ``invalidate_lock`` exclusive (it removes cached folios over
+  the range it punches) -- still inside ``i_rwsem``, so the order holds.
+- page fault (``page_mkwrite``): ``invalidate_lock`` shared, then the folio
+  lock, held while the folio is dirtied and its space reserved.  No
+  ``i_rwsem``: a fault can run while a buffered write is in progress, which
+  is exactly the race the invalidate lock is there to order.
+- truncate, hole punch, zero range, the punch after a short write:
+  ``invalidate_lock`` exclusive (under ``i_rwsem`` exclusive for the
+  syscalls), so no fault or read can instantiate a folio over a range whose
+  blocks are being taken away.
+- read: ``invalidate_lock`` shared while it instantiates folios (so truncate
+  cannot race a read that is filling a folio from blocks being freed).
+- writeback (flusher, fsync): neither ``i_rwsem`` nor ``invalidate_lock``,
+  only folio locks; when ``writeback_range`` fails it discards the folio's
+  delalloc under the folio lock alone.  Hence the punch callback must be
+  correct with or without the invalidate lock, and must never take a folio
+  lock itself (it runs under one).
+
+Never wait for writeback, dirty throttling, log space or free space while
+holding a folio lock or an open transaction (truncate's wait for writeback
+under the folio lock is the kernel's one exception and is safe because
+writeback completion never needs the folio lock).
+
+``DEBUG_LOCKS`` (environment ``DELAFS_DEBUG_LOCKS``, on unless set to 0/off/
+false/no) turns on the ownership assertions (``assert_held``, the
+folio-lock checks in pagecache.py).  It is read at call time, so a process
+may flip it; the bookkeeping that makes releases safe is always on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import trio
+
+__all__ = ["DEBUG_LOCKS", "RWSemaphore"]
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    val = os.environ.get(name)
+    if val is None:
+        return default
+    return val.strip().lower() not in ("0", "", "off", "false", "no")
+
+
+DEBUG_LOCKS: bool = _env_flag("DELAFS_DEBUG_LOCKS", True)
+
+_current_task = trio.lowlevel.current_task
+
+
+class _Waiter:
+    __slots__ = ("exclusive", "task")
+
+    def __init__(self, exclusive: bool, task):
+        self.exclusive = exclusive
+        self.task = task
+
+
+class _Guard:
+    """``async with sem.shared():`` / ``async with sem.exclusive():``.
+
+    A tiny class rather than an asynccontextmanager: no generator per use."""
+
+    __slots__ = ("_sem", "_exclusive")
+
+    def __init__(self, sem: "RWSemaphore", exclusive: bool):
+        self._sem = sem
+        self._exclusive = exclusive
+
+    async def __aenter__(self):
+        if self._exclusive:
+            await self._sem.acquire_exclusive()
+        else:
+            await self._sem.acquire_shared()
+        return self._sem
+
+    async def __aexit__(self, *exc):
+        if self._exclusive:
+            self._sem.release_exclusive()
+        else:
+            self._sem.release_shared()
+        return False
+
+
+class RWSemaphore:
+    """A reader/writer sleeping lock for trio tasks (the kernel's rw_semaphore).
+
+    Used for ``i_rwsem`` and each mapping's ``invalidate_lock``.
+
+    Policy: strict FIFO hand-off with writer preference.  A new acquirer gets
+    the lock at once only if nobody is queued; otherwise it queues, so once a
+    writer waits, readers arriving later wait behind it and a stream of
+    readers cannot starve a writer.  When the lock is released the head of
+    the queue is granted: one writer, or every reader up to the next queued
+    writer.  Ownership is handed over before the woken task runs, so nothing
+    can slip in between.  (The kernel also lets readers behind a queued writer
+    in when it wakes readers; strict FIFO is simpler and starvation-free.)
+
+    The lock is not recursive: acquiring it again in any mode while holding
+    it is a certain deadlock (or a latent one, for shared behind a queued
+    writer) and raises RuntimeError.  Releasing a mode you do not hold raises
+    RuntimeError.  A task cancelled while queued leaves the queue; if it was
+    the head writer, the readers behind it are granted.
+
+    Attributes (all changed only synchronously, so atomic under trio):
+      name      for messages and statistics
+      _writer   the task holding it exclusive, or None
+      _readers  set of tasks holding it shared
+      _waiters  deque of _Waiter in arrival order
+    """
+
+    def __init__(self, name: str = "rwsem"):
+        self.name = name
+        self._writer = None
+        self._readers: set = set()
+        self._waiters: deque[_Waiter] = deque()
+        self._stats = {"acquisitions_shared": 0, "acquisitions_exclusive": 0,
+                       "contended": 0, "cancelled_waits": 0}
+
+    def __repr__(self) -> str:
+        state = ("exclusive" if self._writer is not None
+                 else f"shared x{len(self._readers)}" if self._readers else "free")
+        return f"<RWSemaphore {self.name} {state}, {len(self._waiters)} waiting>"
+
+    # -- acquiring ----------------------------------------------------------
+
+    def _check_not_held(self, task) -> None:
+        if self._writer is task or task in self._readers:
+            raise RuntimeError(f"{self.name}: task {task.name} acquires a lock it already holds "
+                               "(not recursive: this deadlocks)")
+
+    async def acquire_shared(self) -> None:
+        """Take the lock shared.  A checkpoint, like every trio acquire."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        task = _current_task()
+        self._check_not_held(task)
+        if self._writer is None and not self._waiters:
+            self._readers.add(task)
+            self._stats["acquisitions_shared"] += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self._wait(False, task)
+
+    async def acquire_exclusive(self) -> None:
+        """Take the lock exclusive.  A checkpoint, like every trio acquire."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        task = _current_task()
+        self._check_not_held(task)
+        if self._writer is None and not self._readers and not self._waiters:
+            self._writer = task
+            self._stats["acquisitions_exclusive"] += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self._wait(True, task)
+
+    def acquire_shared_nowait(self) -> None:
+        """down_read_trylock: take it shared now or raise trio.WouldBlock."""
+        task = _current_task()
+        self._check_not_held(task)
+        if self._writer is not None or self._waiters:
+            raise trio.WouldBlock
+        self._readers.add(task)
+        self._stats["acquisitions_shared"] += 1
+
+    def acquire_exclusive_nowait(self) -> None:
+        """down_write_trylock: take it exclusive now or raise trio.WouldBlock."""
+        task = _current_task()
+        self._check_not_held(task)
+        if self._writer is not None or self._readers or self._waiters:
+            raise trio.WouldBlock
+        self._writer = task
+        self._stats["acquisitions_exclusive"] += 1
+
+    async def _wait(self, exclusive: bool, task) -> None:
+        waiter = _Waiter(exclusive, task)
+        self._waiters.append(waiter)
+        self._stats["contended"] += 1
+
+        def abort(_raise_cancel):
+            # Only called while we are still queued (a granted waiter has
+            # already been rescheduled and cannot be aborted), so the lock
+            # state never includes us here.  Leaving may unblock the queue:
+            # a writer at the head kept the readers behind it waiting.
+            self._waiters.remove(waiter)
+            self._stats["cancelled_waits"] += 1
+            self._grant()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        # _grant() made us an owner before waking us.
+
+    def _grant(self) -> None:
+        """Hand the lock to the head of the queue if it can have it."""
+        q = self._waiters
+        while q and self._writer is None:
+            w = q[0]
+            if w.exclusive:
+                if self._readers:
+                    return
+                q.popleft()
+                self._writer = w.task
+                self._stats["acquisitions_exclusive"] += 1
+                trio.lowlevel.reschedule(w.task)
+                return
+            q.popleft()
+            self._readers.add(w.task)
+            self._stats["acquisitions_shared"] += 1
+            trio.lowlevel.reschedule(w.task)
+
+    # -- releasing ----------------------------------------------------------
+
+    def release_shared(self) -> None:
+        task = _current_task()
+        try:
+            self._readers.remove(task)
+        except KeyError:
+            raise RuntimeError(f"{self.name}: release_shared by task {task.name}, "
+                               "which does not hold it shared") from None
+        if not self._readers:
+            self._grant()
+
+    def release_exclusive(self) -> None:
+        task = _current_task()
+        if self._writer is not task:
+            raise RuntimeError(f"{self.name}: release_exclusive by task {task.name}, "
+                               "which does not hold it exclusive")
+        self._writer = None
+        self._grant()
+
+    # -- context managers ---------------------------------------------------
+
+    def shared(self) -> _Guard:
+        """``async with sem.shared(): ...``"""
+        return _Guard(self, False)
+
+    def exclusive(self) -> _Guard:
+        """``async with sem.exclusive(): ...``"""
+        return _Guard(self, True)
+
+    # -- ownership queries and debug assertions ---------------------------------
+
+    @property
+    def locked(self) -> bool:
+        """Held in any mode by anyone."""
+        return self._writer is not None or bool(self._readers)
+
+    def held_exclusive_by_current(self) -> bool:
+        return self._writer is _current_task()
+
+    def held_shared_by_current(self) -> bool:
+        """Held *shared* by the current task (exclusive does not count here;
+        ``assert_held('shared')`` accepts either)."""
+        return _current_task() in self._readers
+
+    def assert_held(self, mode: str = "shared") -> None:
+        """Precondition check: the current task holds the lock in ``mode``.
+
+        'exclusive' requires exclusive; 'shared' accepts shared or exclusive
+        (holding it exclusive excludes everyone a shared holder excludes).
+        A no-op unless DEBUG_LOCKS."""
+        if not DEBUG_LOCKS:
+            return
+        task = _current_task()
+        if mode == "exclusive":
+            ok = self._writer is task
+        elif mode == "shared":
+            ok = self._writer is task or task in self._readers
+        else:
+            raise ValueError(f"mode must be 'shared' or 'exclusive', not {mode!r}")
+        if not ok:
+            raise AssertionError(f"{self.name} must be held {mode} by task {task.name} "
+                                 f"({self!r})")
+
+    def statistics(self) -> dict:
+        waiting_writers = sum(1 for w in self._waiters if w.exclusive)
+        return {
+            "name": self.name,
+            "readers": len(self._readers),
+            "writer": self._writer.name if self._writer is not None else None,
+            "waiting_readers": len(self._waiters) - waiting_writers,
+            "waiting_writers": waiting_writers,
+            **self._stats,
+        }

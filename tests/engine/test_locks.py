@@ -1,0 +1,299 @@
+"""RWSemaphore: the i_rwsem / invalidate_lock primitive."""
+
+import pytest
+import trio
+import trio.testing
+
+from delafs import locks
+from delafs.locks import RWSemaphore
+
+
+@pytest.fixture(autouse=True)
+def _debug_locks(monkeypatch):
+    """These tests check the DEBUG_LOCKS assertions: force them on even if
+    the environment turned them off."""
+    monkeypatch.setattr(locks, "DEBUG_LOCKS", True)
+
+
+async def test_shared_holders_run_concurrently():
+    sem = RWSemaphore("t")
+    inside = 0
+    peak = 0
+
+    async def reader():
+        nonlocal inside, peak
+        async with sem.shared():
+            inside += 1
+            peak = max(peak, inside)
+            await trio.sleep(0.01)
+            inside -= 1
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(reader)
+    assert peak == 5
+    assert not sem.locked
+    assert sem.statistics()["acquisitions_shared"] == 5
+
+
+async def test_exclusive_excludes_everyone():
+    sem = RWSemaphore("t")
+    log = []
+
+    async def writer(i):
+        async with sem.exclusive():
+            log.append(("in", i))
+            await trio.sleep(0.01)
+            log.append(("out", i))
+
+    async def reader(i):
+        async with sem.shared():
+            log.append(("rin", i))
+            await trio.sleep(0.01)
+            log.append(("rout", i))
+
+    async with trio.open_nursery() as n:
+        for i in range(3):
+            n.start_soon(writer, i)
+            n.start_soon(reader, i)
+    # Every exclusive section is immediately followed by its own exit.
+    for k, ev in enumerate(log):
+        if ev[0] == "in":
+            assert log[k + 1] == ("out", ev[1])
+    assert not sem.locked
+
+
+async def test_writer_preference_and_fifo():
+    sem = RWSemaphore("t")
+    order = []
+    release_first = trio.Event()
+
+    async def first_reader():
+        async with sem.shared():
+            await release_first.wait()
+
+    async def writer():
+        async with sem.exclusive():
+            order.append("W")
+            await trio.sleep(0)
+
+    async def late_reader(tag):
+        async with sem.shared():
+            order.append(tag)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(first_reader)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        st = sem.statistics()
+        assert st["waiting_writers"] == 1 and st["readers"] == 1
+        # A reader arriving after the waiting writer must wait, although
+        # the lock is only held shared.
+        n.start_soon(late_reader, "R1")
+        n.start_soon(late_reader, "R2")
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        assert sem.statistics()["waiting_readers"] == 2
+        with pytest.raises(trio.WouldBlock):
+            sem.acquire_shared_nowait()
+        release_first.set()
+    # R1 and R2 are granted together (trio may run them in either order).
+    assert order[0] == "W" and sorted(order[1:]) == ["R1", "R2"]
+
+
+async def test_queued_readers_behind_writer_are_granted_together():
+    sem = RWSemaphore("t")
+    inside = 0
+    peak = 0
+
+    async def reader():
+        nonlocal inside, peak
+        async with sem.shared():
+            inside += 1
+            peak = max(peak, inside)
+            await trio.sleep(0.01)
+            inside -= 1
+
+    await sem.acquire_exclusive()
+    async with trio.open_nursery() as n:
+        for _ in range(4):
+            n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        sem.release_exclusive()
+    assert peak == 4
+
+
+async def test_cancelled_writer_leaves_lock_usable():
+    sem = RWSemaphore("t")
+    got = []
+    await sem.acquire_shared()
+
+    async def waiting_writer(cancel_scope_box):
+        with trio.CancelScope() as cs:
+            cancel_scope_box.append(cs)
+            await sem.acquire_exclusive()
+            got.append("writer")            # pragma: no cover - cancelled
+            sem.release_exclusive()
+
+    async def reader():
+        async with sem.shared():
+            got.append("reader")
+
+    box = []
+    async with trio.open_nursery() as n:
+        n.start_soon(waiting_writer, box)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(reader)                 # queues behind the writer
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        box[0].cancel()                      # writer leaves: reader is granted
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["reader"]
+    st = sem.statistics()
+    assert st["waiting_writers"] == 0 and st["cancelled_waits"] == 1
+    sem.release_shared()
+    assert not sem.locked
+    async with sem.exclusive():
+        assert sem.held_exclusive_by_current()
+
+
+async def test_cancelled_reader_leaves_lock_usable():
+    sem = RWSemaphore("t")
+    await sem.acquire_exclusive()
+
+    async def impatient_reader():
+        with trio.move_on_after(0.01) as cs:
+            await sem.acquire_shared()
+        assert cs.cancelled_caught
+
+    async with trio.open_nursery() as n:
+        n.start_soon(impatient_reader)
+    assert sem.statistics()["waiting_readers"] == 0
+    sem.release_exclusive()
+    async with sem.shared():
+        assert sem.held_shared_by_current()
+
+
+async def test_cancel_before_acquire_raises_without_taking():
+    sem = RWSemaphore("t")
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await sem.acquire_exclusive()
+    assert cs.cancelled_caught
+    assert not sem.locked
+
+
+async def test_release_without_hold_raises():
+    sem = RWSemaphore("t")
+    with pytest.raises(RuntimeError):
+        sem.release_shared()
+    with pytest.raises(RuntimeError):
+        sem.release_exclusive()
+    await sem.acquire_shared()
+    with pytest.raises(RuntimeError):
+        sem.release_exclusive()
+    sem.release_shared()
+
+    # Another task cannot release our exclusive hold.
+    await sem.acquire_exclusive()
+    errors = []
+
+    async def intruder():
+        try:
+            sem.release_exclusive()
+        except RuntimeError as e:
+            errors.append(e)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(intruder)
+    assert len(errors) == 1 and "t" in str(errors[0])
+    assert sem.held_exclusive_by_current()
+    sem.release_exclusive()
+
+
+async def test_not_recursive():
+    sem = RWSemaphore("t")
+    async with sem.shared():
+        with pytest.raises(RuntimeError):
+            await sem.acquire_shared()
+        with pytest.raises(RuntimeError):
+            await sem.acquire_exclusive()
+    async with sem.exclusive():
+        with pytest.raises(RuntimeError):
+            await sem.acquire_shared()
+        with pytest.raises(RuntimeError):
+            sem.acquire_exclusive_nowait()
+
+
+async def test_assert_held(monkeypatch):
+    sem = RWSemaphore("inv")
+    with pytest.raises(AssertionError, match="inv"):
+        sem.assert_held("shared")
+    async with sem.shared():
+        sem.assert_held("shared")
+        with pytest.raises(AssertionError):
+            sem.assert_held("exclusive")
+        assert sem.held_shared_by_current() and not sem.held_exclusive_by_current()
+    async with sem.exclusive():
+        sem.assert_held("exclusive")
+        sem.assert_held("shared")          # exclusive satisfies shared
+        assert not sem.held_shared_by_current()
+    with pytest.raises(ValueError):
+        sem.assert_held("bogus")
+
+    # Held by another task does not count.
+    ev = trio.Event()
+    async with trio.open_nursery() as n:
+        async def holder():
+            async with sem.exclusive():
+                await ev.wait()
+        n.start_soon(holder)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sem.locked
+        with pytest.raises(AssertionError):
+            sem.assert_held("shared")
+        ev.set()
+
+    monkeypatch.setattr(locks, "DEBUG_LOCKS", False)
+    sem.assert_held("exclusive")           # production: no check
+
+
+async def test_nowait_variants():
+    sem = RWSemaphore("t")
+    sem.acquire_shared_nowait()
+
+    async def other():
+        with pytest.raises(trio.WouldBlock):
+            sem.acquire_exclusive_nowait()
+        sem.acquire_shared_nowait()          # shared with shared is fine
+        sem.release_shared()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(other)
+    sem.release_shared()
+    sem.acquire_exclusive_nowait()
+    sem.release_exclusive()
+
+
+async def test_statistics_and_repr():
+    sem = RWSemaphore("invalidate_lock[7]")
+    async with sem.exclusive():
+        st = sem.statistics()
+        assert st["writer"] is not None and st["readers"] == 0
+        assert "invalidate_lock[7]" in repr(sem)
+    st = sem.statistics()
+    assert st == {"name": "invalidate_lock[7]", "readers": 0, "writer": None,
+                  "waiting_readers": 0, "waiting_writers": 0,
+                  "acquisitions_shared": 0, "acquisitions_exclusive": 1,
+                  "contended": 0, "cancelled_waits": 0}
+
+
+def test_debug_flag_env(monkeypatch):
+    monkeypatch.delenv("DELAFS_DEBUG_LOCKS", raising=False)
+    assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is True
+    for off in ("0", "off", "False", "no"):
+        monkeypatch.setenv("DELAFS_DEBUG_LOCKS", off)
+        assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is False
+    monkeypatch.setenv("DELAFS_DEBUG_LOCKS", "1")
+    assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is True
