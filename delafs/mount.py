@@ -1,0 +1,224 @@
+"""A mounted delafs: the filesystem, the page cache and the engine together,
+with the VFS-level file operations the FUSE adapter calls (and tests drive
+directly).  This is the part of the kernel between a system call and
+fs/iomap: inode table, open file descriptions, i_rwsem, the ENOSPC retry,
+fsync, the flusher and the periodic journal commit.
+
+The file operations take ``i_rwsem`` and call the engine; only the engine
+takes ``invalidate_lock`` and folio locks; only the filesystem takes
+``meta_lock``.  See locks.py for the order.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from .buffered_io import Engine, IovIter
+from .errors import FsError
+from .errortag import ErrorTags
+from .fs import Filesystem
+from .fs_iomap import FsIomapOps
+from .iomap import VInode
+from .ondisk import BLOCK_SHIFT
+from .pagecache import ErrSeqCursor, PageCache
+from .writeback import writepages
+
+log = logging.getLogger("delafs")
+
+
+class OpenFile:
+    """An open file description: its errseq cursor (so each description
+    sees a writeback error once) and whether it may write."""
+
+    __slots__ = ("inode", "writable", "errseq")
+
+    def __init__(self, inode: VInode, writable: bool):
+        self.inode = inode
+        self.writable = writable
+        self.errseq = ErrSeqCursor(inode.mapping.wb_err)
+
+
+class Mount:
+    """Attributes:
+      fs         the Filesystem (layers 4-6)
+      cache      the PageCache
+      ops        FsIomapOps (the filesystem's iomap/writeback callbacks)
+      engine     the iomap Engine
+      errortags  fault injection shared by all of them
+      inodes     ino -> VInode, for inodes in use
+      commit_interval  seconds between background journal commits
+    """
+
+    def __init__(self, fs: Filesystem, *, cache_size: int = 256 << 20,
+                 dirty_limit: int | None = None, dirty_expire: float = 5.0,
+                 writeback_interval: float = 1.0, commit_interval: float = 5.0,
+                 punch_mode: str = "scan", errortags: ErrorTags | None = None):
+        self.fs = fs
+        self.errortags = errortags or ErrorTags()
+        self.cache = PageCache(cache_size=cache_size, dirty_limit=dirty_limit,
+                               dirty_expire=dirty_expire, writeback_interval=writeback_interval)
+        self.ops = FsIomapOps(fs, self.errortags)
+        self.engine = Engine(self.cache, self.ops, self.errortags, punch_mode=punch_mode)
+        self.inodes: dict[int, VInode] = {}
+        self.commit_interval = commit_interval
+        self._nursery = None
+
+    # -- lifetime -------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the flusher and the periodic commit in ``nursery``."""
+        self._nursery = nursery
+        nursery.start_soon(self.cache.run_flusher, self._flush_mapping)
+        nursery.start_soon(self._committer)
+
+    async def _flush_mapping(self, mapping, expired_only: bool) -> None:
+        inode = self.inodes.get(mapping.ino)
+        if inode is None:
+            return
+        cutoff = trio.current_time() - self.cache.dirty_expire if expired_only else None
+        await writepages(self.engine, inode, sync=False, expired_before=cutoff)
+
+    async def _committer(self) -> None:
+        """Bound what a crash can lose: commit the journal every few seconds."""
+        while True:
+            await trio.sleep(self.commit_interval)
+            if self.fs.store.has_changes() and not self.fs.shutdown:
+                try:
+                    await self.fs.commit()
+                except Exception:
+                    log.exception("background journal commit failed")
+
+    async def unmount(self) -> None:
+        """Write everything back, commit, checkpoint, mark the image clean."""
+        await self.syncfs()
+        self.cache.stop()
+        await self.fs.close()
+
+    # -- inodes -----------------------------------------------------------------
+
+    async def iget(self, ino: int) -> VInode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            attr = await self.fs.getattr(ino)
+            inode = VInode(ino, attr.size, self.cache.mapping(ino))
+            self.inodes[ino] = inode
+        return inode
+
+    async def getattr(self, ino: int):
+        attr = await self.fs.getattr(ino)
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            attr.size = inode.size
+        return attr
+
+    # -- file operations ------------------------------------------------------------
+
+    async def open(self, ino: int, *, write: bool) -> OpenFile:
+        inode = await self.iget(ino)
+        self.fs.open_ref(ino)
+        if write:
+            inode.writers += 1
+        return OpenFile(inode, write)
+
+    async def release(self, f: OpenFile) -> None:
+        inode = f.inode
+        if f.writable:
+            inode.writers -= 1
+            if inode.writers == 0:
+                async with inode.i_rwsem.exclusive():
+                    await self.ops.trim_prealloc(inode)
+        await self.fs.close_ref(inode.ino)
+
+    async def write(self, f: OpenFile, pos: int, data, *, append: bool = False) -> int:
+        """write(2): buffered, through the engine.  ENOSPC retry: if the
+        reservation fails before any byte went in, drop the locks, write
+        everything back (delalloc's worst-case metadata reservations shrink
+        to what allocation really used, and busy blocks become free once
+        the journal commits) and try once more."""
+        if not f.writable:
+            raise FsError(errno.EBADF, "file not open for writing")
+        for attempt in (0, 1):
+            try:
+                async with f.inode.i_rwsem.exclusive():
+                    if append:
+                        pos = f.inode.size
+                    if pos + len(data) > self.fs.sb.max_file_size:
+                        raise FsError(errno.EFBIG, "file too large")
+                    return await self.engine.iomap_file_buffered_write(
+                        f.inode, pos, IovIter(data, self.errortags))
+            except FsError as e:
+                if e.errno != errno.ENOSPC or attempt:
+                    raise
+            await self.syncfs()
+        raise AssertionError("unreachable")
+
+    async def read(self, f: OpenFile, pos: int, size: int) -> bytes:
+        async with f.inode.i_rwsem.shared():
+            return await self.engine.buffered_read(f.inode, pos, size)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        inode = await self.iget(ino)
+        if size > self.fs.sb.max_file_size:
+            raise FsError(errno.EFBIG, "file too large")
+        async with inode.i_rwsem.exclusive():
+            await self.engine.iomap_truncate(inode, size, lambda s: self.fs.truncate(ino, s))
+
+    async def fsync(self, f: OpenFile, datasync: bool = False) -> None:
+        """Write back, wait, commit the journal (which flushes the device),
+        then report a writeback error once per description (errseq)."""
+        inode = f.inode
+        await writepages(self.engine, inode, sync=True)
+        await self.fs.commit()
+        err = inode.mapping.wb_err.check_and_advance(f.errseq)
+        if err:
+            raise FsError(err, "writeback error")
+
+    async def syncfs(self) -> None:
+        for inode in list(self.inodes.values()):
+            if inode.mapping.nrdirty:
+                await writepages(self.engine, inode, sync=True)
+        await self.fs.commit()
+
+    # -- the fault path, driven in-process (FUSE never shows it to a daemon) ----------
+
+    async def mmap_write(self, ino: int, pos: int, data: bytes) -> None:
+        """Store ``data`` through a shared writable mapping: a read fault
+        instantiates the folio, a write fault (page_mkwrite) reserves and
+        dirties it, then the bytes land while the folio is locked.  The
+        store must stay inside one folio and inside EOF."""
+        inode = await self.iget(ino)
+        b = pos >> BLOCK_SHIFT
+        if pos + len(data) > inode.size:
+            raise FsError(errno.EFAULT, "store beyond EOF (SIGBUS)")
+        while True:
+            await self._read_fault(inode, b)
+            try:
+                folio = await self.engine.iomap_page_mkwrite(inode, b)
+            except FsError as e:
+                if e.errno == errno.EFAULT and inode.mapping.lookup(b) is None:
+                    continue            # evicted or truncated between the faults: fault again
+                raise
+            try:
+                if pos + len(data) > folio.end:
+                    raise FsError(errno.EINVAL, "store crosses a folio boundary")
+                folio.data[pos - folio.pos:pos - folio.pos + len(data)] = data
+            finally:
+                folio.unlock()
+            return
+
+    async def _read_fault(self, inode: VInode, block: int) -> None:
+        mapping = inode.mapping
+        async with mapping.invalidate_lock.shared():
+            folio = await mapping.get_folio(block, create=True)
+            if not folio.is_uptodate(0, folio.nblocks):
+                await self.engine.read_folio(inode, folio)
+            folio.unlock()
+
+    def statistics(self) -> dict:
+        return {"engine": dict(self.engine.stats), "iomap": dict(self.ops.stats),
+                "cache": self.cache.statistics(), "errortags": self.errortags.statistics(),
+                **self.fs.statistics()}
+
