@@ -853,6 +853,32 @@ class Filesystem:
                 self.stats["rolls"] += 1
                 await self.store.commit_locked()
 
+    async def allocate(self, ino: int, fblock: int, count: int) -> None:
+        """fallocate's allocation: UNWRITTEN blocks over the holes of the
+        range (delalloc and existing extents are left as they are)."""
+        if (fblock + count) << BLOCK_SHIFT > self.sb.max_file_size:
+            raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
+        async with self._op(items=2 * count + 2, item_size=_EXTENT_ITEM, data=count):
+            inode = await self._iget(ino)
+            if not inode.is_reg:
+                raise FsError(errno.ENODEV, f"inode {ino} is not a regular file")
+            emap = await self.extent_map(ino)
+            holes = sum(e.length for e in emap.lookup_range(fblock, count) if e.state == ExtState.HOLE)
+            if holes:
+                await self._allocate_range(inode, emap, fblock, count)
+                await self._iwrite(inode)
+
+    async def punch_hole(self, ino: int, fblock: int, count: int) -> None:
+        """Free every block of the range: delalloc (its reservation returns)
+        and allocated extents (through the journal)."""
+        async with self._op(items=2, item_size=_EXTENT_ITEM, pool=True):
+            inode = await self._iget(ino)
+            emap = await self.extent_map(ino)
+            gone = emap.remove(fblock, count, (ExtState.DELALLOC,))
+            if gone:
+                self.space.alloc.unreserve(sum(e.length + e.indlen for e in gone))
+            await self._punch(inode, fblock, count)
+
     async def map_blocks(self, ino: int, fblock: int, count: int) -> list[Extent]:
         async with self._op(write=False):
             return (await self.extent_map(ino)).lookup_range(fblock, count)

@@ -22,11 +22,15 @@ from .errortag import ErrorTags
 from .fs import Filesystem
 from .fs_iomap import FsIomapOps
 from .iomap import VInode
-from .ondisk import BLOCK_SHIFT
+from .ondisk import BLOCK_SHIFT, BLOCK_SIZE
 from .pagecache import ErrSeqCursor, PageCache
 from .writeback import writepages
 
 log = logging.getLogger("delafs")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 
 class OpenFile:
@@ -165,6 +169,50 @@ class Mount:
             raise FsError(errno.EFBIG, "file too large")
         async with inode.i_rwsem.exclusive():
             await self.engine.iomap_truncate(inode, size, lambda s: self.fs.truncate(ino, s))
+
+    async def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) at engine level (pyfuse3 cannot pass it through FUSE).
+
+        0: allocate UNWRITTEN blocks over holes, growing the size unless
+        FALLOC_FL_KEEP_SIZE.  PUNCH_HOLE (with KEEP_SIZE): zero the partial
+        blocks at the edges through the cache, drop the cache over the whole
+        blocks and free them.  ZERO_RANGE: the same, then allocate UNWRITTEN
+        blocks in their place (reads return zeros without a data write)."""
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL, "bad fallocate range")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise FsError(errno.EINVAL, "PUNCH_HOLE needs KEEP_SIZE")
+        inode = await self.iget(ino)
+        end = offset + length
+        if end > self.fs.sb.max_file_size:
+            raise FsError(errno.EFBIG, "file too large")
+        b0 = (offset + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        b1 = end >> BLOCK_SHIFT
+        async with inode.i_rwsem.exclusive():
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                mapping = inode.mapping
+                async with mapping.invalidate_lock.exclusive():
+                    zend = min(end, inode.size)
+                    if offset < zend:
+                        head_end = min(zend, b0 << BLOCK_SHIFT)
+                        if offset < head_end:
+                            await self.engine.iomap_zero_range(inode, offset, head_end - offset)
+                        tail_start = max(offset, b1 << BLOCK_SHIFT)
+                        if tail_start < zend and b1 >= b0:
+                            await self.engine.iomap_zero_range(inode, tail_start, zend - tail_start)
+                    if b1 > b0:
+                        await mapping.truncate_range(b0 << BLOCK_SHIFT, b1 << BLOCK_SHIFT)
+                        await self.fs.punch_hole(ino, b0, b1 - b0)
+                        if mode & FALLOC_FL_ZERO_RANGE:
+                            await self.fs.allocate(ino, b0, b1 - b0)
+            else:
+                first = offset >> BLOCK_SHIFT
+                await self.fs.allocate(ino, first, ((end + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - first)
+            if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+                inode.size = end
+                await self.fs.truncate(ino, end)
 
     async def fsync(self, f: OpenFile, datasync: bool = False) -> None:
         """Write back, wait, commit the journal (which flushes the device),

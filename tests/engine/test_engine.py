@@ -261,3 +261,35 @@ async def test_writeback_eio_is_reported_once_per_description(rig):
     check_invariants(m)
     got = await m.read(a, 0, 15000)
     assert got in (b"old" * 5000, b"new" * 5000)
+
+
+async def test_fallocate_allocate_punch_and_zero(rig):
+    from delafs.mount import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    await m.fallocate(ino, 0, 0, 64 * BS)
+    assert (await m.getattr(ino)).size == 64 * BS
+    assert set(states(m, ino, 0, 64)) == {ExtState.UNWRITTEN}
+    f = await m.open(ino, write=True)
+    assert await m.read(f, 0, 100) == bytes(100)           # unwritten reads as zeros
+    await m.write(f, 0, b"q" * (64 * BS))
+    await m.fsync(f)
+    assert set(states(m, ino, 0, 64)) == {ExtState.WRITTEN}
+    used = m.fs.space.alloc.used
+    await m.fallocate(ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 10 * BS)
+    assert await m.read(f, 90, 20) == b"q" * 10 + bytes(10)
+    assert await m.read(f, 100 + 10 * BS - 5, 10) == bytes(5) + b"q" * 5
+    assert states(m, ino, 1, 9) == [ExtState.HOLE]
+    await m.fallocate(ino, FALLOC_FL_ZERO_RANGE, 20 * BS, 4 * BS)
+    assert states(m, ino, 20, 4) == [ExtState.UNWRITTEN]
+    assert await m.read(f, 20 * BS, 4 * BS) == bytes(4 * BS)
+    await m.fs.commit()
+    assert m.fs.space.alloc.used < used
+    with pytest.raises(FsError) as e:
+        await m.fallocate(ino, FALLOC_FL_PUNCH_HOLE, 0, BS)
+    assert e.value.errno == errno.EINVAL
+    await m.fsync(f)
+    await m.release(f)
+    check_invariants(m)
+    await rig.unmount()
+    await rig.fsck()
