@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for a daemon still holding the image (default 30)")
     f.set_defaults(func=cmd_fsck)
+
+    from .cli_mount import add_commands
+    add_commands(sub)
     return p
 
 

@@ -1,0 +1,456 @@
+"""The VFS adapter (layer 1): pyfuse3 requests -> Mount / Filesystem calls.
+
+No storage logic lives here: requests are translated, i_rwsem is taken by
+the Mount's file operations, errors become errno replies.  Every handler
+runs inside :func:`_reply`, so an unexpected exception is logged with its
+traceback and answered with EIO instead of killing the daemon.
+
+What pyfuse3 3.5 lets a daemon see (see docs/engine.md): page faults are
+handled by the kernel and arrive here only as READs and later WRITEs; there
+is no fallocate, lseek (SEEK_DATA/HOLE), ioctl or syncfs handler, setxattr
+carries no XATTR_CREATE/REPLACE flags, and sync(1) never reaches us.  So the
+control file below is how ``delafs sync``, ``stat`` and ``inject`` talk to
+a mounted filesystem.
+
+Inode numbers are the format's persistent ones (the root is 1, as FUSE
+wants) with their generation, so they are stable across remounts.  The
+kernel's lookup counts are kept exactly (lookup, create, readdirplus
+entries, forget); an unlinked inode lives while the kernel knows it or a
+file is open, and the orphan list makes a crash in between harmless.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from .errors import CorruptionError, DelafsError, FsError
+from .extent_map import ExtState
+from .items import Inode
+from .mount import Mount, OpenFile
+from .ondisk import BLOCK_SIZE, ROOT_INO
+
+log = logging.getLogger("delafs")
+
+CONTROL_NAME = b".delafs-control"
+CONTROL_INO = 2**63 - 2          # never allocated: inode numbers grow from 2
+ENTRY_TIMEOUT = 300.0            # we are the only writer of the image
+ATTR_TIMEOUT = 300.0
+
+
+def _reply(fn):
+    """Map delafs errors to FUSE errors; never let an exception escape."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except CorruptionError as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except DelafsError as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class _Dir:
+    __slots__ = ("ino",)
+
+    def __init__(self, ino: int):
+        self.ino = ino
+
+
+class Operations(pyfuse3.Operations):
+    """Attributes:
+      m          the Mount (page cache + engine + filesystem)
+      lookups    ino -> kernel lookup count
+      files      fh -> OpenFile; dirs: fh -> _Dir
+      control    a callable handling writes to the control file
+    """
+
+    enable_writeback_cache = False
+
+    def __init__(self, m: Mount, *, control=None):
+        super().__init__()
+        self.m = m
+        self.fs = m.fs
+        self.lookups: dict[int, int] = {}
+        self.files: dict[int, OpenFile | _Dir | str] = {}
+        self._next_fh = 1
+        self.control = control
+        self.control_out: dict[int, bytes] = {}
+
+    # -- attributes ------------------------------------------------------------
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = inode.generation
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = inode.mode
+        e.st_nlink = inode.nlink
+        e.st_uid = inode.uid
+        e.st_gid = inode.gid
+        e.st_rdev = inode.rdev
+        vi = self.m.inodes.get(inode.ino)
+        e.st_size = vi.size if vi is not None and inode.is_reg else inode.size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = self._blocks(inode) * (BLOCK_SIZE // 512)
+        e.st_atime_ns = inode.atime
+        e.st_mtime_ns = inode.mtime
+        e.st_ctime_ns = inode.ctime
+        e.st_birthtime_ns = inode.btime
+        return e
+
+    def _blocks(self, inode: Inode) -> int:
+        """Allocated blocks plus delalloc ones (st_blocks counts the space a
+        file will take, as XFS reports delalloc in di_nblocks + if_delalloc)."""
+        emap = self.fs.emaps.get(inode.ino)
+        return inode.blocks + (emap.count_state(ExtState.DELALLOC) if emap else 0)
+
+    def _control_entry(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = CONTROL_INO
+        e.st_mode = stat.S_IFREG | 0o600
+        e.st_nlink = 1
+        e.st_size = 0
+        e.entry_timeout = 0
+        e.attr_timeout = 0
+        e.st_blksize = BLOCK_SIZE
+        return e
+
+    async def _remember(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """The kernel now knows ``inode`` once more."""
+        n = self.lookups.get(inode.ino, 0)
+        self.lookups[inode.ino] = n + 1
+        if n == 0:
+            self.fs.open_ref(inode.ino)
+        return self._entry(inode)
+
+    async def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.getattr(ino))
+
+    # -- lookup / forget -------------------------------------------------------------
+
+    @_reply
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == ROOT_INO and name == CONTROL_NAME:
+            return self._control_entry()
+        if name == b".":
+            inode = await self.fs.getattr(parent_inode)
+        elif name == b"..":
+            p = await self.fs.getattr(parent_inode)
+            inode = await self.fs.getattr(p.parent or ROOT_INO)
+        else:
+            inode = await self.fs.lookup(parent_inode, name)
+        return await self._remember(inode)
+
+    @_reply
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            if ino == CONTROL_INO:
+                continue
+            left = self.lookups.get(ino, 0) - n
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            await self._drop_inode(ino)
+
+    async def _drop_inode(self, ino: int) -> None:
+        await self.fs.close_ref(ino)
+        vi = self.m.inodes.get(ino)
+        if vi is not None and not vi.writers and not vi.mapping.nrdirty \
+                and not any(isinstance(f, OpenFile) and f.inode is vi for f in self.files.values()):
+            try:
+                await self.fs.getattr(ino)
+            except FsError:
+                # Gone for good: nothing of it may stay cached.
+                async with vi.mapping.invalidate_lock.exclusive():
+                    await vi.mapping.truncate_range(0, None)
+                self.m.inodes.pop(ino, None)
+
+    # -- attributes ---------------------------------------------------------------------
+
+    @_reply
+    async def getattr(self, inode, ctx=None):
+        if inode == CONTROL_INO:
+            return self._control_entry()
+        return await self._attr(inode)
+
+    @_reply
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == CONTROL_INO:
+            return self._control_entry()
+        if fields.update_size:
+            await self.m.truncate(inode, attr.st_size)
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_atime:
+            kw["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime"] = attr.st_ctime_ns
+        if kw or fields.update_size:
+            return self._entry(await self.fs.setattr(inode, **kw))
+        return await self._attr(inode)
+
+    @_reply
+    async def access(self, inode, mode, ctx):
+        # default_permissions makes the kernel check modes; we only say the
+        # inode exists.
+        if inode != CONTROL_INO:
+            await self.fs.getattr(inode)
+        return True
+
+    # -- namespace -----------------------------------------------------------------------
+
+    def _new_owner(self, parent: Inode, ctx, mode: int) -> tuple[int, int, int]:
+        """BSD group semantics under a setgid directory, as Linux does."""
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return ctx.uid, gid, mode
+
+    def _refuse_control(self, parent: int, name: bytes) -> None:
+        if parent == ROOT_INO and name == CONTROL_NAME:
+            raise FsError(errno.EEXIST, "reserved name")
+
+    @_reply
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._refuse_control(parent_inode, name)
+        parent = await self.fs.getattr(parent_inode)
+        uid, gid, mode = self._new_owner(parent, ctx, mode)
+        inode = await self.fs.create(parent_inode, name, mode, uid, gid, rdev=rdev)
+        return await self._remember(inode)
+
+    @_reply
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._refuse_control(parent_inode, name)
+        parent = await self.fs.getattr(parent_inode)
+        uid, gid, mode = self._new_owner(parent, ctx, stat.S_IFDIR | mode)
+        inode = await self.fs.mkdir(parent_inode, name, mode, uid, gid)
+        return await self._remember(inode)
+
+    @_reply
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._refuse_control(parent_inode, name)
+        parent = await self.fs.getattr(parent_inode)
+        uid, gid, _ = self._new_owner(parent, ctx, stat.S_IFLNK)
+        inode = await self.fs.symlink(parent_inode, name, target, uid, gid)
+        return await self._remember(inode)
+
+    @_reply
+    async def readlink(self, inode, ctx):
+        return await self.fs.readlink(inode)
+
+    @_reply
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._refuse_control(new_parent_inode, new_name)
+        return await self._remember(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_reply
+    async def unlink(self, parent_inode, name, ctx):
+        if parent_inode == ROOT_INO and name == CONTROL_NAME:
+            raise FsError(errno.EPERM, "the control file cannot be removed")
+        await self.fs.unlink(parent_inode, name)
+
+    @_reply
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.rmdir(parent_inode, name)
+
+    @_reply
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        for p, n in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
+            if p == ROOT_INO and n == CONTROL_NAME:
+                raise FsError(errno.EPERM, "the control file cannot be renamed")
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- directories ------------------------------------------------------------------------
+
+    def _new_fh(self, obj) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = obj
+        return fh
+
+    @_reply
+    async def opendir(self, inode, ctx):
+        attr = await self.fs.getattr(inode)
+        if not attr.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return self._new_fh(_Dir(inode))
+
+    @_reply
+    async def readdir(self, fh, start_id, token):
+        d = self.files[fh]
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", await self._attr(d.ino), 1):
+                return
+        if start_id < 2:
+            parent = (await self.fs.getattr(d.ino)).parent or ROOT_INO
+            if not pyfuse3.readdir_reply(token, b"..", await self._attr(parent), 2):
+                return
+        cookie = max(start_id, 0) if start_id > 2 else 0
+        while True:
+            entries = await self.fs.readdir(d.ino, cookie, 128)
+            if not entries:
+                return
+            for name, ino, _dtype, nxt in entries:
+                try:
+                    inode = await self.fs.getattr(ino)
+                except FsError:
+                    cookie = nxt
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._entry(inode), nxt):
+                    return
+                await self._remember(inode)
+                cookie = nxt
+
+    @_reply
+    async def releasedir(self, fh):
+        self.files.pop(fh, None)
+
+    @_reply
+    async def fsyncdir(self, fh, datasync):
+        await self.fs.commit()
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @_reply
+    async def open(self, inode, flags, ctx):
+        if inode == CONTROL_INO:
+            fi = pyfuse3.FileInfo(fh=self._new_fh("control"), direct_io=True, nonseekable=False)
+            return fi
+        attr = await self.fs.getattr(inode)
+        if attr.is_dir:
+            raise FsError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        f = await self.m.open(inode, write=writable)
+        if flags & os.O_TRUNC and writable and attr.size:
+            await self.m.truncate(inode, 0)
+        return pyfuse3.FileInfo(fh=self._new_fh(f), keep_cache=True)
+
+    @_reply
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._refuse_control(parent_inode, name)
+        parent = await self.fs.getattr(parent_inode)
+        uid, gid, mode = self._new_owner(parent, ctx, mode)
+        inode = await self.fs.create(parent_inode, name, mode, uid, gid)
+        entry = await self._remember(inode)
+        f = await self.m.open(inode.ino, write=True)
+        return pyfuse3.FileInfo(fh=self._new_fh(f), keep_cache=True), entry
+
+    @_reply
+    async def read(self, fh, off, size):
+        f = self.files[fh]
+        if f == "control":
+            data = self.control_out.get(fh) or json.dumps(self.m_statistics(), indent=1).encode() + b"\n"
+            self.control_out[fh] = data
+            return data[off:off + size]
+        return await self.m.read(f, off, size)
+
+    @_reply
+    async def write(self, fh, off, buf):
+        f = self.files[fh]
+        if f == "control":
+            if self.control is None:
+                raise FsError(errno.EOPNOTSUPP)
+            self.control_out[fh] = await self.control(bytes(buf))
+            return len(buf)
+        return await self.m.write(f, off, buf)
+
+    @_reply
+    async def flush(self, fh):
+        pass
+
+    @_reply
+    async def release(self, fh):
+        f = self.files.pop(fh, None)
+        self.control_out.pop(fh, None)
+        if isinstance(f, OpenFile):
+            await self.m.release(f)
+            ino = f.inode.ino
+            if ino not in self.lookups:
+                await self._drop_inode(ino)
+
+    @_reply
+    async def fsync(self, fh, datasync):
+        f = self.files[fh]
+        if isinstance(f, OpenFile):
+            await self.m.fsync(f, datasync)
+
+    # -- xattrs --------------------------------------------------------------------------------
+
+    @_reply
+    async def setxattr(self, inode, name, value, ctx):
+        await self.fs.setxattr(inode, name, value)
+
+    @_reply
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return await self.fs.getxattr(inode, name)
+        except FsError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_reply
+    async def listxattr(self, inode, ctx):
+        return await self.fs.listxattr(inode)
+
+    @_reply
+    async def removexattr(self, inode, name, ctx):
+        try:
+            await self.fs.removexattr(inode, name)
+        except FsError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    # -- whole filesystem ---------------------------------------------------------------------
+
+    @_reply
+    async def statfs(self, ctx):
+        s = self.fs.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = BLOCK_SIZE
+        st.f_blocks = s["blocks"]
+        st.f_bfree = s["bfree"]
+        st.f_bavail = s["bavail"]
+        st.f_files = s["files"]
+        st.f_ffree = s["ffree"]
+        st.f_favail = s["ffree"]
+        st.f_namemax = s["namemax"]
+        return st
+
+    def m_statistics(self) -> dict:
+        stats = self.m.statistics()
+        stats["vfs"] = {"known_inodes": len(self.lookups), "open_files": len(self.files)}
+        return stats
+
