@@ -115,6 +115,9 @@ class Daemon:
         self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags, **kw)
         self.ops = Operations(self.m, control=self.control)
         self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))
+        # POSIX ACLs: the kernel enforces the system.posix_acl_* xattrs we
+        # store (FUSE_POSIX_ACL); it needs default_permissions, always on.
+        self.ops.enable_acl = bool(self.opts.get("acl"))
         fuse_opts = set(self.opts["fuse"]) | {f"fsname={self.image}"}
         if self.opts.get("debug"):
             fuse_opts.add("debug")
