@@ -1012,6 +1012,10 @@ class Filesystem:
         ino = inode.ino
         if inode.is_reg:
             emap = await self.extent_map(ino)
+            gone = emap.remove(0, 1 << 62, (ExtState.DELALLOC,))
+            if gone:
+                # Data that never reached the disk: its reservation returns.
+                self.space.alloc.unreserve(sum(e.length + e.indlen for e in gone))
             end = max((e.end for e in emap.iter_extents(0)), default=0)
             if end:
                 await self._punch(inode, 0, end)
@@ -1058,10 +1062,15 @@ class Filesystem:
     # ======================================================================
 
     def statfs(self) -> dict:
+        """Free space net of reservations.  Busy blocks (freed by a
+        transaction not yet durable) count as free, as XFS's free counter
+        does: they are free as soon as the next commit lands, and df should
+        not lag behind rm by a commit interval."""
         a = self.space.alloc
-        return {"bsize": BLOCK_SIZE, "blocks": a.total, "bfree": a.available,
-                "bavail": a.available, "files": self.info.inode_count + a.available,
-                "ffree": a.available, "namemax": MAX_NAME_LEN,
+        free = a.available + a.busy
+        return {"bsize": BLOCK_SIZE, "blocks": a.total, "bfree": free,
+                "bavail": free, "files": self.info.inode_count + free,
+                "ffree": free, "namemax": MAX_NAME_LEN,
                 "inodes": self.info.inode_count}
 
     def statistics(self) -> dict:

@@ -175,17 +175,28 @@ class Operations(pyfuse3.Operations):
             await self._drop_inode(ino)
 
     async def _drop_inode(self, ino: int) -> None:
+        """The kernel forgot the inode: drop its reference (the filesystem
+        frees an unlinked inode once no reference is left)."""
+        await self._evict_if_unlinked(ino)
         await self.fs.close_ref(ino)
+
+    async def _evict_if_unlinked(self, ino: int) -> None:
+        """An inode with no names that the kernel no longer knows and no
+        file holds open: its cached pages go before its blocks do, so they
+        are never written back into freed space."""
+        if ino in self.lookups or any(isinstance(f, OpenFile) and f.inode.ino == ino
+                                      for f in self.files.values()):
+            return
+        try:
+            unlinked = (await self.fs.getattr(ino)).nlink == 0
+        except FsError:
+            unlinked = True
         vi = self.m.inodes.get(ino)
-        if vi is not None and not vi.writers and not vi.mapping.nrdirty \
-                and not any(isinstance(f, OpenFile) and f.inode is vi for f in self.files.values()):
-            try:
-                await self.fs.getattr(ino)
-            except FsError:
-                # Gone for good: nothing of it may stay cached.
+        if unlinked and vi is not None:
+            async with vi.i_rwsem.exclusive():
                 async with vi.mapping.invalidate_lock.exclusive():
                     await vi.mapping.truncate_range(0, None)
-                self.m.inodes.pop(ino, None)
+            self.m.inodes.pop(ino, None)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -394,10 +405,8 @@ class Operations(pyfuse3.Operations):
         f = self.files.pop(fh, None)
         self.control_out.pop(fh, None)
         if isinstance(f, OpenFile):
+            await self._evict_if_unlinked(f.inode.ino)
             await self.m.release(f)
-            ino = f.inode.ino
-            if ino not in self.lookups:
-                await self._drop_inode(ino)
 
     @_reply
     async def fsync(self, fh, datasync):
