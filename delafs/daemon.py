@@ -35,7 +35,8 @@ log = logging.getLogger("delafs")
 # Options delafs itself understands; anything else is refused, so a typo
 # never silently does nothing.
 _SIZE_OPTS = {"cache_size", "dirty_limit"}
-_FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait"}
+_FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait",
+               "entry_timeout", "attr_timeout"}
 _FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
                "ro", "rw", "noatime", "exec", "noexec"}
 _OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug"}
@@ -113,7 +114,8 @@ class Daemon:
         kw = {k: self.opts[k] for k in ("cache_size", "dirty_limit", "dirty_expire",
                                         "writeback_interval", "commit_interval") if k in self.opts}
         self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags, **kw)
-        self.ops = Operations(self.m, control=self.control)
+        timeouts = {k: self.opts[k] for k in ("entry_timeout", "attr_timeout") if k in self.opts}
+        self.ops = Operations(self.m, control=self.control, **timeouts)
         self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))
         # POSIX ACLs: the kernel enforces the system.posix_acl_* xattrs we
         # store (FUSE_POSIX_ACL); it needs default_permissions, always on.

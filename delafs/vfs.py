@@ -86,8 +86,11 @@ class Operations(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, m: Mount, *, control=None):
+    def __init__(self, m: Mount, *, control=None, entry_timeout: float = ENTRY_TIMEOUT,
+                 attr_timeout: float = ATTR_TIMEOUT):
         super().__init__()
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
         self.m = m
         self.fs = m.fs
         self.lookups: dict[int, int] = {}
@@ -102,8 +105,8 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
         e.generation = inode.generation
-        e.entry_timeout = ENTRY_TIMEOUT
-        e.attr_timeout = ATTR_TIMEOUT
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
         e.st_mode = inode.mode
         e.st_nlink = inode.nlink
         e.st_uid = inode.uid
