@@ -22,6 +22,7 @@ Lock order (the whole of it is documented in docs/design.md):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -266,9 +267,34 @@ class Filesystem:
         await self._discard()
 
     async def _discard(self) -> None:
-        runs, self.space.discards = self.space.discards, []
-        for start, n in runs:
-            await self.dev.discard(start, n)
+        """Discard the runs whose freeing has become durable.
+
+        ``on_durable`` made them allocatable at once, so by now writeback may
+        have allocated some of them again and written new data there, which
+        a discard would wipe (a punched hole in an image reads as zeros).
+        So only the parts still free are discarded, under meta_lock, which
+        every allocation holds: nothing can take them while the discard is in
+        flight."""
+        if not self.space.discards:
+            return
+        async with self.meta_lock:
+            runs, self.space.discards = self.space.discards, []
+            # Decide first, then discard: the free index may grow while a
+            # discard is in flight (a commit releasing busy blocks), never
+            # shrink (allocation needs meta_lock).
+            free = list(self.space.alloc.free_extents())
+            starts = [s for s, _ in free]
+            todo = []
+            for start, n in runs:
+                end = start + n
+                i = max(bisect.bisect_right(starts, start) - 1, 0)
+                while i < len(free) and free[i][0] < end:
+                    lo, hi = max(start, free[i][0]), min(end, free[i][0] + free[i][1])
+                    if lo < hi:
+                        todo.append((lo, hi - lo))
+                    i += 1
+            for start, n in todo:
+                await self.dev.discard(start, n)
 
     # ======================================================================
     # Operation framing: locking, reservation, shutdown
@@ -519,9 +545,11 @@ class Filesystem:
         await self._iwrite(inode)
         if inode.nlink > 0:
             return
-        if self.open_counts.get(inode.ino):
-            await self.tree.insert((ORPHAN_OID, T_ORPHAN, inode.ino), b"")
-        else:
+        # On the orphan list in the same transaction as the last name goes:
+        # a crash, or a destroy that rolls its transaction, leaves an inode
+        # that recovery finds and frees, never a leaked one.
+        await self.tree.insert((ORPHAN_OID, T_ORPHAN, inode.ino), b"")
+        if not self.open_counts.get(inode.ino):
             await self._destroy(inode)
 
     async def unlink(self, dir_ino: int, name: bytes) -> None:
@@ -946,7 +974,14 @@ class Filesystem:
             start = offset - (b0 << BLOCK_SHIFT)
             return bytes(buf[start:start + end - offset])
 
-    async def truncate(self, ino: int, size: int) -> None:
+    async def truncate(self, ino: int, size: int, *, old_size: int | None = None) -> None:
+        """Set the size; shrinking frees everything past the new EOF.
+
+        ``old_size`` is the in-memory size before the change (the VFS
+        i_size), when the caller has one: it runs ahead of the on-disk size
+        while data is not yet written back, and the delalloc (and any blocks
+        writeback allocated) past the new EOF must go even when the on-disk
+        size is already below it.  Default: the on-disk size."""
         if size < 0:
             raise FsError(errno.EINVAL, "negative size")
         if size > self.sb.max_file_size:
@@ -956,7 +991,7 @@ class Filesystem:
             if not inode.is_reg:
                 raise FsError(errno.EINVAL if not inode.is_dir else errno.EISDIR,
                               f"inode {ino} is not a regular file")
-            if size < inode.size:
+            if size < max(inode.size, old_size or 0):
                 emap = await self.extent_map(ino)
                 partial = size & (BLOCK_SIZE - 1)
                 if partial:
@@ -1004,7 +1039,6 @@ class Filesystem:
             except FsError:
                 return
             if inode.nlink == 0:
-                await self.tree.delete((ORPHAN_OID, T_ORPHAN, ino))
                 await self._destroy(inode)
 
     async def _destroy(self, inode: Inode) -> None:
@@ -1032,6 +1066,7 @@ class Filesystem:
                     self._free_out_of_line(inode, target)
                 await self.tree.delete((ino, T_SYMLINK, 0))
         await self.tree.delete((ino, T_INODE, 0))
+        await self.tree.delete((ORPHAN_OID, T_ORPHAN, ino))
         self.info.inode_count -= 1
         self.store.mark_dirty(self.info)
         self.inodes.pop(ino, None)
@@ -1045,14 +1080,16 @@ class Filesystem:
                 if not items:
                     break
                 for key, _ in items:
-                    await self.tree.delete(key)
                     try:
                         inode = await self._iget(key[2])
                     except FsError:
+                        await self.tree.delete(key)
                         continue
                     if inode.nlink == 0:
-                        await self._destroy(inode)
+                        await self._destroy(inode)       # removes the orphan record too
                         self.stats["orphans_recovered"] += 1
+                    else:
+                        await self.tree.delete(key)
                     if len(self.store.dirty) > self.store.roll_threshold:
                         await self.store.commit_locked()
         await self.commit()
