@@ -41,8 +41,12 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
         TRACE.emit("iomap_writepages", ino=inode.ino, sync=sync)
     try:
         for folio in mapping.dirty_folios(first, last):
-            if expired_before is not None and folio.dirtied_when > expired_before:
-                continue
+            if expired_before is not None:
+                # The list was taken before any await: a folio cleaned since
+                # has no dirtied_when any more.
+                when = folio.dirtied_when
+                if when is None or when > expired_before:
+                    continue
             await POINTS.hit("writepages_folio")
             await folio.lock()
             if folio.mapping is not mapping or not folio.test_dirty():
@@ -56,10 +60,16 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
             if await writeback_folio(engine, wpc, folio):
                 under_io.append(folio)
             written += 1
-        await ops.writeback_submit(wpc)
     finally:
-        for folio in under_io:
-            folio.end_writeback()
+        # Whatever was queued reaches the disk even if the walk failed:
+        # those folios are already clean, so skipping the submit would
+        # end their writeback with their data written nowhere.
+        try:
+            await POINTS.hit("writeback_submit")
+            await ops.writeback_submit(wpc)
+        finally:
+            for folio in under_io:
+                folio.end_writeback()
     return written
 
 
@@ -87,15 +97,18 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
             pos = b0 << BLOCK_SHIFT
             length = max(0, (b1 - b0) << BLOCK_SHIFT)
             while length > 0:
+                # Allocation in writeback_range may sleep (the folio stays locked).
+                await POINTS.hit("writeback_range")
                 try:
                     done = await engine.ops.writeback_range(wpc, folio, pos, length, isize)
                 except FsError as e:
                     # The filesystem discarded this folio's delalloc; the
-                    # data is lost and fsync will say so.
+                    # data is lost and fsync will say so.  The rest of the
+                    # folio is abandoned too (its delalloc is gone: mapping
+                    # it would only fail again, with a misleading EIO).
                     inode.mapping.wb_err.set(e.errno)
                     wpc.error = wpc.error or e.errno
-                    length = 0
-                    break
+                    return True
                 wpc.nr_ranges += 1
                 pos += done
                 length -= done
