@@ -139,6 +139,13 @@ def cmd_mount_helper(args) -> int:
     # Options mount(8) adds that are not ours.
     drop = {"defaults", "auto", "noauto", "user", "users", "nofail", "_netdev", "rw"}
     keep = [o for o in opts if o not in drop and not o.startswith("x-")]
+    # mount(8) treats dev and suid as its defaults and strips them from the
+    # options it passes on; only nodev/nosuid arrive.  FUSE's default is the
+    # opposite (nodev,nosuid), so, like libfuse's mount.fuse, ask for dev and
+    # suid unless the user said otherwise.
+    for flag in ("dev", "suid"):
+        if "no" + flag not in keep and flag not in keep:
+            keep.append(flag)
     from .daemon import daemonize_and_run, parse_options
     try:
         parsed = parse_options(",".join(keep))

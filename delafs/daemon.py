@@ -175,6 +175,17 @@ class Daemon:
                 pyfuse3.terminate()
                 return
 
+    def _log_final_counters(self) -> None:
+        """The counters die with the daemon and a plain umount(8) (what
+        xfstests does) gives nobody a chance to read them: log them."""
+        try:
+            s = self.m.statistics()
+            log.info("final counters: %s", json.dumps(
+                {"engine": s["engine"], "iomap": s["iomap"], "errortags": s["errortags"]},
+                sort_keys=True))
+        except Exception:
+            log.exception("final counters")
+
     async def shutdown(self) -> None:
         """After the kernel let go: the final flush, then release the image."""
         try:
@@ -184,6 +195,8 @@ class Daemon:
         try:
             if self.m is not None and not self.readonly:
                 await self.m.unmount()
+            if self.m is not None:
+                self._log_final_counters()
         finally:
             if self.dev is not None:
                 self.dev.close()
