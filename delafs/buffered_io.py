@@ -138,8 +138,18 @@ class Engine:
         self.stats["writes"] += 1
         total = len(src)
         written = 0
+        gap = round_down(pos) - round_up(inode.size)
+        if total and gap > 0:
+            # A write past EOF leaves a gap the new EOF will cover: the
+            # speculative preallocation there stops being post-EOF, and
+            # nothing would ever write it back or trim it.  No block past
+            # the old EOF is dirty, so all delalloc in the gap goes (XFS
+            # zeroes the gap through the cache instead, xfs_file_write_zero_eof).
+            await self.ops.punch(inode, round_up(inode.size), gap)
         while written < total:
             length = total - written
+            # The filesystem's iomap_begin takes its inode lock (it may sleep).
+            await POINTS.hit("iomap_begin")
             try:
                 iomap = await self.ops.iomap_begin(inode, pos, length, IOMAP_WRITE)
             except FsError:
@@ -153,7 +163,12 @@ class Engine:
                            type=iomap.type.name, new=bool(iomap.flags & IOMAP_F_NEW))
             processed, why = await self._write_iter(inode, iomap, pos, mapped, src)
             if processed < mapped and iomap.type == IomapType.DELALLOC and iomap.flags & IOMAP_F_NEW:
-                await self.punch_delalloc(inode, round_up(pos + processed), round_up(pos + mapped))
+                # iomap_last_written_block: with nothing written the block
+                # holding pos is unused too (a NEW mapping starts at a hole,
+                # so no one else's data is there); otherwise the block the
+                # copy ended in holds data and stays.
+                start = round_up(pos + processed) if processed else round_down(pos)
+                await self.punch_delalloc(inode, start, round_up(pos + mapped))
             await self.ops.iomap_end(inode, pos, mapped, processed, IOMAP_WRITE, iomap)
             pos += processed
             written += processed
@@ -174,6 +189,8 @@ class Engine:
         while processed < length:
             folio_bytes = length - processed
             await self.cache.balance_dirty_pages(mapping)
+            # Faulting the source in may sleep (a page fault on the user buffer).
+            await POINTS.hit("fault_in")
             if src.fault_in(min(folio_bytes, BLOCK_SIZE)) == 0:
                 return processed, "fault"
             await self.errortags.delay("delay_write_begin")
@@ -281,6 +298,8 @@ class Engine:
         self.stats["punch_ranges"] += 1
         if TRACE.on:
             TRACE.emit("iomap_delalloc_punch", ino=inode.ino, pos=start, length=end - start)
+        # The filesystem's punch takes its inode lock (it may sleep).
+        await POINTS.hit("delalloc_punch")
         await self.ops.punch(inode, start, end - start)
 
     async def delalloc_release(self, inode: VInode, start: int, end: int) -> None:
@@ -397,17 +416,25 @@ class Engine:
             iomap = await self.ops.iomap_begin(inode, b << BLOCK_SHIFT,
                                                (min(end_b, eof_b) - b) << BLOCK_SHIFT, 0)
             n = min(end_b, eof_b, iomap.end >> BLOCK_SHIFT) - b
-            # Only blocks not yet uptodate are filled: cached data wins.
-            for j in range(n):
+            # Only blocks not yet uptodate are filled (cached data wins), and
+            # each run of them is one device read, not one per block.
+            j = 0
+            while j < n:
                 if folio.is_uptodate(i + j, 1):
+                    j += 1
                     continue
+                k = j + 1
+                while k < n and not folio.is_uptodate(i + k, 1):
+                    k += 1
                 off = (i + j) << BLOCK_SHIFT
+                size = (k - j) << BLOCK_SHIFT
                 if iomap.type == IomapType.MAPPED:
-                    data = await self.ops.read_blocks(iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset, 1)
+                    folio.data[off:off + size] = await self.ops.read_blocks(
+                        iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset, k - j)
                 else:
-                    data = bytes(BLOCK_SIZE)
-                folio.data[off:off + BLOCK_SIZE] = data
-                folio.set_uptodate(i + j, 1)
+                    folio.data[off:off + size] = bytes(size)
+                folio.set_uptodate(i + j, k - j)
+                j = k
             b += n
         if TRACE.on:
             TRACE.emit("iomap_read_folio", ino=inode.ino, pos=folio.pos, length=folio.end - folio.pos)
@@ -427,7 +454,11 @@ class Engine:
             while cur < end:
                 b = cur >> BLOCK_SHIFT
                 folio = mapping.lookup(b)
-                if folio is None or not folio.is_uptodate(b - folio.index, 1):
+                # Every block the copy below takes from this folio must be
+                # uptodate, not only the first (filemap_range_uptodate): a
+                # short copy leaves blocks of a large folio holding garbage.
+                if folio is None or not folio.is_uptodate(
+                        b - folio.index, ((min(end, folio.end) - 1) >> BLOCK_SHIFT) - b + 1):
                     folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint(end - cur, cur))
                     if not folio.is_uptodate(0, folio.nblocks):
                         await self.read_folio(inode, folio)
@@ -468,9 +499,11 @@ class Engine:
             if iomap.type in (IomapType.HOLE, IomapType.UNWRITTEN):
                 # Nothing on disk to hide; only cached bytes need zeroing.
                 await self._zero_cached(inode, pos, stop)
+                pos = stop
             else:
-                await self._zero_through_cache(inode, iomap, pos, stop)
-            pos = stop
+                # Returns early if the mapping went stale: map again here,
+                # it may have become a hole (writeback discarded it).
+                pos = await self._zero_through_cache(inode, iomap, pos, stop)
         if TRACE.on:
             TRACE.emit("iomap_zero_range", ino=inode.ino, pos=pos, length=length)
 
@@ -483,13 +516,16 @@ class Engine:
                 folio.data[a - folio.pos:b - folio.pos] = bytes(b - a)
             folio.unlock()
 
-    async def _zero_through_cache(self, inode: VInode, iomap: Iomap, pos: int, end: int) -> None:
+    async def _zero_through_cache(self, inode: VInode, iomap: Iomap, pos: int, end: int) -> int:
+        """Zero and dirty [pos, end) of a DELALLOC or MAPPED mapping through
+        the cache; returns where it stopped (before ``end`` if the mapping
+        went stale: the caller maps again, and must not dirty blocks the new
+        mapping says are a hole)."""
         mapping = inode.mapping
         while pos < end:
             folio = await self.write_begin(inode, iomap, pos, end - pos)
-            if folio is None:       # stale: remap
-                iomap = await self.ops.iomap_begin(inode, pos, end - pos, IOMAP_ZERO)
-                continue
+            if folio is None:       # stale: let the caller remap
+                return pos
             stop = min(end, folio.end)
             folio.data[pos - folio.pos:stop - folio.pos] = bytes(stop - pos)
             first = pos >> BLOCK_SHIFT
@@ -499,6 +535,7 @@ class Engine:
             folio.unlock()
             pos = stop
         del mapping
+        return pos
 
     async def iomap_truncate(self, inode: VInode, size: int, fs_truncate) -> None:
         """Change i_size.  Shrinking zeroes the tail of the new last block,
@@ -522,6 +559,12 @@ class Engine:
                 if old & (BLOCK_SIZE - 1):
                     await self.iomap_zero_range(inode, old, round_up(old) - old)
                 inode.size = size
+                # Speculative preallocation the new EOF now covers is no
+                # longer post-EOF: nothing would ever write it back or trim
+                # it, so it would hold its reservation forever.  Nothing past
+                # the old EOF is dirty: every delalloc block there goes.
+                if round_up(size) > round_up(old):
+                    await self.ops.punch(inode, round_up(old), round_up(size) - round_up(old))
                 await fs_truncate(size)
         if TRACE.on:
             TRACE.emit("iomap_truncate", ino=inode.ino, old=old, new=size)

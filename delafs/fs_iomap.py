@@ -299,7 +299,9 @@ class FsIomapOps:
     def _add_to_ioend(self, wpc: WritebackCtx, folio, pos: int, n: int, addr: int,
                       typ: IomapType) -> None:
         off = pos - folio.pos
-        data = bytes(folio.data[off:off + n])     # a stable copy of the folio's bytes
+        # One copy (a memoryview slice, then bytes): the ioend must not see
+        # stores that land in the folio after it was cleaned for I/O.
+        data = bytes(memoryview(folio.data)[off:off + n])
         io = wpc.ioend
         if io is None or not io.contiguous(wpc.inode.ino, pos, addr, typ) or io.size >= MAX_IOEND_BYTES:
             if io is not None:
