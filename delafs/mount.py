@@ -21,7 +21,7 @@ from .errors import FsError
 from .errortag import ErrorTags
 from .fs import Filesystem
 from .fs_iomap import FsIomapOps
-from .iomap import VInode
+from .iomap import POINTS, VInode
 from .ondisk import BLOCK_SHIFT, BLOCK_SIZE
 from .pagecache import ErrSeqCursor, PageCache
 from .writeback import writepages
@@ -141,7 +141,10 @@ class Mount:
         reservation fails before any byte went in, drop the locks, write
         everything back (delalloc's worst-case metadata reservations shrink
         to what allocation really used, and busy blocks become free once
-        the journal commits) and try once more."""
+        the journal commits) and try once more.
+
+        ``data`` may also be an :class:`IovIter` (the race explorer passes
+        one that records when its bytes land in the page cache)."""
         if not f.writable:
             raise FsError(errno.EBADF, "file not open for writing")
         for attempt in (0, 1):
@@ -151,8 +154,8 @@ class Mount:
                         pos = f.inode.size
                     if pos + len(data) > self.fs.sb.max_file_size:
                         raise FsError(errno.EFBIG, "file too large")
-                    return await self.engine.iomap_file_buffered_write(
-                        f.inode, pos, IovIter(data, self.errortags))
+                    src = data if isinstance(data, IovIter) else IovIter(data, self.errortags)
+                    return await self.engine.iomap_file_buffered_write(f.inode, pos, src)
             except FsError as e:
                 if e.errno != errno.ENOSPC or attempt:
                     raise
@@ -168,7 +171,9 @@ class Mount:
         if size > self.fs.sb.max_file_size:
             raise FsError(errno.EFBIG, "file too large")
         async with inode.i_rwsem.exclusive():
-            await self.engine.iomap_truncate(inode, size, lambda s: self.fs.truncate(ino, s))
+            old = inode.size        # ahead of the on-disk size until writeback catches up
+            await self.engine.iomap_truncate(
+                inode, size, lambda s: self.fs.truncate(ino, s, old_size=old))
 
     async def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) at engine level (pyfuse3 cannot pass it through FUSE).
@@ -211,6 +216,14 @@ class Mount:
                 first = offset >> BLOCK_SHIFT
                 await self.fs.allocate(ino, first, ((end + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - first)
             if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+                # As for a truncate up: speculative delalloc the new EOF
+                # covers would never be written back or trimmed.  Nothing
+                # past the old EOF is dirty, so all of it goes.
+                old_eof = (inode.size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
+                if end > old_eof:
+                    await self.ops.punch(inode, old_eof, end - old_eof)
+                    first = old_eof >> BLOCK_SHIFT
+                    await self.fs.allocate(ino, first, ((end + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - first)
                 inode.size = end
                 await self.fs.truncate(ino, end)
 
@@ -243,6 +256,8 @@ class Mount:
             raise FsError(errno.EFAULT, "store beyond EOF (SIGBUS)")
         while True:
             await self._read_fault(inode, b)
+            # The read fault returns; the store faults again for write access.
+            await POINTS.hit("mmap_write_fault")
             try:
                 folio = await self.engine.iomap_page_mkwrite(inode, b)
             except FsError as e:

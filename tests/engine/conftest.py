@@ -9,11 +9,10 @@ import trio.testing
 
 from delafs.blockdev import BlockDevice
 from delafs.errortag import ErrorTags
-from delafs.extent_map import ExtState
 from delafs.fs import Filesystem
 from delafs.fsck import check
 from delafs.mount import Mount
-from delafs.ondisk import BLOCK_SHIFT, BLOCK_SIZE
+from delafs.race import invariant_violations
 
 
 class Rig:
@@ -76,33 +75,12 @@ async def rig(tmp_path, nursery):
 
 
 def check_invariants(m: Mount) -> None:
-    """DESIGN.md's per-block invariants, for a quiescent filesystem."""
-    fs = m.fs
-    a = fs.space.alloc
-    a.check()
-    assert a.total == a.available + a.used + a.reserved + a.metadata_reserve
-    reserved = 0
-    for ino, emap in fs.emaps.items():
-        emap.check()
-        inode = m.inodes.get(ino)
-        mapping = inode.mapping if inode else None
-        pre = m.ops.prealloc_start(ino)
-        for ext in emap.iter_extents(0):
-            if ext.state == ExtState.DELALLOC:
-                reserved += ext.length + ext.indlen
-                for b in range(ext.fblock, ext.end):
-                    folio = mapping.lookup(b) if mapping else None
-                    dirty = folio is not None and folio.dirty_blocks(b - folio.index, 1)
-                    past_eof = inode is not None and (b << BLOCK_SHIFT) >= inode.size
-                    if pre is not None and b >= pre and past_eof:
-                        continue            # speculative preallocation, trimmed at close
-                    assert dirty, f"stale delalloc at block {b} of inode {ino}"
-        if mapping:
-            for folio in mapping.dirty_folios():
-                for i in range(folio.nblocks):
-                    if folio.dirty_blocks(i, 1):
-                        st = emap.lookup(folio.index + i).state
-                        assert st != ExtState.HOLE, f"dirty block {folio.index + i} of {ino} over a hole"
-    # Reservations held by delalloc extents are exactly the allocator's.
-    assert reserved == a.reserved, (reserved, a.reserved)
+    """DESIGN.md's per-block invariants, for a quiescent filesystem: the
+    race explorer's checks (delafs.race.invariant_violations) with no
+    operation in progress -- space identity, allocator and extent maps,
+    page cache counters, no dirty block over a HOLE or past EOF, no DELALLOC
+    under a clean or absent cache block (post-EOF preallocation excepted),
+    reservations equal to the delalloc extents' data + indlen."""
+    bad = invariant_violations(m)
+    assert not bad, "\n".join(bad)
 

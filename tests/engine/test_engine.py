@@ -320,3 +320,19 @@ async def test_background_writeback_skips_folios_cleaned_meanwhile(rig):
     m = await rig.mount()
     f = await m.open(ino, write=False)
     assert await m.read(f, 0, 256 * BS) == bytes([70]) * (256 * BS)
+
+
+async def test_fallocate_growing_over_preallocation_leaves_no_stale_delalloc(rig):
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"x" * 5000)              # extending: speculative delalloc past EOF
+    assert m.ops.prealloc_start(ino) is not None
+    await m.fallocate(ino, 0, 0, 40 * BS)          # the new EOF covers the preallocation
+    check_invariants(m)
+    assert ExtState.DELALLOC not in states(m, ino, 2, 38)
+    await m.fsync(f)
+    await m.release(f)
+    check_invariants(m)
+    await rig.unmount()
+    await rig.fsck()
