@@ -404,8 +404,7 @@ def run_verify(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="holetest.py", description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Sizing modes:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="holetest.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", metavar="PATH", help="the test file (created or truncated)")
     ap.add_argument("-F", dest="fork", action="store_true", help="workers are processes, not threads")
     ap.add_argument("-w", dest="pwrite", action="store_true", help="the second worker writes with pwrite(2)")
