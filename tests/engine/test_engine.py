@@ -336,3 +336,79 @@ async def test_fallocate_growing_over_preallocation_leaves_no_stale_delalloc(rig
     check_invariants(m)
     await rig.unmount()
     await rig.fsck()
+
+
+async def test_enospc_concurrent_writers_faults_and_extender(rig):
+    """Two random 4 KiB writers into sparse files, a page_mkwrite driver and
+    an extending writer fill the filesystem together: ENOSPC comes only at
+    write or fault time, never in writeback, and deleting everything gives
+    back exactly the free space mkfs reported, before and after reopening."""
+    import random
+    m = await rig.mount(format=True, size=12 << 20)
+    initial = m.fs.statfs()["bfree"]
+    enospc = {}
+
+    async def random_writer(name, seed):
+        rng = random.Random(seed)
+        ino = await new_file(m, name)
+        f = await m.open(ino, write=True)
+        try:
+            for _ in range(4000):
+                await m.write(f, rng.randrange(0, 8 << 20) & ~(BS - 1), rng.randbytes(BS))
+        except FsError as e:
+            enospc[name] = e.errno
+        return f
+
+    async def extender():
+        ino = await new_file(m, b"ext")
+        f = await m.open(ino, write=True)
+        try:
+            for _ in range(4000):
+                await m.write(f, 0, b"e" * (16 * BS), append=True)
+        except FsError as e:
+            enospc[b"ext"] = e.errno
+        return f
+
+    async def faulter():
+        ino = await new_file(m, b"mm", size=8 << 20)
+        rng = random.Random(7)
+        try:
+            for _ in range(4000):
+                await m.mmap_write(ino, rng.randrange(0, 2048) * BS, b"m" * 64)
+        except FsError as e:
+            enospc[b"mm"] = e.errno
+
+    files = []
+
+    async def run(fn, *args):
+        f = await fn(*args)
+        if f is not None:
+            files.append(f)
+    async with trio.open_nursery() as n:
+        n.start_soon(run, random_writer, b"r1", 1)
+        n.start_soon(run, random_writer, b"r2", 2)
+        n.start_soon(run, extender)
+        n.start_soon(run, faulter)
+    assert enospc and set(enospc.values()) == {errno.ENOSPC}, enospc
+    check_invariants(m)
+    for f in files:
+        await m.fsync(f)
+    await m.syncfs()
+    assert m.ops.stats["writeback_errors"] == 0
+    check_invariants(m)
+    for f in files:
+        await m.release(f)
+    for name in (b"r1", b"r2", b"ext", b"mm"):
+        inode = await m.fs.lookup(ROOT, name)
+        vi = m.inodes.pop(inode.ino, None)
+        if vi is not None:
+            async with vi.mapping.invalidate_lock.exclusive():
+                await vi.mapping.truncate_range(0, None)
+        await m.fs.unlink(ROOT, name)
+    await m.fs.sync()
+    assert m.fs.statfs()["bfree"] == initial
+    await rig.unmount()
+    m = await rig.mount()
+    assert m.fs.statfs()["bfree"] == initial
+    await rig.unmount()
+    await rig.fsck()
