@@ -27,11 +27,11 @@ import json
 import logging
 import os
 import stat
-import struct
 
 import pyfuse3
 import trio
 
+from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_entries, acl_mode
 from .errors import CorruptionError, DelafsError, FsError
 from .extent_map import ExtState
 from .items import Inode
@@ -45,54 +45,6 @@ CONTROL_INO = 2**63 - 2          # never allocated: inode numbers grow from 2
 ENTRY_TIMEOUT = 300.0            # we are the only writer of the image
 ATTR_TIMEOUT = 300.0
 
-# POSIX ACLs.  Whether or not FUSE_POSIX_ACL is negotiated (-o acl), the
-# kernel hands system.posix_acl_* to the daemon as xattrs and leaves keeping
-# the mode and the access ACL in step to it (fs/fuse/acl.c: "Fuse userspace
-# is responsible for updating access permissions in the inode").  So, as
-# posix_acl_update_mode() and posix_acl_chmod() do in a disk filesystem:
-# setting an access ACL sets the permission bits, an ACL the mode says
-# entirely is not stored, and chmod rewrites a stored one.  (Default ACLs
-# are stored but not inherited by new files.)
-ACL_ACCESS = b"system.posix_acl_access"
-ACL_DEFAULT = b"system.posix_acl_default"
-_ACL_VERSION = 2
-_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
-
-
-def _acl_entries(value: bytes) -> list[list[int]]:
-    if len(value) < 4 or (len(value) - 4) % 8 or struct.unpack_from("<I", value)[0] != _ACL_VERSION:
-        raise FsError(errno.EINVAL, "malformed POSIX ACL")
-    ents = [list(struct.unpack_from("<HHI", value, off)) for off in range(4, len(value), 8)]
-    tags = [t for t, _, _ in ents]
-    if any(t not in (_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER)
-           for t in tags) or any(tags.count(t) != 1 for t in (_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER)):
-        raise FsError(errno.EINVAL, "malformed POSIX ACL")
-    return ents
-
-
-def _acl_mode(value: bytes) -> tuple[int, bool]:
-    """posix_acl_equiv_mode(): the permission bits an access ACL implies (the
-    group bits are the mask's when there is one) and whether the ACL says
-    nothing more than those bits do."""
-    perm = {t: p & 7 for t, p, _ in _acl_entries(value)}
-    group = perm.get(_ACL_MASK, perm[_ACL_GROUP_OBJ])
-    equiv = not any(t in perm for t in (_ACL_USER, _ACL_GROUP, _ACL_MASK))
-    return perm[_ACL_USER_OBJ] << 6 | group << 3 | perm[_ACL_OTHER], equiv
-
-
-def _acl_chmod(value: bytes, mode: int) -> bytes:
-    """posix_acl_chmod(): the owner, mask (or owning group) and other entries
-    take the new permission bits."""
-    ents = _acl_entries(value)
-    has_mask = any(t == _ACL_MASK for t, _, _ in ents)
-    for e in ents:
-        if e[0] == _ACL_USER_OBJ:
-            e[1] = (mode >> 6) & 7
-        elif e[0] == (_ACL_MASK if has_mask else _ACL_GROUP_OBJ):
-            e[1] = (mode >> 3) & 7
-        elif e[0] == _ACL_OTHER:
-            e[1] = mode & 7
-    return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in ents)
 
 
 def _reply(fn):
@@ -292,7 +244,7 @@ class Operations(pyfuse3.Operations):
             if e.errno == errno.ENODATA:
                 return
             raise
-        await self.fs.setxattr(ino, ACL_ACCESS, _acl_chmod(acl, mode))
+        await self.fs.setxattr(ino, ACL_ACCESS, acl_chmod(acl, mode))
 
     @_reply
     async def access(self, inode, mode, ctx):
@@ -484,11 +436,11 @@ class Operations(pyfuse3.Operations):
     @_reply
     async def setxattr(self, inode, name, value, ctx):
         if name == ACL_DEFAULT:
-            _acl_entries(value)
+            acl_entries(value)
             if not (await self.fs.getattr(inode)).is_dir:
                 raise FsError(errno.EACCES, "default ACLs belong to directories")
         if name == ACL_ACCESS:
-            bits, equiv = _acl_mode(value)
+            bits, equiv = acl_mode(value)
             old = await self.fs.getattr(inode)
             await self.fs.setattr(inode, mode=(old.mode & ~0o777) | bits)
             if equiv:
