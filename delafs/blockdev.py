@@ -217,6 +217,24 @@ class Recorder:
         self.events.clear()
 
 
+def _prepare_write(dev, blk: int, bufs) -> tuple[list[memoryview], int, int]:
+    """The checks every device makes before a write, in order: read-only,
+    whole blocks per buffer, bounds, injected faults.  Returns the buffers
+    as byte views, their total size and the block count."""
+    if dev.readonly:
+        raise FsError(errno.EROFS, f"image {dev.path} is open read-only")
+    views = [memoryview(b).cast("B") for b in bufs]
+    for v in views:
+        if len(v) % BLOCK_SIZE:
+            raise ValueError(f"write buffer of {len(v)} bytes is not a multiple of {BLOCK_SIZE}")
+    nbytes = sum(len(v) for v in views)
+    count = nbytes // BLOCK_SIZE
+    dev._check_range("write", blk, count)
+    if dev.faults:
+        dev.faults.check("write", blk, count)
+    return views, nbytes, count
+
+
 class BlockDevice:
     """An open image: block-addressed I/O on a file, loop or block device.
 
@@ -365,17 +383,7 @@ class BlockDevice:
         Each buffer must be a whole number of blocks, so a caller can hand in
         folio-sized pieces without gluing them together.
         """
-        if self.readonly:
-            raise FsError(errno.EROFS, f"image {self.path} is open read-only")
-        views = [memoryview(b).cast("B") for b in bufs]
-        for v in views:
-            if len(v) % BLOCK_SIZE:
-                raise ValueError(f"write buffer of {len(v)} bytes is not a multiple of {BLOCK_SIZE}")
-        nbytes = sum(len(v) for v in views)
-        count = nbytes // BLOCK_SIZE
-        self._check_range("write", blk, count)
-        if self.faults:
-            self.faults.check("write", blk, count)
+        views, nbytes, count = _prepare_write(self, blk, bufs)
         if count == 0:
             return
         try:
@@ -686,17 +694,7 @@ class MemoryDevice:
 
     def write_sync(self, blk: int, bufs: Sequence[Buffer]) -> None:
         self._check_open("write")
-        if self.readonly:
-            raise FsError(errno.EROFS, f"image {self.path} is open read-only")
-        views = [memoryview(b).cast("B") for b in bufs]
-        for v in views:
-            if len(v) % BLOCK_SIZE:
-                raise ValueError(f"write buffer of {len(v)} bytes is not a multiple of {BLOCK_SIZE}")
-        nbytes = sum(len(v) for v in views)
-        count = nbytes // BLOCK_SIZE
-        self._check_range("write", blk, count)
-        if self.faults:
-            self.faults.check("write", blk, count)
+        views, nbytes, count = _prepare_write(self, blk, bufs)
         if count == 0:
             return
         off = blk * BLOCK_SIZE
