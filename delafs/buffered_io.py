@@ -387,11 +387,19 @@ class Engine:
                     await self.read_folio(inode, folio)
                 folio.mark_dirty(0, nblocks)
             except BaseException:
-                folio.unlock()
+                try:
+                    await self._page_mkwrite_failed(inode, folio, end)
+                finally:
+                    folio.unlock()
                 raise
             if TRACE.on:
                 TRACE.emit("iomap_page_mkwrite", ino=inode.ino, pos=folio.pos, length=end - folio.pos)
             return folio
+
+    async def _page_mkwrite_failed(self, inode: VInode, folio, end: int) -> None:
+        """A failed write fault has nothing to clean up: its reservation was
+        all or nothing, and punching here would remove delalloc that other
+        writers' dirty data in the folio still needs (seed 001)."""
 
     # ==================================================================
     # Reads

@@ -258,10 +258,7 @@ class FsIomapOps:
                 elif ext.state == ExtState.HOLE:
                     raise FsError(errno.EIO, f"inode {inode.ino}: dirty block {fblock} has no mapping")
             except BaseException:
-                # Discard the folio's delalloc under the folio lock alone: no
-                # transaction, so it works even at ENOSPC (xfs_discard_folio).
-                self._punch_locked(inode.ino, folio.pos, folio.end - folio.pos)
-                self.stats["discards"] += 1
+                self.discard_folio(inode.ino, folio)
                 self.stats["writeback_errors"] += 1
                 raise
         n = min(length, (ext.end << BLOCK_SHIFT) - pos)
@@ -271,6 +268,13 @@ class FsIomapOps:
         if TRACE.on:
             TRACE.emit("iomap_writeback_range", ino=inode.ino, pos=pos, length=n, type=typ.name)
         return n
+
+    def discard_folio(self, ino: int, folio) -> None:
+        """xfs_discard_folio: drop the folio's delalloc after writeback
+        failed to map it, under the folio lock alone (meta_lock is held by
+        the caller): no transaction, so it works even at ENOSPC."""
+        self._punch_locked(ino, folio.pos, folio.end - folio.pos)
+        self.stats["discards"] += 1
 
     async def _convert_delalloc(self, inode: VInode, emap, fblock: int, end_pos: int) -> Extent:
         """Allocate real blocks for the delalloc extent at ``fblock`` (as much

@@ -129,8 +129,8 @@ from .errors import FsError
 from .errortag import ErrorTags
 from .extent_map import ExtState
 from .fs import Filesystem
-from .fs_iomap import FsIomapOps, _TYPES
-from .iomap import IOMAP_FAULT, IOMAP_WRITE, POINTS
+from .fs_iomap import FsIomapOps
+from .iomap import POINTS
 from .locks import RWSemaphore
 from .mount import Mount
 from .ondisk import BLOCK_SHIFT, BLOCK_SIZE, ROOT_INO
@@ -648,38 +648,10 @@ async def _m_release_noclamp(self: Engine, inode, start: int, end: int) -> None:
     await _release_body(self, inode, start, end, clamp=False)
 
 
-async def _m_page_mkwrite_punches(self: Engine, inode, block: int):
-    mapping = inode.mapping
-    self.stats["page_mkwrites"] += 1
-    async with mapping.invalidate_lock.shared():
-        folio = await mapping.get_folio(block, create=False)
-        if folio is None or folio.pos >= inode.size:
-            if folio is not None:
-                folio.unlock()
-            raise FsError(errno.EFAULT, "page fault beyond EOF or on an uncached page (SIGBUS)")
-        await POINTS.hit("page_mkwrite_locked")
-        end = min(folio.end, round_up(inode.size))
-        pos = folio.pos
-        try:
-            while pos < end:
-                iomap = await self.ops.iomap_begin(inode, pos, end - pos, IOMAP_WRITE | IOMAP_FAULT)
-                pos = min(iomap.end, end)
-            nblocks = (end - folio.pos) >> BLOCK_SHIFT
-            if not folio.is_uptodate(0, nblocks):
-                await self.read_folio(inode, folio)
-            folio.mark_dirty(0, nblocks)
-        except FsError:
-            # MUTANT: the old iomap_end error path of the fault punched the
-            # range it was mapping, delalloc that others' dirty data needs.
-            try:
-                await self.ops.punch(inode, folio.pos, end - folio.pos)
-            finally:
-                folio.unlock()
-            raise
-        except BaseException:
-            folio.unlock()
-            raise
-        return folio
+async def _m_page_mkwrite_failed_punches(self: Engine, inode, folio, end: int) -> None:
+    # MUTANT: the old iomap_end error path of the fault punched the range it
+    # was mapping, delalloc that others' dirty data needs.
+    await self.ops.punch(inode, folio.pos, end - folio.pos)
 
 
 def _m_punch_locked_unwritten(self: FsIomapOps, ino: int, pos: int, length: int) -> int:
@@ -702,31 +674,8 @@ def _m_iomap_valid_always(self: FsIomapOps, inode, iomap) -> bool:
     return True                          # MUTANT: no validity cookie check
 
 
-async def _m_writeback_range_nodiscard(self: FsIomapOps, wpc, folio, pos: int, length: int,
-                                       end_pos: int) -> int:
-    fs = self.fs
-    inode = wpc.inode
-    self.stats["writeback_ranges"] += 1
-    async with fs.meta_lock:
-        try:
-            fs._check_alive()
-            emap = await fs.extent_map(inode.ino)
-            fblock = pos >> BLOCK_SHIFT
-            ext = emap.lookup(fblock, limit=(length + BS - 1) >> BLOCK_SHIFT)
-            if ext.state == ExtState.DELALLOC:
-                if self.errortags.fires("alloc_enospc"):
-                    raise FsError(errno.ENOSPC, "injected allocation failure in writeback")
-                ext = await self._convert_delalloc(inode, emap, fblock, end_pos)
-            elif ext.state == ExtState.HOLE:
-                raise FsError(errno.EIO, f"inode {inode.ino}: dirty block {fblock} has no mapping")
-        except BaseException:
-            # MUTANT: no discard of the folio's delalloc.
-            self.stats["writeback_errors"] += 1
-            raise
-    n = min(length, (ext.end << BLOCK_SHIFT) - pos)
-    addr = (ext.pblock << BLOCK_SHIFT) + (pos - (ext.fblock << BLOCK_SHIFT))
-    self._add_to_ioend(wpc, folio, pos, n, addr, _TYPES[ext.state])
-    return n
+def _m_discard_folio_noop(self: FsIomapOps, ino: int, folio) -> None:
+    pass                                 # MUTANT: no discard of the folio's delalloc
 
 
 async def _m_delalloc_scan_per_folio(self: Engine, inode, punch_start: int, start: int,
@@ -755,10 +704,10 @@ async def _m_delalloc_scan_per_folio(self: Engine, inode, punch_start: int, star
 _MUTANT_PATCHES = {
     "no_invalidate_lock": [(Engine, "punch_delalloc", _m_punch_delalloc_nolock)],
     "no_eof_clamp": [(Engine, "delalloc_release", _m_release_noclamp)],
-    "mkwrite_punches": [(Engine, "iomap_page_mkwrite", _m_page_mkwrite_punches)],
+    "mkwrite_punches": [(Engine, "_page_mkwrite_failed", _m_page_mkwrite_failed_punches)],
     "punch_unwritten": [(FsIomapOps, "_punch_locked", _m_punch_locked_unwritten)],
     "no_cookie_check": [(FsIomapOps, "iomap_valid", _m_iomap_valid_always)],
-    "no_writeback_discard": [(FsIomapOps, "writeback_range", _m_writeback_range_nodiscard)],
+    "no_writeback_discard": [(FsIomapOps, "discard_folio", _m_discard_folio_noop)],
     "per_folio_punch": [(Engine, "_delalloc_scan", _m_delalloc_scan_per_folio)],
 }
 assert set(_MUTANT_PATCHES) == set(MUTANTS)
