@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+from dataclasses import dataclass
 from typing import Iterator
 
 from .blockdev import BLOCK_SIZE, BlockDevice
@@ -188,46 +189,36 @@ def _apply_torn(dev: BlockDevice, ev: tuple, rng: random.Random) -> None:
         dev.write_sync(blk + whole, [data[start : start + cut] + old[cut:]])
 
 
-def crash_images(
-    base_path: str,
-    events: list,
-    workdir: str,
-    *,
-    rng: random.Random,
-    variants_per_point: int = 2,
-) -> Iterator[tuple[str, str]]:
-    """Yield ``(label, image_path)`` for a crash matrix over ``events``.
+@dataclass
+class Cut:
+    """One crash image of a matrix: the first ``upto`` recorded events,
+    with ``opts`` for :func:`build_image` and the seed of its RNG."""
+    upto: int
+    label: str
+    opts: dict
+    seed: int = 0
 
-    For every flush point (see :func:`flush_points`) there is the clean cut
-    there, then ``variants_per_point`` images that crash part-way through the
-    window up to the next flush, each with a random mix of reordering,
-    dropping and tearing.  A label such as
-    ``"flush#3+5ev reorder tear (seed 17)"`` reads: the durable state after
-    the third flush, plus a crash 5 events into the following window; calling
-    :func:`build_image` with the same cut, options and ``random.Random(17)``
-    rebuilds the image.
 
-    Images are written to distinct files in ``workdir`` and left there; the
-    caller owns the directory.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    points = flush_points(events)
+def crash_cuts(events: list, rng: random.Random, *, variants_per_point: int = 2,
+               points: list[int] | None = None) -> list[Cut]:
+    """Plan a crash matrix over ``events``: the clean cut at every flush
+    point (or at each of ``points``), then ``variants_per_point`` cuts
+    part-way through the window up to the next flush, each with a random mix
+    of reordering, dropping and tearing.
+
+    A label such as ``"flush#3+5ev reorder tear (seed 17)"`` reads: the
+    durable state after the third flush, plus a crash 5 events into the
+    following window; :func:`build_image` with the same cut, options and
+    ``random.Random(17)`` rebuilds the image."""
+    if points is None:
+        points = flush_points(events)
     flush_index = [i for i, ev in enumerate(events) if ev[0] == "flush"]
-    serial = 0
-
-    def dest() -> str:
-        nonlocal serial
-        serial += 1
-        return os.path.join(workdir, f"crash-{serial:05d}.img")
-
+    cuts = []
     for nflushed, point in enumerate(points):
         # Every point but possibly the last follows a flush (or is the start).
         after_flush = point == 0 or events[point - 1][0] == "flush"
         label = f"flush#{nflushed}" if after_flush else "end"
-        path = dest()
-        build_image(base_path, events, path, upto=point)
-        yield label, path
-
+        cuts.append(Cut(point, label, {}))
         # The window runs from this point to the next flush (excluded).
         window_end = next((i for i in flush_index if i >= point), len(events))
         if window_end == point:
@@ -240,9 +231,30 @@ def crash_images(
                 "drop_after_last_flush": rng.choice((0.0, 0.25, 0.5)),
                 "tear": rng.random() < 0.5,
             }
-            path = dest()
-            build_image(base_path, events, path, upto=upto, rng=random.Random(seed), **opts)
-            yield f"{label}+{upto - point}ev{_describe(opts)} (seed {seed})", path
+            cuts.append(Cut(upto, f"{label}+{upto - point}ev{_describe(opts)} (seed {seed})",
+                            opts, seed))
+    return cuts
+
+
+def crash_images(
+    base_path: str,
+    events: list,
+    workdir: str,
+    *,
+    rng: random.Random,
+    variants_per_point: int = 2,
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(label, image_path)`` for the matrix of :func:`crash_cuts`.
+
+    Images are written to distinct files in ``workdir`` and left there; the
+    caller owns the directory.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    for serial, cut in enumerate(crash_cuts(events, rng, variants_per_point=variants_per_point), 1):
+        path = os.path.join(workdir, f"crash-{serial:05d}.img")
+        extra = {"rng": random.Random(cut.seed)} if cut.opts else {}
+        build_image(base_path, events, path, upto=cut.upto, **cut.opts, **extra)
+        yield cut.label, path
 
 
 def _describe(opts: dict) -> str:

@@ -12,8 +12,8 @@
   and returns a :class:`Trace`: every state that became durable, with the
   position in the event stream where its commit started and where its
   journal flush completed, plus every in-place data version written after it.
-* :func:`crash_cuts` lists the crash matrix of a stream (the cuts of
-  :func:`delafs.crashsim.crash_images`, keeping each cut's prefix length).
+* :func:`delafs.crashsim.crash_cuts` (re-exported here) lists the crash
+  matrix of a stream, keeping each cut's prefix length.
 * :func:`verify_crash_image` runs fsck -n on a crash image, mounts it
   read-only (in-memory replay) and read-write (recovery), checks that both
   see the same tree and that it is a committed state allowed at that cut,
@@ -45,7 +45,7 @@ import trio
 
 from delafs import ondisk
 from delafs.blockdev import BLOCK_SIZE, BlockDevice, Recorder
-from delafs.crashsim import build_image, flush_points
+from delafs.crashsim import Cut, build_image, crash_cuts, flush_points  # noqa: F401 (re-exported)
 from delafs.errors import FsError
 from delafs.fs import Filesystem
 from delafs.fsck import check
@@ -813,38 +813,6 @@ async def verify_crash_image(path: str, trace: Trace, upto: int, label: str,
     return j
 
 
-@dataclass
-class Cut:
-    upto: int
-    label: str
-    opts: dict
-    seed: int
-
-
-def crash_cuts(events: list, rng: random.Random, *, variants_per_point: int = 2,
-               points: list[int] | None = None) -> list[Cut]:
-    """The crash matrix of :func:`delafs.crashsim.crash_images`, as a list of
-    cuts (so the checker knows each image's prefix length): the clean cut at
-    every flush point, then ``variants_per_point`` cuts inside the window up
-    to the next flush with a random mix of reorder, drop and tear."""
-    points = flush_points(events) if points is None else points
-    flush_index = [i for i, ev in enumerate(events) if ev[0] == "flush"]
-    cuts = []
-    for n, point in enumerate(points):
-        cuts.append(Cut(point, f"flush point {n} (event {point})", {}, 0))
-        window_end = next((i for i in flush_index if i >= point), len(events))
-        if window_end == point:
-            continue
-        for _ in range(variants_per_point):
-            upto = rng.randint(point + 1, window_end)
-            seed = rng.randrange(2**32)
-            opts = {
-                "reorder": rng.random() < 0.5,
-                "drop_after_last_flush": rng.choice((0.0, 0.25, 0.5)),
-                "tear": rng.random() < 0.5,
-            }
-            cuts.append(Cut(upto, f"flush point {n} +{upto - point}ev {opts} (seed {seed})", opts, seed))
-    return cuts
 
 
 def build_cut(base: str, events: list, dest: str, cut: Cut) -> None:
