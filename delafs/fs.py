@@ -552,14 +552,17 @@ class Filesystem:
         if not self.open_counts.get(inode.ino):
             await self._destroy(inode)
 
+    async def _lookup_entry(self, dir_ino: int, name: bytes) -> tuple[Inode, tuple, Inode]:
+        """(directory, entry key, inode) of an existing name."""
+        d = await self._dir(dir_ino)
+        found = await self._find(dir_ino, name)
+        if found is None:
+            raise FsError(errno.ENOENT)
+        return d, found[0], await self._iget(found[1])
+
     async def unlink(self, dir_ino: int, name: bytes) -> None:
         async with self._op(items=1, pool=True):
-            d = await self._dir(dir_ino)
-            found = await self._find(dir_ino, name)
-            if found is None:
-                raise FsError(errno.ENOENT)
-            key, ino, _ = found
-            inode = await self._iget(ino)
+            d, key, inode = await self._lookup_entry(dir_ino, name)
             if inode.is_dir:
                 raise FsError(errno.EISDIR, f"{name!r} is a directory")
             await self._remove_entry(d, key)
@@ -568,12 +571,7 @@ class Filesystem:
 
     async def rmdir(self, dir_ino: int, name: bytes) -> None:
         async with self._op(items=1, pool=True):
-            d = await self._dir(dir_ino)
-            found = await self._find(dir_ino, name)
-            if found is None:
-                raise FsError(errno.ENOENT)
-            key, ino, _ = found
-            inode = await self._iget(ino)
+            d, key, inode = await self._lookup_entry(dir_ino, name)
             if not inode.is_dir:
                 raise FsError(errno.ENOTDIR, f"{name!r} is not a directory")
             if inode.size:
