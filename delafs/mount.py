@@ -147,6 +147,7 @@ class Mount:
         one that records when its bytes land in the page cache)."""
         if not f.writable:
             raise FsError(errno.EBADF, "file not open for writing")
+        await self.errortags.delay("delay_write")
         for attempt in (0, 1):
             try:
                 async with f.inode.i_rwsem.exclusive():
