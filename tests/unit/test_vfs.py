@@ -1,0 +1,77 @@
+"""The FUSE adapter's replies, driven in-process (no kernel involved): the
+attributes it hands the kernel for lookups the kernel rarely sends, and
+its answers to values the filesystem cannot store."""
+
+import errno
+import stat
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+
+from delafs.blockdev import BlockDevice
+from delafs.fs import Filesystem
+from delafs.mount import Mount
+from delafs.ondisk import ROOT_INO
+from delafs.vfs import Operations
+
+
+@pytest.fixture
+async def ops(tmp_path, nursery):
+    path = str(tmp_path / "vfs.img")
+    BlockDevice.create_file(path, 32 << 20)
+    dev = BlockDevice.open(path)
+    await Filesystem.format(dev)
+    m = Mount(await Filesystem.open(dev))
+    await m.start(nursery)
+    yield Operations(m)
+    m.cache.stop()
+    dev.close()
+
+
+CTX = SimpleNamespace(uid=0, gid=0, pid=0, umask=0o022)
+
+
+async def test_lookups_that_reach_the_root_report_generation_zero(ops):
+    """The kernel insists that the root's generation is 0 ("fuse: root
+    generation should be zero"); a lookup of "." in the root or of ".."
+    in a top-level directory (NFS export, open_by_handle_at) returns the
+    root's attributes."""
+    sub = await ops.mkdir(ROOT_INO, b"sub", 0o755, CTX)
+    assert sub.generation != 0
+    dot = await ops.lookup(ROOT_INO, b".", CTX)
+    dotdot = await ops.lookup(sub.st_ino, b"..", CTX)
+    root = await ops.getattr(ROOT_INO, CTX)
+    assert (dot.st_ino, dotdot.st_ino) == (ROOT_INO, ROOT_INO)
+    assert (dot.generation, dotdot.generation, root.generation) == (0, 0, 0)
+
+
+async def test_out_of_range_times_are_clamped_and_change_nothing_else(ops):
+    e = await ops.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, CTX)
+    ino = e[1].st_ino
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mtime_ns = 17_000_000_000 * 10**9          # year 2508
+    attr.st_atime_ns = -2**70
+    fields = SimpleNamespace(update_size=False, update_mode=False, update_uid=False,
+                             update_gid=False, update_atime=True, update_mtime=True,
+                             update_ctime=False)
+    got = await ops.setattr(ino, attr, fields, None, CTX)
+    assert got.st_mtime_ns == 2**63 - 1
+    assert got.st_atime_ns == -2**63
+    assert not ops.fs.shutdown
+    again = await ops.getattr(ino, CTX)
+    assert (again.st_mtime_ns, again.st_atime_ns) == (2**63 - 1, -2**63)
+
+
+async def test_link_count_limit_is_emlink_not_a_shutdown(ops, monkeypatch):
+    import delafs.fs as fsmod
+    e = await ops.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, CTX)
+    ino = e[1].st_ino
+    monkeypatch.setattr(fsmod, "LINK_MAX", 3, raising=False)
+    await ops.link(ino, ROOT_INO, b"g", CTX)
+    await ops.link(ino, ROOT_INO, b"h", CTX)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.link(ino, ROOT_INO, b"i", CTX)
+    assert exc.value.errno == errno.EMLINK
+    assert not ops.fs.shutdown
+    assert (await ops.getattr(ino, CTX)).st_nlink == 3
