@@ -113,7 +113,8 @@ class Daemon:
             tags.set(tag, val)
         kw = {k: self.opts[k] for k in ("cache_size", "dirty_limit", "dirty_expire",
                                         "writeback_interval", "commit_interval") if k in self.opts}
-        self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags, **kw)
+        self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags,
+                       writeback_cache=bool(self.opts.get("writeback_cache")), **kw)
         timeouts = {k: self.opts[k] for k in ("entry_timeout", "attr_timeout") if k in self.opts}
         self.ops = Operations(self.m, control=self.control, **timeouts)
         self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))

@@ -36,7 +36,7 @@ from . import log as journal_log
 from .btree import BTree, Node, worst_case_nodes, MAX_VALUE
 from .errors import CorruptionError, DelafsError, FsError, NotDelafsError, enospc
 from .extent_map import Extent, ExtentMap, ExtState
-from .items import (COLLISION_SLOTS, EXT_UNWRITTEN, EXT_WRITTEN, MAX_EXTENT_LEN,
+from .items import (NLINK_MAX, clamp_time, COLLISION_SLOTS, EXT_UNWRITTEN, EXT_WRITTEN, MAX_EXTENT_LEN,
                     ORPHAN_OID, SYMLINK_INLINE_MAX, SYMLINK_MAX, T_DIRENT,
                     T_EXTENT, T_INODE, T_ORPHAN, T_SYMLINK, T_XATTR,
                     XATTR_INLINE_MAX, XATTR_VALUE_MAX, Inode, OutOfLine,
@@ -59,6 +59,11 @@ _STATE_TO_DISK = {ExtState.UNWRITTEN: EXT_UNWRITTEN, ExtState.WRITTEN: EXT_WRITT
 _DISK_TO_STATE = {EXT_UNWRITTEN: ExtState.UNWRITTEN, EXT_WRITTEN: ExtState.WRITTEN}
 _INODE_ITEM = len(Inode(0, 0).encode())
 _EXTENT_ITEM = 13
+
+# Most names an inode may have (and subdirectories plus two a directory
+# may count): the on-disk field's range.  Past it link(2), mkdir(2) and
+# rename(2) fail with EMLINK before changing anything.
+LINK_MAX = NLINK_MAX
 
 
 class FsInfoBlock(FsInfo):
@@ -84,6 +89,24 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _check_xattr(name: bytes, value: bytes) -> None:
+    if not name or len(name) > 255:
+        raise FsError(errno.ERANGE, "xattr name must be 1..255 bytes")
+    if len(value) > XATTR_VALUE_MAX:
+        raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes (max {XATTR_VALUE_MAX})")
+
+
+def _xattr_blocks(value: bytes) -> int:
+    """Blocks a value stored out of line takes (0: it fits in its item)."""
+    return 0 if len(value) <= XATTR_INLINE_MAX else -(-len(value) // BLOCK_SIZE)
+
+
+def _check_nlink(inode: Inode) -> None:
+    """``inode`` is about to gain a link (a name, or a subdirectory's "..")."""
+    if inode.nlink >= LINK_MAX:
+        raise FsError(errno.EMLINK, f"inode {inode.ino} has {inode.nlink} links, the most it may have")
+
+
 def check_name(name: bytes) -> None:
     if not name or name in (b".", b".."):
         raise FsError(errno.EINVAL, f"invalid name {name!r}")
@@ -103,7 +126,10 @@ class Filesystem:
       store      MetaStore: metadata cache + running transaction
       tree       the btree of all items
       space      allocator + bitmap
-      inodes     LRU cache ino -> Inode (write-through: the tree is always current)
+      inodes     LRU cache ino -> Inode, written through to the tree, except
+                 for the times write(2) stamps (see file_update_time)
+      dirty_times  inos whose cached Inode has times not yet in the tree;
+                 pinned in the cache, written by the next commit
       emaps      ino -> ExtentMap, loaded on first use of a file's mapping
       open_counts ino -> references held by open files (orphan handling)
       shutdown   set after a failure left a half-done change: every later
@@ -123,6 +149,7 @@ class Filesystem:
         info.store = store
         self.inodes: OrderedDict[int, Inode] = OrderedDict()
         self.inode_cache_size = 65536
+        self.dirty_times: set[int] = set()
         self.emaps: dict[int, ExtentMap] = {}
         self.open_counts: dict[int, int] = {}
         self.shutdown: str | None = None
@@ -248,6 +275,7 @@ class Filesystem:
     async def commit(self) -> int:
         """Make every completed operation durable (the journal's fsync)."""
         self._check_alive()
+        await self._write_dirty_times()
         try:
             seq = await self.store.commit()
         except BaseException:
@@ -259,6 +287,7 @@ class Filesystem:
     async def sync(self) -> None:
         """Commit and checkpoint: everything home, the log empty."""
         self._check_alive()
+        await self._write_dirty_times()
         try:
             await self.store.checkpoint()
         except BaseException:
@@ -366,13 +395,51 @@ class Filesystem:
 
     async def _iwrite(self, inode: Inode) -> None:
         await self.tree.update((inode.ino, T_INODE, 0), inode.encode())
+        self.dirty_times.discard(inode.ino)
 
     def _evict_inodes(self) -> None:
-        while len(self.inodes) > self.inode_cache_size:
-            ino, _ = self.inodes.popitem(last=False)
+        excess = len(self.inodes) - self.inode_cache_size
+        if excess <= 0:
+            return
+        # Oldest first; an inode whose times are not in the tree yet stays.
+        victims = [ino for ino in self.inodes if ino not in self.dirty_times][:excess]
+        for ino in victims:
+            del self.inodes[ino]
             emap = self.emaps.get(ino)
             if emap is not None and emap.count_state(ExtState.DELALLOC) == 0:
                 del self.emaps[ino]
+
+    async def file_update_time(self, ino: int) -> None:
+        """Stamp mtime and ctime of a file being written (the VFS's
+        file_update_time, called by write(2) and page_mkwrite).
+
+        This is on the path of every write, so it costs one dict lookup: the
+        cached inode changes at once (getattr sees it) and the tree gets it
+        at the next commit -- the periodic one, fsync's, or unmount's -- as
+        the kernel writes an I_DIRTY_SYNC inode back later rather than
+        logging each stamp."""
+        inode = self.inodes.get(ino)
+        if inode is None:
+            await self.getattr(ino)             # loads it into the cache
+            inode = self.inodes[ino]
+        self._check_alive()
+        inode.mtime = inode.ctime = _now()
+        self.dirty_times.add(ino)
+
+    def has_changes(self) -> bool:
+        """Anything a commit would write."""
+        return bool(self.dirty_times) or self.store.has_changes()
+
+    async def _write_dirty_times(self) -> None:
+        if not self.dirty_times or self.readonly:
+            return
+        async with self._op():
+            for ino in list(self.dirty_times):
+                inode = self.inodes.get(ino)
+                if inode is None:               # destroyed since
+                    self.dirty_times.discard(ino)
+                    continue
+                await self._iwrite(inode)
 
     async def _new_inode(self, mode: int, uid: int, gid: int, *, rdev: int = 0,
                          parent: int = 0) -> Inode:
@@ -407,11 +474,13 @@ class Filesystem:
                 inode.uid = uid
             if gid is not None:
                 inode.gid = gid
+            # Times outside the on-disk range are clamped (items.clamp_time)
+            # before anything changes; the reply shows what was stored.
             if atime is not None:
-                inode.atime = atime
+                inode.atime = clamp_time(atime)
             if mtime is not None:
-                inode.mtime = mtime
-            inode.ctime = ctime if ctime is not None else _now()
+                inode.mtime = clamp_time(mtime)
+            inode.ctime = clamp_time(ctime) if ctime is not None else _now()
             await self._iwrite(inode)
             return inode.copy()
 
@@ -465,25 +534,38 @@ class Filesystem:
         return d
 
     async def create(self, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0,
-                     rdev: int = 0) -> Inode:
-        """Create a regular file, fifo, socket or device node."""
+                     rdev: int = 0, xattrs: dict[bytes, bytes] | None = None) -> Inode:
+        """Create a regular file, fifo, socket or device node, with
+        ``xattrs`` (inherited ACLs) in the same transaction."""
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise FsError(errno.EINVAL, "use mkdir/symlink")
         if not stat.S_IFMT(mode):
             mode |= stat.S_IFREG
-        async with self._op(items=2):
-            d = await self._check_new_name(dir_ino, name)
-            inode = await self._new_inode(mode, uid, gid, rdev=rdev)
-            await self._add_entry(d, name, inode)
-            await self._iwrite(d)
-            return inode.copy()
+        return await self._create(dir_ino, name, mode, uid, gid, rdev=rdev, xattrs=xattrs)
 
-    async def mkdir(self, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Inode:
-        async with self._op(items=2):
+    async def mkdir(self, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0,
+                    xattrs: dict[bytes, bytes] | None = None) -> Inode:
+        return await self._create(dir_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid,
+                                  xattrs=xattrs)
+
+    async def _create(self, dir_ino: int, name: bytes, mode: int, uid: int, gid: int, *,
+                      rdev: int = 0, xattrs: dict[bytes, bytes] | None) -> Inode:
+        xattrs = xattrs or {}
+        for k, v in xattrs.items():
+            _check_xattr(k, v)
+        is_dir = stat.S_ISDIR(mode)
+        async with self._op(items=2 + len(xattrs), data=sum(map(_xattr_blocks, xattrs.values()))):
             d = await self._check_new_name(dir_ino, name)
-            inode = await self._new_inode(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, parent=dir_ino)
+            if is_dir:
+                _check_nlink(d)
+            inode = await self._new_inode(mode, uid, gid, rdev=rdev, parent=dir_ino if is_dir else 0)
+            for k, v in xattrs.items():
+                await self._set_xattr(inode, k, v)
+            if xattrs:
+                await self._iwrite(inode)       # out-of-line values count in its blocks
             await self._add_entry(d, name, inode)
-            d.nlink += 1
+            if is_dir:
+                d.nlink += 1
             await self._iwrite(d)
             return inode.copy()
 
@@ -526,6 +608,7 @@ class Filesystem:
                 raise FsError(errno.EPERM, "hard links to directories are not allowed")
             if inode.nlink == 0:
                 raise FsError(errno.ENOENT, "inode has been unlinked")
+            _check_nlink(inode)
             inode.nlink += 1
             inode.ctime = _now()
             await self._iwrite(inode)
@@ -613,6 +696,8 @@ class Filesystem:
                 raise FsError(errno.EEXIST)
             if sinode.is_dir and odir != ndir and await self._is_ancestor(sinode.ino, ndir):
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            if sinode.is_dir and odir != ndir:
+                _check_nlink(nd)
             dinode = None
             if dst is not None:
                 dinode = await self._iget(dst[1])
@@ -649,6 +734,8 @@ class Filesystem:
         for inode, other in ((sinode, nd), (dinode, od)):
             if inode.is_dir and other.ino != inode.parent and await self._is_ancestor(inode.ino, other.ino):
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        if od.ino != nd.ino and sinode.is_dir != dinode.is_dir:
+            _check_nlink(nd if sinode.is_dir else od)     # it gains a subdirectory
         await self.tree.update(src[0], encode_dirent(dinode.ino, dtype_of(dinode.mode), oname))
         await self.tree.update(dst[0], encode_dirent(sinode.ino, dtype_of(sinode.mode), nname))
         if od.ino != nd.ino:
@@ -692,35 +779,37 @@ class Filesystem:
         return None
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        if not name or len(name) > 255:
-            raise FsError(errno.ERANGE, "xattr name must be 1..255 bytes")
-        if len(value) > XATTR_VALUE_MAX:
-            raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes (max {XATTR_VALUE_MAX})")
-        nblocks = 0 if len(value) <= XATTR_INLINE_MAX else -(-len(value) // BLOCK_SIZE)
-        async with self._op(items=1, data=nblocks):
+        _check_xattr(name, value)
+        async with self._op(items=1, data=_xattr_blocks(value)):
             inode = await self._iget(ino)
             found = await self._find_xattr(ino, name)
             if found and flags & XATTR_CREATE:
                 raise FsError(errno.EEXIST)
             if not found and flags & XATTR_REPLACE:
                 raise FsError(errno.ENODATA)
-            stored: bytes | OutOfLine = value
-            if nblocks:
-                stored = await self._write_out_of_line(inode, value)
-            item = encode_xattr(name, stored)
-            if found:
-                await self.tree.update(found[0], item)
-                if isinstance(found[1], OutOfLine):
-                    self._free_out_of_line(inode, found[1])
-            else:
-                lo, hi = dirent_range(name_hash(name, self.salt))
-                used = {k[2] for k, _ in await self.tree.scan((ino, T_XATTR, lo), (ino, T_XATTR, hi))}
-                off = next((o for o in range(lo, hi) if o not in used), None)
-                if off is None:
-                    raise FsError(errno.ENOSPC, "too many xattr names share a hash")
-                await self.tree.insert((ino, T_XATTR, off), item)
+            await self._set_xattr(inode, name, value, found)
             inode.ctime = _now()
             await self._iwrite(inode)
+
+    async def _set_xattr(self, inode: Inode, name: bytes, value: bytes, found=None) -> None:
+        """Store one xattr item; ``found`` is the existing one (_find_xattr).
+        The caller's operation reserved an item and _xattr_blocks(value)."""
+        stored: bytes | OutOfLine = value
+        if _xattr_blocks(value):
+            stored = await self._write_out_of_line(inode, value)
+        item = encode_xattr(name, stored)
+        if found:
+            await self.tree.update(found[0], item)
+            if isinstance(found[1], OutOfLine):
+                self._free_out_of_line(inode, found[1])
+            return
+        ino = inode.ino
+        lo, hi = dirent_range(name_hash(name, self.salt))
+        used = {k[2] for k, _ in await self.tree.scan((ino, T_XATTR, lo), (ino, T_XATTR, hi))}
+        off = next((o for o in range(lo, hi) if o not in used), None)
+        if off is None:
+            raise FsError(errno.ENOSPC, "too many xattr names share a hash")
+        await self.tree.insert((ino, T_XATTR, off), item)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         async with self._op(write=False):
@@ -1068,6 +1157,7 @@ class Filesystem:
         self.info.inode_count -= 1
         self.store.mark_dirty(self.info)
         self.inodes.pop(ino, None)
+        self.dirty_times.discard(ino)
         self.emaps.pop(ino, None)
 
     async def _reap_orphans(self) -> None:

@@ -33,6 +33,18 @@ TYPE_NAMES = {T_INODE: "inode", T_XATTR: "xattr", T_DIRENT: "directory entry",
 _INODE = struct.Struct("<HHIIIIQqqqqQQQQI")
 INODE_VERSION = 1
 
+# Times are signed 64-bit nanoseconds since the epoch: 1677-09-21 to
+# 2262-04-11.  Anything outside is clamped to the nearest end, as the VFS's
+# timestamp_truncate() clamps to a filesystem's s_time_min/s_time_max (ext4
+# without large inodes stops at 2038 the same way).
+TIME_MIN_NS = -(1 << 63)
+TIME_MAX_NS = (1 << 63) - 1
+NLINK_MAX = (1 << 32) - 1       # the field's range; fs.LINK_MAX is the policy
+
+
+def clamp_time(ns: int) -> int:
+    return min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
+
 
 @dataclass(slots=True)
 class Inode:

@@ -54,12 +54,15 @@ class Mount:
       errortags  fault injection shared by all of them
       inodes     ino -> VInode, for inodes in use
       commit_interval  seconds between background journal commits
+      stamp_cmtime     write(2) stamps mtime/ctime; off when the kernel's
+                       writeback cache owns them (it sends them in SETATTR)
     """
 
     def __init__(self, fs: Filesystem, *, cache_size: int = 256 << 20,
                  dirty_limit: int | None = None, dirty_expire: float = 5.0,
                  writeback_interval: float = 1.0, commit_interval: float = 5.0,
-                 punch_mode: str = "scan", errortags: ErrorTags | None = None):
+                 punch_mode: str = "scan", errortags: ErrorTags | None = None,
+                 writeback_cache: bool = False):
         self.fs = fs
         self.errortags = errortags or ErrorTags()
         self.cache = PageCache(cache_size=cache_size, dirty_limit=dirty_limit,
@@ -68,6 +71,7 @@ class Mount:
         self.engine = Engine(self.cache, self.ops, self.errortags, punch_mode=punch_mode)
         self.inodes: dict[int, VInode] = {}
         self.commit_interval = commit_interval
+        self.stamp_cmtime = not writeback_cache
         self._nursery = None
 
     # -- lifetime -------------------------------------------------------------
@@ -89,7 +93,7 @@ class Mount:
         """Bound what a crash can lose: commit the journal every few seconds."""
         while True:
             await trio.sleep(self.commit_interval)
-            if self.fs.store.has_changes() and not self.fs.shutdown:
+            if self.fs.has_changes() and not self.fs.shutdown:
                 try:
                     await self.fs.commit()
                 except Exception:
@@ -151,6 +155,8 @@ class Mount:
         for attempt in (0, 1):
             try:
                 async with f.inode.i_rwsem.exclusive():
+                    if self.stamp_cmtime and not attempt:
+                        await self.fs.file_update_time(f.inode.ino)
                     if append:
                         pos = f.inode.size
                     if pos + len(data) > self.fs.sb.max_file_size:
@@ -175,6 +181,11 @@ class Mount:
             old = inode.size        # ahead of the on-disk size until writeback catches up
             await self.engine.iomap_truncate(
                 inode, size, lambda s: self.fs.truncate(ino, s, old_size=old))
+            if size == old:
+                # truncate(2), ftruncate(2) and O_TRUNC stamp the times even
+                # when the size does not change (the filesystem stamps them
+                # when it does).
+                await self.fs.file_update_time(ino)
 
     async def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) at engine level (pyfuse3 cannot pass it through FUSE).
@@ -259,6 +270,8 @@ class Mount:
             await self._read_fault(inode, b)
             # The read fault returns; the store faults again for write access.
             await POINTS.hit("mmap_write_fault")
+            if self.stamp_cmtime:
+                await self.fs.file_update_time(ino)     # as the fault handler does
             try:
                 folio = await self.engine.iomap_page_mkwrite(inode, b)
             except FsError as e:

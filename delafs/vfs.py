@@ -31,7 +31,7 @@ import stat
 import pyfuse3
 import trio
 
-from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_entries, acl_mode
+from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_create, acl_entries, acl_mode
 from .errors import CorruptionError, DelafsError, FsError
 from .extent_map import ExtState
 from .items import Inode
@@ -71,6 +71,27 @@ def _reply(fn):
     return wrapper
 
 
+CAP_FSETID = 4
+
+
+def _in_group_or_capable(ctx, gid: int) -> bool:
+    """The kernel's in_group_or_capable() for the process behind a request:
+    is ``gid`` its fsgid or a supplementary group, or has it CAP_FSETID?
+    FUSE passes only uid, gid and pid (pyfuse3 no setxattr flags, so not the
+    kernel's FUSE_SETXATTR_ACL_KILL_SGID either); the rest is read from
+    /proc.  A process already gone counts as neither."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return False
+    if str(gid) in fields.get("Groups", "").split():
+        return True
+    return bool(int(fields.get("CapEff", "0").strip() or "0", 16) >> CAP_FSETID & 1)
+
+
 class _Dir:
     __slots__ = ("ino",)
 
@@ -83,6 +104,8 @@ class Operations(pyfuse3.Operations):
       m          the Mount (page cache + engine + filesystem)
       lookups    ino -> kernel lookup count
       files      fh -> OpenFile; dirs: fh -> _Dir
+      direct     fhs opened with O_DIRECT: their writes invalidate the
+                 kernel's cached pages of the inode (see write)
       control    a callable handling writes to the control file
     """
 
@@ -97,6 +120,7 @@ class Operations(pyfuse3.Operations):
         self.fs = m.fs
         self.lookups: dict[int, int] = {}
         self.files: dict[int, OpenFile | _Dir | str] = {}
+        self.direct: set[int] = set()
         self._next_fh = 1
         self.control = control
         self.control_out: dict[int, bytes] = {}
@@ -106,7 +130,9 @@ class Operations(pyfuse3.Operations):
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
-        e.generation = inode.generation
+        # The kernel wants the root's generation to be 0 (it warns "root
+        # generation should be zero"); its on-disk one is 1.
+        e.generation = inode.generation if inode.ino != ROOT_INO else 0
         e.entry_timeout = self.entry_timeout
         e.attr_timeout = self.attr_timeout
         e.st_mode = inode.mode
@@ -265,6 +291,24 @@ class Operations(pyfuse3.Operations):
                 mode |= stat.S_ISGID
         return ctx.uid, gid, mode
 
+    async def _inherit_acl(self, parent: int, mode: int) -> tuple[int, dict[bytes, bytes]]:
+        """posix_acl_create(): with -o acl, a new inode under a directory
+        with a default ACL takes its mode and access ACL from it (a new
+        directory the default ACL too).  Symlinks have no ACLs."""
+        if not self.enable_acl or stat.S_ISLNK(mode):
+            return mode, {}
+        try:
+            default = await self.fs.getxattr(parent, ACL_DEFAULT)
+        except FsError as e:
+            if e.errno == errno.ENODATA:
+                return mode, {}
+            raise
+        mode, access = acl_create(default, mode)
+        xattrs = {ACL_DEFAULT: default} if stat.S_ISDIR(mode) else {}
+        if access is not None:
+            xattrs[ACL_ACCESS] = access
+        return mode, xattrs
+
     def _refuse_control(self, parent: int, name: bytes) -> None:
         if parent == ROOT_INO and name == CONTROL_NAME:
             raise FsError(errno.EEXIST, "reserved name")
@@ -274,7 +318,8 @@ class Operations(pyfuse3.Operations):
         self._refuse_control(parent_inode, name)
         parent = await self.fs.getattr(parent_inode)
         uid, gid, mode = self._new_owner(parent, ctx, mode)
-        inode = await self.fs.create(parent_inode, name, mode, uid, gid, rdev=rdev)
+        mode, xattrs = await self._inherit_acl(parent_inode, mode)
+        inode = await self.fs.create(parent_inode, name, mode, uid, gid, rdev=rdev, xattrs=xattrs)
         return await self._remember(inode)
 
     @_reply
@@ -282,7 +327,8 @@ class Operations(pyfuse3.Operations):
         self._refuse_control(parent_inode, name)
         parent = await self.fs.getattr(parent_inode)
         uid, gid, mode = self._new_owner(parent, ctx, stat.S_IFDIR | mode)
-        inode = await self.fs.mkdir(parent_inode, name, mode, uid, gid)
+        mode, xattrs = await self._inherit_acl(parent_inode, mode)
+        inode = await self.fs.mkdir(parent_inode, name, mode, uid, gid, xattrs=xattrs)
         return await self._remember(inode)
 
     @_reply
@@ -380,19 +426,34 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         f = await self.m.open(inode, write=writable)
-        if flags & os.O_TRUNC and writable and attr.size:
-            await self.m.truncate(inode, 0)
-        return pyfuse3.FileInfo(fh=self._new_fh(f), keep_cache=True)
+        if flags & os.O_TRUNC:
+            # Atomic O_TRUNC is negotiated: no SETATTR follows, so truncate
+            # here, against the in-memory size (data not yet written back
+            # counts), stamping the times even of an empty file.  The
+            # kernel has already checked write permission for O_TRUNC.
+            try:
+                await self.m.truncate(inode, 0)
+            except BaseException:
+                await self.m.release(f)
+                raise
+        fh = self._new_fh(f)
+        if flags & os.O_DIRECT:
+            self.direct.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_reply
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._refuse_control(parent_inode, name)
         parent = await self.fs.getattr(parent_inode)
         uid, gid, mode = self._new_owner(parent, ctx, mode)
-        inode = await self.fs.create(parent_inode, name, mode, uid, gid)
+        mode, xattrs = await self._inherit_acl(parent_inode, mode)
+        inode = await self.fs.create(parent_inode, name, mode, uid, gid, xattrs=xattrs)
         entry = await self._remember(inode)
         f = await self.m.open(inode.ino, write=True)
-        return pyfuse3.FileInfo(fh=self._new_fh(f), keep_cache=True), entry
+        fh = self._new_fh(f)
+        if flags & os.O_DIRECT:
+            self.direct.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     @_reply
     async def read(self, fh, off, size):
@@ -411,7 +472,25 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.EOPNOTSUPP)
             self.control_out[fh] = await self.control(bytes(buf))
             return len(buf)
-        return await self.m.write(f, off, buf)
+        n = await self.m.write(f, off, buf)
+        if fh in self.direct:
+            await self._invalidate_kernel_cache(f.inode.ino)
+        return n
+
+    async def _invalidate_kernel_cache(self, ino: int) -> None:
+        """A direct write bypassed the kernel's page cache, and when it was
+        asynchronous nothing in the kernel invalidates the pages a buffered
+        reader cached while it was in flight.  Drop them before the write
+        is answered, so its completion means readers see it.
+
+        Run in a thread with no lock held: the kernel's invalidation waits
+        for pages under writeback, whose WRITEs other request tasks answer
+        meanwhile.  pyfuse3 can only invalidate the whole inode."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+        except OSError as e:
+            if e.errno != errno.ENOENT:       # ENOENT: the kernel no longer caches it
+                log.warning("invalidating the kernel's cache of inode %d: %s", ino, e)
 
     @_reply
     async def flush(self, fh):
@@ -421,6 +500,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         f = self.files.pop(fh, None)
         self.control_out.pop(fh, None)
+        self.direct.discard(fh)
         if isinstance(f, OpenFile):
             await self._evict_if_unlinked(f.inode.ino)
             await self.m.release(f)
@@ -442,7 +522,10 @@ class Operations(pyfuse3.Operations):
         if name == ACL_ACCESS:
             bits, equiv = acl_mode(value)
             old = await self.fs.getattr(inode)
-            await self.fs.setattr(inode, mode=(old.mode & ~0o777) | bits)
+            mode = (old.mode & ~0o777) | bits
+            if mode & stat.S_ISGID and not _in_group_or_capable(ctx, old.gid):
+                mode &= ~stat.S_ISGID           # posix_acl_update_mode()
+            await self.fs.setattr(inode, mode=mode)
             if equiv:
                 try:
                     await self.fs.removexattr(inode, name)
