@@ -1,0 +1,102 @@
+"""What fsync and an orderly unmount promise, with writeback in flight.
+
+The window is forced, not hoped for: a short dirty expiry makes the
+flusher take the folios at once, and the ``delay_writeback`` errortag
+holds its ioend before submission, so the folios are clean, under
+writeback and not yet on the device when fsync or the unmount arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from .conftest import is_mounted, pid_alive, run, wait_until
+
+HOLD = "dirty_expire=0.01,writeback_interval=0.01,delay_writeback=3000"
+
+
+def kill_9(m) -> None:
+    pid = m.pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    m.forget_daemon()
+
+
+def test_fsync_waits_for_writeback_already_in_flight(delafs_mount):
+    m = delafs_mount(size="64M", opts=HOLD)
+    os.mkdir(m.path("d"))
+    m.sync()
+    data = random.Random(1).randbytes(72 << 10)
+    p = m.path("d", "f")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        time.sleep(0.5)                 # the flusher has taken the folios, and holds them
+        assert m.stat()["cache"]["writeback_bytes"] > 0, "the flusher did not take the folios"
+        t0 = time.monotonic()
+        os.fsync(fd)
+        took = time.monotonic() - t0
+    finally:
+        os.close(fd)
+    dfd = os.open(m.path("d"), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    kill_9(m)
+    m.mount()
+    with open(p, "rb") as f:
+        got = f.read()
+    assert got == data, f"fsync returned after {took:.2f} s and its data is gone " \
+                        f"({len(got)} bytes read back, {sum(a == b for a, b in zip(got, data))} right)"
+
+
+def test_fdatasync_waits_for_writeback_already_in_flight(delafs_mount):
+    m = delafs_mount(size="64M", opts=HOLD)
+    p = m.path("f")
+    with open(p, "wb") as f:
+        f.write(bytes(64 << 10))
+        os.fsync(f.fileno())
+    data = random.Random(2).randbytes(64 << 10)
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        time.sleep(0.5)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    kill_9(m)
+    m.mount()
+    with open(p, "rb") as f:
+        assert f.read() == data
+
+
+@pytest.mark.parametrize("how", ["umount", "sigterm"])
+def test_unmount_with_writeback_in_flight_loses_nothing(delafs_mount, how):
+    """A plain umount(8) (or SIGTERM) while the flusher holds ioends: the
+    daemon's final flush must write them, not cancel them."""
+    m = delafs_mount(size="64M", opts="dirty_expire=0.01,writeback_interval=0.01,delay_writeback=2000")
+    data = random.Random(3).randbytes(8 << 20)
+    with open(m.path("big"), "wb") as f:
+        f.write(data)
+    time.sleep(0.5)
+    pid = m.pid
+    if how == "umount":
+        run(["umount", m.mnt])
+    else:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not pid_alive(pid), 120), "the daemon did not exit"
+    assert wait_until(lambda: not is_mounted(m.mnt), 10)
+    m.pid = None
+    m.fsck()
+    m.mount()
+    with open(m.path("big"), "rb") as f:
+        got = f.read()
+    if got != data:
+        first = next((i for i, (a, b) in enumerate(zip(got, data)) if a != b), min(len(got), len(data)))
+        pytest.fail(f"after {how} the file differs from byte {first} on ({len(got)} bytes read back)")
