@@ -167,6 +167,7 @@ class Daemon:
             try:
                 await pyfuse3.main()
             finally:
+                await self.m.stop_background()
                 n.cancel_scope.cancel()
 
     async def _signals(self) -> None:

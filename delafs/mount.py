@@ -90,14 +90,23 @@ class Mount:
         await writepages(self.engine, inode, sync=False, expired_before=cutoff)
 
     async def _committer(self) -> None:
-        """Bound what a crash can lose: commit the journal every few seconds."""
+        """Bound what a crash can lose: commit the journal every few seconds.
+        A commit is never cancelled halfway (a failed commit shuts the
+        filesystem down); cancellation takes effect while it sleeps."""
         while True:
             await trio.sleep(self.commit_interval)
             if self.fs.has_changes() and not self.fs.shutdown:
-                try:
-                    await self.fs.commit()
-                except Exception:
-                    log.exception("background journal commit failed")
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.fs.commit()
+                    except Exception:
+                        log.exception("background journal commit failed")
+
+    async def stop_background(self) -> None:
+        """Before the nursery of start() is cancelled: let the flusher finish
+        the pass it is in (its queued ioends reach the device)."""
+        with trio.CancelScope(shield=True):
+            await self.cache.stop_flusher()
 
     async def unmount(self) -> None:
         """Write everything back, commit, checkpoint, mark the image clean."""
@@ -244,6 +253,7 @@ class Mount:
         then report a writeback error once per description (errseq)."""
         inode = f.inode
         await writepages(self.engine, inode, sync=True)
+        await inode.mapping.wait_writeback_range()
         await self.fs.commit()
         err = inode.mapping.wb_err.check_and_advance(f.errseq)
         if err:
@@ -253,6 +263,7 @@ class Mount:
         for inode in list(self.inodes.values()):
             if inode.mapping.nrdirty:
                 await writepages(self.engine, inode, sync=True)
+            await inode.mapping.wait_writeback_range()
         await self.fs.commit()
 
     # -- the fault path, driven in-process (FUSE never shows it to a daemon) ----------

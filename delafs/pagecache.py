@@ -509,6 +509,8 @@ class AddressSpace:
                        callers), removal under the folio lock
       dirty_index      SortedSet of first blocks of folios with a dirty bit
                        (the xarray's dirty tag)
+      writeback_index  SortedSet of first blocks of folios under writeback
+                       (the writeback tag)
       invalidate_lock  RWSemaphore ordering folio instantiation (read, fault)
                        against removal (truncate, punch); see locks.py
       nrpages          blocks cached; nrdirty: dirty blocks;
@@ -521,6 +523,7 @@ class AddressSpace:
         self.ino = ino
         self.folios: SortedDict = SortedDict()
         self.dirty_index: SortedSet = SortedSet()
+        self.writeback_index: SortedSet = SortedSet()
         self.invalidate_lock = RWSemaphore(f"invalidate_lock[{ino}]")
         self.nrpages = 0
         self.nrdirty = 0
@@ -576,6 +579,20 @@ class AddressSpace:
         if dirtied_before is not None:
             out = [f for f in out if f.dirtied_when <= dirtied_before]
         return out
+
+    async def wait_writeback_range(self, start_block: int = 0, end_block: int | None = None) -> None:
+        """filemap_fdatawait_range: wait for every folio of the range that is
+        under writeback now, dirty again or not.  fsync needs this after
+        its own writeback pass: a folio the flusher cleaned and is still
+        writing is not dirty, so that pass never saw it."""
+        if not self.nrwriteback:
+            return
+        first = self.lookup(start_block)
+        lo = first.index if first is not None else start_block
+        folios = self.folios
+        waiting = [folios[i] for i in self.writeback_index.irange(lo, end_block, inclusive=(True, False))]
+        for folio in waiting:
+            await folio.wait_writeback()
 
     def oldest_dirtied_when(self) -> float | None:
         """When the longest-dirty folio became dirty (None if clean)."""
@@ -702,10 +719,12 @@ class AddressSpace:
     def _account_writeback(self, folio: Folio, starting: bool) -> None:
         cache = self.cache
         if starting:
+            self.writeback_index.add(folio.index)
             self.nrwriteback += 1
             cache.writeback_bytes += folio.size
             cache._lru.pop(folio, None)
         else:
+            self.writeback_index.discard(folio.index)
             self.nrwriteback -= 1
             cache.writeback_bytes -= folio.size
             if not folio._dirty:
@@ -997,6 +1016,15 @@ class PageCache:
         """Make run_flusher return after its current pass."""
         self._stopping = True
         self._kick_event.set()
+
+    async def stop_flusher(self) -> None:
+        """stop(), then wait until the flusher has finished its pass and
+        returned.  Cancelling it instead would cancel the device writes of
+        ioends whose folios it already cleaned: their data would be written
+        nowhere."""
+        self.stop()
+        while self._flusher_running:
+            await self._pass_event.wait()
 
     async def wait_idle(self) -> None:
         """Kick the flusher and wait until a pass that started after this
