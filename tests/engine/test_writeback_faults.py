@@ -1,0 +1,116 @@
+"""Writeback when something goes wrong or runs concurrently: truncate
+against an ioend in flight, an unexpected exception in writeback_range,
+a delalloc conversion that fails halfway, and the validity cookie across
+an extent map's eviction.  In-process, so each window is forced exactly."""
+
+import errno
+
+import pytest
+import trio
+
+from delafs.errors import CorruptionError, FsError
+
+from .conftest import check_invariants
+
+ROOT = 1
+
+
+async def new_file(m, name=b"f"):
+    return (await m.fs.create(ROOT, name, 0o644)).ino
+
+
+async def wait_for(pred, timeout=10):
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.005)
+
+
+async def test_truncate_against_writeback_in_flight_exposes_no_old_tail(rig):
+    """The flusher holds an ioend for blocks that were delalloc (now
+    UNWRITTEN, data not yet on the device).  Shrinking into the held block
+    and growing again must read zeros past the old EOF, before and after a
+    crash: truncate waits for writeback of the EOF block before zeroing."""
+    rig.opts.update(dirty_expire=0.01, writeback_interval=0.01)
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    m.errortags.set("delay_writeback", 300)
+    await m.write(f, 0, b"z" * 8192)
+    inode = await m.iget(ino)
+    await wait_for(lambda: inode.mapping.nrwriteback > 0)
+    await m.truncate(ino, 5000)
+    await m.truncate(ino, 8192)
+    assert await m.read(f, 4990, 20) == b"z" * 10 + bytes(10)
+    m.errortags.set("delay_writeback", 0)
+    await m.fsync(f)
+    await m.release(f)
+    check_invariants(m)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 0, 8192) == b"z" * 5000 + bytes(3192)
+    await rig.unmount()
+    await rig.fsck()
+
+
+async def test_unexpected_error_in_writeback_ends_writeback_and_is_reported(rig, monkeypatch):
+    """A corruption error (not an FsError) out of writeback_range: the
+    folio must not stay under writeback (a later truncate would hang and
+    writers stay throttled); the error reaches fsync as EIO."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"x" * 20000)
+
+    async def corrupt(_ino):
+        raise CorruptionError("extent map", 1234, "injected")
+    monkeypatch.setattr(m.fs, "extent_map", corrupt)
+    try:
+        with pytest.raises(Exception) as e:
+            await m.fsync(f)
+    finally:
+        monkeypatch.undo()
+    inode = await m.iget(ino)
+    assert inode.mapping.nrwriteback == 0, "a folio was left under writeback"
+    assert isinstance(e.value, FsError) and e.value.errno == errno.EIO, repr(e.value)
+    with trio.fail_after(5):
+        await m.truncate(ino, 0)
+    check_invariants(m)
+
+
+async def test_conversion_failing_halfway_shuts_the_filesystem_down(rig, monkeypatch):
+    """Allocation and the extent map have changed when the extent items
+    cannot be written: that half change must never be committed (XFS shuts
+    down when a dirty transaction is cancelled)."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"x" * 20000)
+
+    async def fail(*_a, **_k):
+        raise CorruptionError("btree node", 99, "injected")
+    monkeypatch.setattr(m.fs, "_sync_extents", fail)
+    try:
+        with pytest.raises(Exception):
+            await m.fsync(f)
+    finally:
+        monkeypatch.undo()
+    assert m.fs.shutdown, "a half-done delalloc conversion was left for the next commit"
+    with pytest.raises(FsError) as e:
+        await m.fs.commit()
+    assert e.value.errno == errno.EIO
+
+
+async def test_validity_cookie_never_repeats_across_eviction(rig):
+    """A mapping taken before an extent map was evicted and reloaded must
+    be seen as stale afterwards: the cookie of the reloaded map may not
+    start again from a value an old mapping could hold."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"a" * 4096)
+    await m.fsync(f)
+    old = m.fs.emaps[ino].cookie
+    del m.fs.emaps[ino]                     # evicted (no delalloc left)
+    emap = await m.fs.extent_map(ino)
+    assert emap.cookie > old, (old, emap.cookie)
