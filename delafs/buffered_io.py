@@ -557,6 +557,12 @@ class Engine:
         old = inode.size
         async with mapping.invalidate_lock.exclusive():
             await POINTS.hit("truncate_locked")
+            # An ioend in flight over the EOF block carries the bytes it had
+            # when it was queued: zeroing the cached tail now would be
+            # undone at its completion, and an UNWRITTEN block it holds is
+            # skipped by the zeroing.  Wait for it first, as
+            # truncate_pagecache and XFS's setattr do.
+            await mapping.wait_writeback_range(min(size, old) >> BLOCK_SHIFT)
             if size < old:
                 if size & (BLOCK_SIZE - 1):
                     await self.iomap_zero_range(inode, size, round_up(size) - size)

@@ -150,6 +150,7 @@ class Filesystem:
         self.inodes: OrderedDict[int, Inode] = OrderedDict()
         self.inode_cache_size = 65536
         self.dirty_times: set[int] = set()
+        self._emap_loads = 0
         self.emaps: dict[int, ExtentMap] = {}
         self.open_counts: dict[int, int] = {}
         self.shutdown: str | None = None
@@ -872,6 +873,11 @@ class Filesystem:
         emap = self.emaps.get(ino)
         if emap is None:
             emap = ExtentMap()
+            # A mapping taken from an earlier copy of this map (since
+            # evicted) must look stale: each load starts the cookie in a
+            # range of its own, above every value an earlier copy reached.
+            self._emap_loads += 1
+            emap.cookie = self._emap_loads << 40
             for key, val, blk in await self.tree.scan((ino, T_EXTENT, 0), (ino, T_EXTENT + 1, 0),
                                                       with_block=True):
                 pblock, length, state = decode_extent(val, blk)

@@ -19,6 +19,7 @@ So writeback never meets ENOSPC.
 from __future__ import annotations
 
 import errno
+import logging
 
 from .btree import worst_case_nodes
 from .errors import FsError
@@ -27,6 +28,8 @@ from .iomap import (IOMAP_F_NEW, IOMAP_FAULT, IOMAP_REPORT, IOMAP_WRITE,
                     IOMAP_ZERO, Iomap, IomapType, Ioend, VInode, WritebackCtx)
 from .ondisk import BLOCK_SHIFT, BLOCK_SIZE
 from .trace import TRACE
+
+log = logging.getLogger("delafs")
 
 _EXTENT_ITEM = 13
 _TYPES = {ExtState.HOLE: IomapType.HOLE, ExtState.DELALLOC: IomapType.DELALLOC,
@@ -295,6 +298,12 @@ class FsIomapOps:
             fsinode.blocks += got
             await fs._sync_extents(inode.ino, emap, fblock, fblock + got)
             await fs._iwrite(fsinode)
+        except BaseException as e:
+            # The allocator and the extent map have changed and the tree
+            # may have, in the running transaction: nothing may commit it
+            # (XFS shuts down when a dirty transaction is cancelled).
+            fs._shut_down(f"delalloc conversion of inode {inode.ino} failed halfway: {e!r}")
+            raise
         finally:
             fs.space.end_op()
         self.stats["delalloc_converted"] += got
@@ -336,9 +345,12 @@ class FsIomapOps:
                     raise FsError(errno.EIO, "injected writeback I/O error")
                 await fs.dev.write(io.addr >> BLOCK_SHIFT, io.bufs)
                 done.append(io)
-            except FsError as e:
-                wpc.error = wpc.error or e.errno
-                wpc.inode.mapping.wb_err.set(e.errno)
+            except Exception as e:
+                err = e.errno if isinstance(e, FsError) else errno.EIO
+                if not isinstance(e, FsError):
+                    log.error("writeback of inode %d at %d: %r", io.ino, io.offset, e)
+                wpc.error = wpc.error or err
+                wpc.inode.mapping.wb_err.set(err)
                 self.stats["writeback_errors"] += 1
             if TRACE.on:
                 TRACE.emit("iomap_ioend_submit", ino=io.ino, offset=io.offset, size=io.size)

@@ -18,10 +18,15 @@ existed when it happened.
 
 from __future__ import annotations
 
+import errno
+import logging
+
 from .errors import FsError
 from .iomap import POINTS, VInode, WritebackCtx
 from .ondisk import BLOCK_SHIFT, BLOCK_SIZE
 from .trace import TRACE
+
+log = logging.getLogger("delafs")
 
 
 async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
@@ -57,8 +62,13 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
                     folio.unlock()
                     continue
                 await folio.wait_writeback()
-            if await writeback_folio(engine, wpc, folio):
-                under_io.append(folio)
+            try:
+                if await writeback_folio(engine, wpc, folio):
+                    under_io.append(folio)
+            except BaseException:
+                if folio.writeback:         # started by us: end it below
+                    under_io.append(folio)
+                raise
             written += 1
     finally:
         # Whatever was queued reaches the disk even if the walk failed:
@@ -101,13 +111,18 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
                 await POINTS.hit("writeback_range")
                 try:
                     done = await engine.ops.writeback_range(wpc, folio, pos, length, isize)
-                except FsError as e:
+                except Exception as e:
                     # The filesystem discarded this folio's delalloc; the
                     # data is lost and fsync will say so.  The rest of the
                     # folio is abandoned too (its delalloc is gone: mapping
                     # it would only fail again, with a misleading EIO).
-                    inode.mapping.wb_err.set(e.errno)
-                    wpc.error = wpc.error or e.errno
+                    # Anything but an FsError (a corrupt node, a bug) is an
+                    # EIO too: the folio must still end writeback.
+                    err = e.errno if isinstance(e, FsError) else errno.EIO
+                    if not isinstance(e, FsError):
+                        log.error("writeback_range of inode %d at %d: %r", inode.ino, pos, e)
+                    inode.mapping.wb_err.set(err)
+                    wpc.error = wpc.error or err
                     return True
                 wpc.nr_ranges += 1
                 pos += done
