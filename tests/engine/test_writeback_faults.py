@@ -114,3 +114,32 @@ async def test_validity_cookie_never_repeats_across_eviction(rig):
     del m.fs.emaps[ino]                     # evicted (no delalloc left)
     emap = await m.fs.extent_map(ino)
     assert emap.cookie > old, (old, emap.cookie)
+
+
+async def test_direct_allocation_of_a_failed_extending_write_is_freed(rig, monkeypatch):
+    """Low on space, iomap_begin allocates UNWRITTEN blocks at once instead
+    of reserving delalloc.  When the extending write then fails (its
+    source cannot be faulted in), the blocks past EOF must go, as ext4
+    truncates a failed write's blocks: nothing else would ever free them."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"a" * 5000)
+    await m.fsync(f)
+    await m.release(f)                  # trims the speculative delalloc past EOF
+    f = await m.open(ino, write=True)
+    free = m.fs.space.alloc.available
+    monkeypatch.setattr(m.ops, "_low_space", lambda: True)
+    m.errortags.set("copy_fault", 1)
+    with pytest.raises(FsError) as e:
+        await m.write(f, 8192, b"b" * 40000)
+    assert e.value.errno == errno.EFAULT
+    m.errortags.set("copy_fault", 0)
+    assert (await m.getattr(ino)).size == 5000
+    past_eof = [x for x in m.fs.emaps[ino].iter_extents(2) if x.fblock >= 2]
+    assert m.ops.stats["nonda_allocations"], "the low-space path was not taken"
+    assert past_eof == [], f"blocks left allocated past EOF: {past_eof}"
+    await m.fsync(f)
+    assert m.fs.space.alloc.available == free
+    await m.release(f)
+    check_invariants(m)
