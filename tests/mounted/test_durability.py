@@ -8,6 +8,7 @@ writeback and not yet on the device when fsync or the unmount arrives.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from .conftest import is_mounted, pid_alive, run, wait_until
+from .conftest import DELAFS, is_mounted, pid_alive, run, wait_until
 
 HOLD = "dirty_expire=0.01,writeback_interval=0.01,delay_writeback=3000"
 
@@ -61,6 +62,7 @@ def test_fdatasync_waits_for_writeback_already_in_flight(delafs_mount):
     p = m.path("f")
     with open(p, "wb") as f:
         f.write(bytes(64 << 10))
+        f.flush()
         os.fsync(f.fileno())
     data = random.Random(2).randbytes(64 << 10)
     fd = os.open(p, os.O_WRONLY)
@@ -100,3 +102,54 @@ def test_unmount_with_writeback_in_flight_loses_nothing(delafs_mount, how):
     if got != data:
         first = next((i for i, (a, b) in enumerate(zip(got, data)) if a != b), min(len(got), len(data)))
         pytest.fail(f"after {how} the file differs from byte {first} on ({len(got)} bytes read back)")
+
+
+def test_host_filesystem_full_is_reported_and_loses_no_metadata(delafs_mount, tmp_path):
+    """The image is sparse on a 48 MiB tmpfs: the mount warns, write(2)
+    accepts more than the host can hold, the first fsync reports the
+    host's ENOSPC, the filesystem shuts down with a log line (the journal
+    cannot be written), delafs umount still unmounts, and once the host has
+    room again the journal replays, fsck is clean and what was fsynced
+    before is there."""
+    host = tmp_path / "host"
+    host.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", host])
+    try:
+        image = str(host / "img")
+        run([DELAFS, "mkfs", image, "--size", "256M"])
+        m = delafs_mount(image=image, mkfs=False, mount=False)
+        r = run([DELAFS, "mount", image, m.mnt, "-o", m._all_opts("")])
+        assert "warning" in r.stderr and "MiB free" in r.stderr, r.stderr
+        from delafs.cli_mount import control_command
+        import json
+        m.pid = json.loads(control_command(m.mnt, "stat"))["daemon"]["pid"]
+        m.pids.append(m.pid)
+        m.tracebacks_ok = True
+        with open(m.path("promised"), "wb") as f:
+            f.write(b"fsynced before the host filled up")
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(m.path("big"), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for _ in range(80):
+                os.write(fd, os.urandom(1 << 20))
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno in (errno.ENOSPC, errno.EIO), e.value
+        finally:
+            os.close(fd)
+        assert "filesystem shut down" in open(m.log).read()
+        r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
+        assert not is_mounted(m.mnt), r.stderr
+        assert wait_until(lambda: not pid_alive(m.pid), 60)
+        m.pid = None
+        run(["mount", "-o", "remount,size=512m", host])
+        m.fsck()
+        m.mount()
+        assert open(m.path("promised"), "rb").read() == b"fsynced before the host filled up"
+        m.umount()
+    finally:
+        if is_mounted(str(host)):
+            for mnt in [x for x in (getattr(m, "mnt", None),) if x and is_mounted(x)]:
+                run(["fusermount3", "-u", "-z", mnt], check=False)
+            run(["umount", "-l", host], check=False)

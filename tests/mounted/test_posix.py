@@ -117,6 +117,7 @@ def test_mmap_store_moves_mtime(delafs_mount):
     p = m.path("f")
     with open(p, "wb") as f:
         f.write(bytes(8192))
+        f.flush()
         os.fsync(f.fileno())
     before = times(p)
     tick()
@@ -247,6 +248,7 @@ def test_buffered_read_after_async_direct_write_sees_new_data(delafs_mount, opts
     size = 256 << 10
     with open(p, "wb") as f:
         f.write(b"\xaa" * size)
+        f.flush()
         os.fsync(f.fileno())
     m.inject(delay_write=500)
     stop = threading.Event()
