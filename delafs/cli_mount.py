@@ -63,10 +63,18 @@ def cmd_umount(args) -> int:
     mnt = os.path.abspath(args.mountpoint)
     try:
         info = json.loads(control_command(mnt, "stat"))["daemon"]
-        control_command(mnt, "sync")
     except (OSError, ValueError, KeyError) as e:
         print(f"delafs umount: {mnt}: {e}", file=sys.stderr)
         return 1
+    status = 0
+    try:
+        control_command(mnt, "sync")
+    except OSError as e:
+        # A filesystem that has shut down (or cannot write) still gets
+        # unmounted: what the journal committed survives, the rest is lost.
+        print(f"delafs umount: {mnt}: could not write everything back ({e.strerror or e}); "
+              f"unmounting anyway: see the daemon's log", file=sys.stderr)
+        status = 1
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         r = subprocess.run(["umount", mnt], capture_output=True, text=True)
@@ -76,7 +84,7 @@ def cmd_umount(args) -> int:
     if not wait_gone(info["pid"], args.timeout):
         print(f"delafs umount: daemon {info['pid']} still running after {args.timeout}s", file=sys.stderr)
         return 1
-    return 0
+    return status
 
 
 def cmd_stat(args) -> int:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 
@@ -79,6 +80,7 @@ class Daemon:
         self.ops = None
         self.m: Mount | None = None
         self.dev: BlockDevice | None = None
+        self.warnings: list[str] = []
 
     # -- bring-up ------------------------------------------------------------------
 
@@ -97,7 +99,29 @@ class Daemon:
                 raise
         wait = self.opts.get("lock_wait", 30.0)
         dev.lock(wait=wait)
+        if not self.readonly:
+            self._check_host_space()
         return dev
+
+    def _check_host_space(self) -> None:
+        """A sparse image file needs host space as it fills: if the host
+        filesystem cannot hold what is still unbacked, a write delafs has
+        accepted can fail at writeback (fsync reports it).  Say so now."""
+        try:
+            st = os.stat(self.image)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            vfs = os.statvfs(os.path.dirname(os.path.abspath(self.image)))
+        except OSError:
+            return
+        unbacked = max(0, st.st_size - st.st_blocks * 512)
+        host_free = vfs.f_bavail * vfs.f_frsize
+        if host_free < unbacked:
+            msg = (f"{self.image} is sparse and {unbacked >> 20} MiB of it is not yet backed, "
+                   f"but its host filesystem has {host_free >> 20} MiB free: writes accepted now "
+                   f"can fail at writeback with ENOSPC (fsync reports it)")
+            log.warning("%s", msg)
+            self.warnings.append(msg)
 
     async def start(self) -> None:
         self.dev = dev = self.open_image()
@@ -196,7 +220,11 @@ class Daemon:
             log.exception("pyfuse3.close")
         try:
             if self.m is not None and not self.readonly:
-                await self.m.unmount()
+                try:
+                    await self.m.unmount()
+                except DelafsError as e:
+                    log.error("final flush failed: %s; the image keeps what the journal "
+                              "committed (replayed at the next mount)", e)
             if self.m is not None:
                 self._log_final_counters()
         finally:
@@ -221,7 +249,7 @@ def run(image: str, mountpoint: str, opts: dict, *, ready=None) -> int:
             log.error("mount failed: %s", msg)
             return 1
         if ready:
-            ready("ok")
+            ready("\n".join(["ok", *(f"warning: {w}" for w in d.warnings)]))
         log.info("mounted %s on %s", image, d.mountpoint)
         try:
             await d.serve()
@@ -241,15 +269,21 @@ def daemonize_and_run(image: str, mountpoint: str, opts: dict, *, foreground: bo
         logging.basicConfig(level=logging.DEBUG if opts.get("debug") else logging.INFO,
                             format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
                             stream=sys.stderr)
-        return run(image, mountpoint, opts,
-                   ready=lambda msg: print(f"delafs: {msg}", file=sys.stderr) if msg != "ok" else None)
+        def say(msg: str) -> None:
+            for line in msg.splitlines():
+                if line != "ok":
+                    print(f"delafs: {line}", file=sys.stderr)
+        return run(image, mountpoint, opts, ready=say)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
         os.close(wfd)
         with os.fdopen(rfd, "rb") as r:
             msg = r.read().decode(errors="replace").strip()
-        if msg == "ok":
+        first, *rest = msg.splitlines() or [""]
+        if first == "ok":
+            for line in rest:
+                print(f"delafs mount: {line}", file=sys.stderr)
             return 0
         print(f"delafs mount: {msg.removeprefix('error: ') or 'the daemon died before mounting'}",
               file=sys.stderr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import logging
 import os
 import stat
 import time
@@ -36,12 +37,12 @@ from . import log as journal_log
 from .btree import BTree, Node, worst_case_nodes, MAX_VALUE
 from .errors import CorruptionError, DelafsError, FsError, NotDelafsError, enospc
 from .extent_map import Extent, ExtentMap, ExtState
-from .items import (NLINK_MAX, clamp_time, COLLISION_SLOTS, EXT_UNWRITTEN, EXT_WRITTEN, MAX_EXTENT_LEN,
+from .items import (COLLISION_SLOTS, EXT_UNWRITTEN, EXT_WRITTEN, MAX_EXTENT_LEN, NLINK_MAX,
                     ORPHAN_OID, SYMLINK_INLINE_MAX, SYMLINK_MAX, T_DIRENT,
                     T_EXTENT, T_INODE, T_ORPHAN, T_SYMLINK, T_XATTR,
                     XATTR_INLINE_MAX, XATTR_VALUE_MAX, Inode, OutOfLine,
                     decode_dirent, decode_extent, decode_symlink, decode_xattr,
-                    dirent_range, dtype_of, encode_dirent, encode_extent,
+                    clamp_time, dirent_range, dtype_of, encode_dirent, encode_extent,
                     encode_symlink, encode_xattr, name_hash)
 from .metabuf import MetaStore
 from .ondisk import (BLOCK_SHIFT, BLOCK_SIZE, MAX_NAME_LEN,
@@ -49,6 +50,8 @@ from .ondisk import (BLOCK_SHIFT, BLOCK_SIZE, MAX_NAME_LEN,
                      Superblock, crc32c, fixed_ranges, make_geometry)
 from .space import Space, data_blocks, initial_bitmap
 from .ondisk import encode_bitmap
+
+log = logging.getLogger("delafs")
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -279,8 +282,8 @@ class Filesystem:
         await self._write_dirty_times()
         try:
             seq = await self.store.commit()
-        except BaseException:
-            self._shut_down("journal commit failed")
+        except BaseException as e:
+            self._shut_down(f"journal commit failed: {e}")
             raise
         await self._discard()
         return seq
@@ -291,8 +294,8 @@ class Filesystem:
         await self._write_dirty_times()
         try:
             await self.store.checkpoint()
-        except BaseException:
-            self._shut_down("checkpoint failed")
+        except BaseException as e:
+            self._shut_down(f"checkpoint failed: {e}")
             raise
         await self._discard()
 
@@ -337,6 +340,8 @@ class Filesystem:
     def _shut_down(self, why: str) -> None:
         if not self.shutdown:
             self.shutdown = why
+            log.error("filesystem shut down: %s; every later change fails with EIO, "
+                      "the journal keeps what was committed (replayed at the next mount)", why)
 
     @contextlib.asynccontextmanager
     async def _op(self, *, items: int = 0, item_size: int = 128, data: int = 0,
@@ -456,6 +461,14 @@ class Filesystem:
         await self.tree.insert((ino, T_INODE, 0), inode.encode())
         self.inodes[ino] = inode
         return inode
+
+    def root_as_cached(self) -> Inode:
+        """The root inode without any I/O (a shut-down filesystem answers
+        nothing else): the cached copy, or its mkfs shape."""
+        root = self.inodes.get(ROOT_INO)
+        if root is not None:
+            return root.copy()
+        return Inode(ROOT_INO, stat.S_IFDIR | 0o755, nlink=2, generation=1, parent=ROOT_INO)
 
     async def getattr(self, ino: int) -> Inode:
         async with self._op(write=False):

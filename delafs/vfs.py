@@ -235,6 +235,11 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if inode == CONTROL_INO:
             return self._control_entry()
+        if inode == ROOT_INO and self.fs.shutdown:
+            # After a shutdown everything fails with EIO (as XFS's getattr
+            # does), but the kernel needs the root's attributes to walk to
+            # the control file, and delafs umount/stat must still get there.
+            return self._entry(self.fs.root_as_cached())
         return await self._attr(inode)
 
     @_reply
