@@ -1,0 +1,90 @@
+"""Crash states of the real data path (tests/crash/datapath.py): every
+promise an fsync made survives every crash the device's volatile cache
+allows, and the harness catches the mutants that break those promises.
+
+The CI run checks a few thousand crash images; ``--runslow`` checks more
+than 10,000 over several seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from delafs.pagecache import AddressSpace
+
+from .datapath import Harness, check_run
+
+
+async def record_and_check(tmp_path, *, seed, ops_per_file=60, variants=4, max_images=None,
+                           stop_at_first=False, **kw):
+    run = await Harness(tmp_path, seed=seed, ops_per_file=ops_per_file, **kw).record()
+    verdict = await check_run(run, tmp_path, seed=seed, variants_per_point=variants,
+                              max_images=max_images, stop_at_first=stop_at_first)
+    return run, verdict
+
+
+@pytest.mark.parametrize("seed,delay", [(1, 0), (2, 3)])
+async def test_datapath_crash_states_keep_every_promise(tmp_path, seed, delay):
+    run, v = await record_and_check(tmp_path, seed=seed, delay_writeback=delay)
+    print(f"seed {seed}: {v.images} crash images, {v.promises} promises, "
+          f"{len(run.events)} device events, {run.stats['iomap']['ioends']} ioends")
+    assert v.promises >= 30 and v.images >= 400
+    assert not v.violations, "\n".join(v.violations[:20])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10, 18))
+async def test_datapath_crash_states_many(tmp_path, seed):
+    run, v = await record_and_check(tmp_path, seed=seed, ops_per_file=80, variants=4,
+                                    delay_writeback=seed % 3)
+    print(f"seed {seed}: {v.images} crash images, {v.promises} promises")
+    assert not v.violations, "\n".join(v.violations[:20])
+
+
+async def test_mutant_fsync_not_waiting_for_writeback_is_caught(tmp_path, monkeypatch):
+    """fsync that does not wait for folios already under writeback: with
+    the flusher's ioends held (delay_writeback), an fsync returns before
+    their data is written, and some crash image shows it."""
+    async def no_wait(self, start_block=0, end_block=None):
+        return None
+    monkeypatch.setattr(AddressSpace, "wait_writeback_range", no_wait)
+    _, v = await record_and_check(tmp_path, seed=3, delay_writeback=20, ops_per_file=25,
+                                  stop_at_first=True)
+    assert v.violations, f"mutant survived {v.images} crash images"
+
+
+async def test_injected_writeback_errors_are_reported_and_break_no_promise(tmp_path):
+    run, v = await record_and_check(tmp_path, seed=4, writeback_eio=6, delay_writeback=2)
+    errors = sum(fm.errors for fm in run.files)
+    print(f"{v.images} crash images, {v.promises} promises, {errors} fsyncs reported EIO")
+    assert errors > 0 and v.promises > 0
+    assert not v.violations, "\n".join(v.violations[:20])
+
+
+async def test_mutant_lost_writeback_error_is_caught(tmp_path, monkeypatch):
+    """Writeback that drops a write error instead of recording it in
+    errseq: fsync then succeeds over data that never reached the disk."""
+    from delafs.pagecache import ErrSeq
+    monkeypatch.setattr(ErrSeq, "set", lambda self, err: None)
+    run, v = await record_and_check(tmp_path, seed=4, writeback_eio=6, delay_writeback=2,
+                                    stop_at_first=True)
+    assert v.violations, (f"mutant survived {v.images} crash images, {v.promises} promises, "
+                          f"{run.stats['iomap']['writeback_errors']} writeback errors")
+
+
+async def test_clean_unmount_with_writeback_in_flight_keeps_everything(tmp_path):
+    run, v = await record_and_check(tmp_path, seed=5, delay_writeback=20, finish="unmount",
+                                    ops_per_file=30)
+    assert v.promises >= 3 and not v.violations, "\n".join(v.violations[:20])
+
+
+async def test_mutant_unmount_cancelling_the_flusher_is_caught(tmp_path, monkeypatch):
+    """The unmount cancels the flusher mid-pass instead of letting it
+    finish: the ioends it holds are lost, their folios already clean."""
+    from delafs.mount import Mount
+
+    async def cancel_at_once(self):
+        return None
+    monkeypatch.setattr(Mount, "stop_background", cancel_at_once)
+    _, v = await record_and_check(tmp_path, seed=5, delay_writeback=20, finish="unmount",
+                                  ops_per_file=30, stop_at_first=True)
+    assert v.violations, f"mutant survived {v.images} crash images"
