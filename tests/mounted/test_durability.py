@@ -153,3 +153,73 @@ def test_host_filesystem_full_is_reported_and_loses_no_metadata(delafs_mount, tm
             for mnt in [x for x in (getattr(m, "mnt", None),) if x and is_mounted(x)]:
                 run(["fusermount3", "-u", "-z", mnt], check=False)
             run(["umount", "-l", host], check=False)
+
+
+def kill_9_rounds(delafs_mount, rounds: int) -> None:
+    """Write and fsync files (the flusher running at a short expiry, so
+    some data is already under writeback), leave more unsynced, kill -9 the
+    daemon; after each crash fsck must be clean once the journal replays
+    and every fsynced byte must be there."""
+    m = delafs_mount(size="64M", opts="dirty_expire=0.02,writeback_interval=0.01")
+    rng = random.Random(9)
+    promised: dict[str, bytes] = {}
+    for r in range(rounds):
+        for i in range(3):
+            name = f"r{r}-{i}"
+            data = rng.randbytes(rng.randint(1, 300_000))
+            with open(m.path(name), "wb") as f:
+                f.write(data)
+                if i == 1:
+                    time.sleep(0.05)            # the flusher takes part of it
+                f.flush()
+                os.fsync(f.fileno())
+            promised[name] = data
+        with open(m.path(f"unsynced-{r}"), "wb") as f:
+            f.write(rng.randbytes(400_000))
+        kill_9(m)
+        m.mount()                               # replays the journal
+        m.umount()
+        m.fsck()
+        m.mount()
+        for name, data in promised.items():
+            with open(m.path(name), "rb") as f:
+                assert f.read() == data, f"round {r}: {name} lost fsynced data"
+
+
+def test_kill_9_under_write_and_fsync(delafs_mount):
+    kill_9_rounds(delafs_mount, 3)
+
+
+@pytest.mark.slow
+def test_kill_9_a_hundred_times(delafs_mount):
+    kill_9_rounds(delafs_mount, 100)
+
+
+def test_journal_eio_shuts_down_with_a_log_line_and_recovers(delafs_mount):
+    m = delafs_mount(size="64M")
+    m.tracebacks_ok = True
+    with open(m.path("before"), "wb") as f:
+        f.write(b"committed before the fault")
+        f.flush()
+        os.fsync(f.fileno())
+    m.inject(log_eio=1)
+    fd = os.open(m.path("during"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * 10000)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert "filesystem shut down: journal commit failed" in open(m.log).read()
+    with pytest.raises(OSError) as e:
+        open(m.path("after"), "w").close()
+    assert e.value.errno == errno.EIO
+    r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
+    assert r.returncode == 1 and "unmounting anyway" in r.stderr, r.stderr
+    assert not is_mounted(m.mnt)
+    assert wait_until(lambda: not pid_alive(m.pid), 60)
+    m.pid = None
+    m.fsck()
+    m.mount()
+    assert open(m.path("before"), "rb").read() == b"committed before the fault"
