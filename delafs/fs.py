@@ -462,6 +462,11 @@ class Filesystem:
         self.inodes[ino] = inode
         return inode
 
+    def attach_errortags(self, tags) -> None:
+        """Fault injection below the filesystem: ``log_eio`` fails journal writes."""
+        if self.store.journal is not None:
+            self.store.journal.errortags = tags
+
     def root_as_cached(self) -> Inode:
         """The root inode without any I/O (a shut-down filesystem answers
         nothing else): the cached copy, or its mkfs shape."""

@@ -32,11 +32,12 @@ after an invalid transaction N can only mean corruption, never a torn write;
 
 from __future__ import annotations
 
+import errno
 import struct
 import time
 from dataclasses import dataclass, field
 
-from .errors import CorruptionError, DelafsError
+from .errors import CorruptionError, DelafsError, FsError
 from .ondisk import (BLOCK_SIZE, HDR_SIZE, MAGIC_JCOMMIT, MAGIC_JDESC,
                      MAGIC_JSB, Superblock, crc32c, peek_magic, seal, unseal)
 
@@ -111,6 +112,7 @@ class Journal:
         self.next_seq = (scan.txns[-1].seq + 2) if scan.txns else scan.tail_seq
         self.jsb_gen = scan.jsb_gen
         self.stats = {"commits": 0, "log_blocks_written": 0, "checkpoints": 0}
+        self.errortags = None           # set by Filesystem.attach_errortags
 
     # -- geometry -----------------------------------------------------------
 
@@ -157,6 +159,8 @@ class Journal:
         overwrites the tail.
         """
         blocks = self.build(seq, images, revokes)
+        if self.errortags is not None and self.errortags.fires("log_eio"):
+            raise FsError(errno.EIO, "injected journal write error (log_eio)")
         if len(blocks) > self.free():
             raise DelafsError(f"journal full: transaction of {len(blocks)} blocks, {self.free()} free")
         # Write in runs that don't cross the end of the circular area.

@@ -65,6 +65,7 @@ class Mount:
                  writeback_cache: bool = False):
         self.fs = fs
         self.errortags = errortags or ErrorTags()
+        fs.attach_errortags(self.errortags)
         self.cache = PageCache(cache_size=cache_size, dirty_limit=dirty_limit,
                                dirty_expire=dirty_expire, writeback_interval=writeback_interval)
         self.ops = FsIomapOps(fs, self.errortags)
