@@ -173,6 +173,28 @@ def test_attribute_changes_move_ctime_only(delafs_mount):
         assert after[0] == before[0], f"{what} moved mtime"
 
 
+def test_editor_style_rewrites(delafs_mount):
+    """sed -i writes a new file and renames it over the old one; an editor
+    that saves in place truncates and rewrites.  Either way the new content
+    alone remains, shorter than the old, and the times move."""
+    m = delafs_mount(opts="dirty_expire=60")
+    p = m.path("config")
+    with open(p, "w") as f:
+        f.write("option = a long value that will be replaced\n" * 50)
+    before = times(p)
+    tick()
+    run(["sed", "-i", "s/a long value that will be replaced/short/", p])
+    assert open(p).read() == "option = short\n" * 50
+    assert times(p)[0] > before[0]
+    tick()
+    with open(p, "r+") as f:           # save in place: rewrite from the start, then truncate
+        f.write("option = b\n")
+        f.truncate()
+    assert open(p).read() == "option = b\n"
+    m.cycle()
+    assert open(p).read() == "option = b\n"
+
+
 def test_make_rebuilds_only_what_changed(delafs_mount):
     """make compares mtimes: a rewritten source is rebuilt, nothing else."""
     need("make", "cc")
