@@ -98,7 +98,8 @@ class Run:
 
 
 class Harness:
-    """Runs ``Harness.workload`` on a fresh image with a Recorder."""
+    """Records one workload: ``nfiles`` workers (one file each) on a fresh
+    image with a Recorder, ending in a crash or a clean unmount (``finish``)."""
 
     def __init__(self, workdir, *, seed: int, nfiles: int = 3, ops_per_file: int = 40,
                  max_blocks: int = 24, delay_writeback: int = 0, writeback_eio: int = 0,
