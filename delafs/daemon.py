@@ -39,7 +39,11 @@ _SIZE_OPTS = {"cache_size", "dirty_limit"}
 _FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait",
                "entry_timeout", "attr_timeout"}
 _FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
-               "ro", "rw", "noatime", "exec", "noexec"}
+               "ro", "rw", "noatime", "atime", "exec", "noexec"}
+# What a FUSE mount does anyway: accepted and dropped (libfuse 3 refuses
+# them by name).  Other atime flags (strictatime, lazytime, nodiratime)
+# cannot be passed through libfuse 3 and are refused like any unknown option.
+_DEFAULT_FLAGS = {"rw", "relatime"}
 _OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug"}
 
 
@@ -58,9 +62,9 @@ def parse_options(text: str | None) -> dict:
             opts["log"] = val
         elif key in TAGS and sep and val.isdigit():
             opts["tags"][key] = int(val)
+        elif key in _DEFAULT_FLAGS and not sep:
+            continue
         elif key in _FUSE_FLAGS and not sep:
-            if key in ("rw",):
-                continue
             opts["fuse"].add(key)
         elif key in _OWN_FLAGS and not sep:
             opts[key] = True

@@ -319,3 +319,12 @@ def test_mkfs_on_a_locked_image_does_not_resize_it(image, size):
     assert r.returncode != 0 and "in use" in r.stderr
     assert os.path.getsize(image) == before
     ok(run("fsck", "-n", image))
+
+
+def test_mount_options_relatime_is_the_default_and_unknown_ones_are_refused():
+    from delafs.daemon import parse_options
+    opts = parse_options("relatime,rw,noatime,acl")
+    assert opts["fuse"] == {"default_permissions", "noatime"} and opts["acl"]
+    for bad in ("strictatime", "lazytime", "bogus", "cache_size"):
+        with pytest.raises(ValueError):
+            parse_options(bad)
