@@ -55,6 +55,7 @@ log = logging.getLogger("delafs")
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4     # leave a whiteout (a 0/0 character device) at the old name
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
@@ -692,11 +693,15 @@ class Filesystem:
                 return False
             ino = (await self._iget(ino)).parent
 
-    async def rename(self, odir: int, oname: bytes, ndir: int, nname: bytes, flags: int = 0) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+    async def rename(self, odir: int, oname: bytes, ndir: int, nname: bytes, flags: int = 0,
+                     *, uid: int = 0, gid: int = 0) -> None:
+        """rename(2)/renameat2(2); ``uid``/``gid`` own a RENAME_WHITEOUT's whiteout."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
             raise FsError(errno.EINVAL, f"bad rename flags {flags:#x}")
         check_name(nname)
-        async with self._op(items=2, pool=True):
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        async with self._op(items=4 if whiteout else 2, pool=True):
             od = await self._dir(odir)
             nd = await self._dir(ndir)
             src = await self._find(odir, oname)
@@ -732,6 +737,11 @@ class Filesystem:
                 await self._remove_entry(nd, dst[0])
             await self._remove_entry(od, src[0])
             await self._add_entry(nd, nname, sinode)
+            if whiteout:
+                # What overlayfs reads as "deleted here": created in the
+                # same transaction, so no one ever sees the name missing.
+                wo = await self._new_inode(stat.S_IFCHR, uid, gid, rdev=0)
+                await self._add_entry(od, oname, wo)
             if sinode.is_dir and odir != ndir:
                 od.nlink -= 1
                 nd.nlink += 1

@@ -35,6 +35,7 @@ from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_create, acl_entries, ac
 from .errors import CorruptionError, DelafsError, FsError
 from .extent_map import ExtState
 from .items import Inode
+from .fs import RENAME_WHITEOUT
 from .mount import Mount, OpenFile
 from .ondisk import BLOCK_SIZE, ROOT_INO
 
@@ -368,7 +369,11 @@ class Operations(pyfuse3.Operations):
         for p, n in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
             if p == ROOT_INO and n == CONTROL_NAME:
                 raise FsError(errno.EPERM, "the control file cannot be renamed")
-        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        uid = gid = 0
+        if flags & RENAME_WHITEOUT:     # the whiteout is the caller's, as a mknod would be
+            uid, gid, _ = self._new_owner(await self.fs.getattr(parent_inode_old), ctx, stat.S_IFCHR)
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags,
+                             uid=uid, gid=gid)
 
     # -- directories ------------------------------------------------------------------------
 

@@ -297,3 +297,22 @@ async def test_readdir_cookies_stable_under_changes(image):
     assert old <= {n for n, *_ in rest}
     assert all(0 < c < 2**63 for *_, c in first + rest)
     await fs.close()
+
+
+async def test_rename_whiteout(image):
+    from delafs.fs import RENAME_WHITEOUT
+    dev, fs = await fresh(image)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    f = await fs.create(d.ino, b"f", 0o644)
+    await fs.rename(d.ino, b"f", ROOT, b"g", RENAME_WHITEOUT, uid=7, gid=8)
+    assert (await fs.lookup(ROOT, b"g")).ino == f.ino
+    wo = await fs.lookup(d.ino, b"f")
+    assert stat.S_ISCHR(wo.mode) and wo.rdev == 0 and (wo.uid, wo.gid) == (7, 8)
+    for bad in (RENAME_WHITEOUT | RENAME_EXCHANGE, 8):
+        with pytest.raises(FsError) as e:
+            await fs.rename(ROOT, b"g", d.ino, b"h", bad)
+        assert err(e) == errno.EINVAL
+    dev, fs = await reopen(dev, fs, clean=True)
+    assert stat.S_ISCHR((await fs.lookup(d.ino, b"f")).mode)
+    await fsck_clean(dev)
+    dev.close()
