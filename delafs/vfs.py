@@ -34,8 +34,8 @@ import trio
 from .acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_create, acl_entries, acl_mode
 from .errors import CorruptionError, DelafsError, FsError
 from .extent_map import ExtState
-from .items import Inode
 from .fs import RENAME_WHITEOUT
+from .items import Inode
 from .mount import Mount, OpenFile
 from .ondisk import BLOCK_SIZE, ROOT_INO
 
