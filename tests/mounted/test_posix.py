@@ -408,3 +408,39 @@ def test_setting_an_acl_clears_sgid_for_a_caller_outside_the_group(delafs_mount)
     os.chmod(f, 0o2775)
     run(["setfacl", "-m", "u:2:rwx", f])
     assert os.stat(f).st_mode & stat.S_ISGID
+
+
+# ======================================================================================
+# atime: the kernel leaves it to the daemon (it only invalidates its cached
+# atime after a READ or READDIR reached the daemon)
+# ======================================================================================
+
+def atime(path: str) -> int:
+    return os.stat(path).st_atime_ns
+
+
+@pytest.mark.parametrize("opts", ["", "relatime", "strictatime", "noatime", "nodiratime"])
+def test_atime_policies(delafs_mount, opts):
+    m = delafs_mount(opts=opts)
+    p = m.path("f")
+    d = m.path("d")
+    os.mkdir(d)
+    with open(p, "w") as f:
+        f.write("data")
+    before, dbefore = atime(p), atime(d)
+    tick()
+    open(p).read()
+    os.listdir(d)
+    first, dfirst = atime(p), atime(d)
+    if opts == "noatime":
+        assert (first, dfirst) == (before, dbefore)
+        return
+    assert first > before, "a first read after a write must move atime"
+    assert (dfirst > dbefore) == (opts != "nodiratime")
+    tick()
+    open(p).read()                       # atime is now newer than mtime/ctime
+    second = atime(p)
+    assert (second > first) == (opts == "strictatime"), (first, second)
+    m.cycle(opts)
+    assert atime(p) == second, "atime did not persist"
+
