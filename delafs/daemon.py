@@ -44,7 +44,10 @@ _FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "no
 # them by name).  Other atime flags (strictatime, lazytime, nodiratime)
 # cannot be passed through libfuse 3 and are refused like any unknown option.
 _DEFAULT_FLAGS = {"rw", "relatime"}
-_OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug"}
+_OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
+              # atime is the daemon's (the kernel only invalidates its cached
+              # atime after a READ or READDIR); libfuse 3 cannot pass these
+              "strictatime", "nodiratime"}
 
 
 def parse_options(text: str | None) -> dict:
@@ -70,7 +73,13 @@ def parse_options(text: str | None) -> dict:
             opts[key] = True
         else:
             raise ValueError(f"unknown or malformed mount option {item!r}")
+    if opts.get("strictatime") and "noatime" in opts["fuse"]:
+        raise ValueError("noatime and strictatime contradict each other")
     return opts
+
+
+def atime_policy(opts: dict) -> str:
+    return "strict" if opts.get("strictatime") else "none" if "noatime" in opts["fuse"] else "relative"
 
 
 class Daemon:
@@ -142,7 +151,8 @@ class Daemon:
         kw = {k: self.opts[k] for k in ("cache_size", "dirty_limit", "dirty_expire",
                                         "writeback_interval", "commit_interval") if k in self.opts}
         self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags,
-                       writeback_cache=bool(self.opts.get("writeback_cache")), **kw)
+                       writeback_cache=bool(self.opts.get("writeback_cache")),
+                       atime=atime_policy(self.opts), diratime=not self.opts.get("nodiratime"), **kw)
         timeouts = {k: self.opts[k] for k in ("entry_timeout", "attr_timeout") if k in self.opts}
         self.ops = Operations(self.m, control=self.control, **timeouts)
         self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))

@@ -68,6 +68,7 @@ _EXTENT_ITEM = 13
 # may count): the on-disk field's range.  Past it link(2), mkdir(2) and
 # rename(2) fail with EMLINK before changing anything.
 LINK_MAX = NLINK_MAX
+RELATIME_NS = 24 * 3600 * 10**9     # relatime still moves an atime this old
 
 
 class FsInfoBlock(FsInfo):
@@ -431,6 +432,23 @@ class Filesystem:
             inode = self.inodes[ino]
         self._check_alive()
         inode.mtime = inode.ctime = _now()
+        self.dirty_times.add(ino)
+
+    async def update_atime(self, ino: int, *, strict: bool) -> None:
+        """Stamp atime of a file read or a directory listed, kept like
+        file_update_time's stamps.  Unless ``strict``, relatime's rule
+        (relatime_need_update): only when atime is not newer than mtime or
+        ctime, or a day old."""
+        inode = self.inodes.get(ino)
+        if inode is None:
+            await self.getattr(ino)
+            inode = self.inodes[ino]
+        now = _now()
+        if not strict and inode.atime > inode.mtime and inode.atime > inode.ctime \
+                and now - inode.atime < RELATIME_NS:
+            return
+        self._check_alive()
+        inode.atime = now
         self.dirty_times.add(ino)
 
     def has_changes(self) -> bool:

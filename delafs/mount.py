@@ -56,13 +56,17 @@ class Mount:
       commit_interval  seconds between background journal commits
       stamp_cmtime     write(2) stamps mtime/ctime; off when the kernel's
                        writeback cache owns them (it sends them in SETATTR)
+      atime            "relative" (relatime, the default), "strict" or "none"
+                       (noatime); diratime: directories' atime moves too
     """
 
     def __init__(self, fs: Filesystem, *, cache_size: int = 256 << 20,
                  dirty_limit: int | None = None, dirty_expire: float = 5.0,
                  writeback_interval: float = 1.0, commit_interval: float = 5.0,
                  punch_mode: str = "scan", errortags: ErrorTags | None = None,
-                 writeback_cache: bool = False):
+                 writeback_cache: bool = False, atime: str = "relative", diratime: bool = True):
+        if atime not in ("relative", "strict", "none"):
+            raise ValueError(f"atime policy must be relative, strict or none, not {atime!r}")
         self.fs = fs
         self.errortags = errortags or ErrorTags()
         fs.attach_errortags(self.errortags)
@@ -73,6 +77,8 @@ class Mount:
         self.inodes: dict[int, VInode] = {}
         self.commit_interval = commit_interval
         self.stamp_cmtime = not writeback_cache
+        self.atime = atime
+        self.diratime = diratime
         self._nursery = None
 
     # -- lifetime -------------------------------------------------------------
@@ -181,7 +187,17 @@ class Mount:
 
     async def read(self, f: OpenFile, pos: int, size: int) -> bytes:
         async with f.inode.i_rwsem.shared():
-            return await self.engine.buffered_read(f.inode, pos, size)
+            data = await self.engine.buffered_read(f.inode, pos, size)
+        await self.touch_atime(f.inode.ino)
+        return data
+
+    async def touch_atime(self, ino: int, *, is_dir: bool = False) -> None:
+        """The VFS's touch_atime() under this mount's policy.  A FUSE kernel
+        leaves atime to the daemon and only sees what reaches it: reads
+        served from the kernel's page cache never do."""
+        if self.atime == "none" or (is_dir and not self.diratime) or self.fs.readonly:
+            return
+        await self.fs.update_atime(ino, strict=self.atime == "strict")
 
     async def truncate(self, ino: int, size: int) -> None:
         inode = await self.iget(ino)

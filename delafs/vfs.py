@@ -393,6 +393,8 @@ class Operations(pyfuse3.Operations):
     @_reply
     async def readdir(self, fh, start_id, token):
         d = self.files[fh]
+        if start_id == 0:
+            await self.m.touch_atime(d.ino, is_dir=True)
         if start_id < 1:
             if not pyfuse3.readdir_reply(token, b".", await self._attr(d.ino), 1):
                 return
@@ -449,7 +451,9 @@ class Operations(pyfuse3.Operations):
         fh = self._new_fh(f)
         if flags & os.O_DIRECT:
             self.direct.add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # strictatime: every open drops the kernel's cached pages, so that
+        # reads reach the daemon and move atime.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.m.atime != "strict")
 
     @_reply
     async def create(self, parent_inode, name, mode, flags, ctx):
