@@ -174,8 +174,9 @@ def add_commands(sub) -> None:
                         "dirty_expire=SEC, writeback_interval=SEC, commit_interval=SEC, "
                         "punch=scan|legacy, TAG=N for any errortag (short_copy, stale_mapping, "
                         "copy_fault, writeback_eio, alloc_enospc, log_eio, delay_*), allow_other, "
-                        "default_permissions, ro, dev, suid, writeback_cache, mkfs, log=FILE, "
-                        "lock_wait=SEC, debug")
+                        "default_permissions, ro, dev, suid, acl, writeback_cache, "
+                        "relatime (default), strictatime, noatime, nodiratime, mkfs, log=FILE, "
+                        "lock_wait=SEC, entry_timeout=SEC, attr_timeout=SEC, debug")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.set_defaults(func=cmd_mount)
 
