@@ -89,3 +89,29 @@ async def test_mutant_unmount_cancelling_the_flusher_is_caught(tmp_path, monkeyp
     _, v = await record_and_check(tmp_path, seed=5, delay_writeback=20, finish="unmount",
                                   ops_per_file=30, stop_at_first=True)
     assert v.violations, f"mutant survived {v.images} crash images"
+
+
+async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, monkeypatch):
+    """Completion (UNWRITTEN -> WRITTEN, the on-disk size) made durable
+    before the ioend's data is written: a crash in between exposes
+    whatever the reused blocks held -- another block's, another file's."""
+    from delafs.fs_iomap import FsIomapOps
+    real = FsIomapOps.writeback_submit
+
+    async def complete_first(self, wpc):
+        ioends = wpc.ready + ([wpc.ioend] if wpc.ioend is not None else [])
+        if ioends:
+            await self._complete(wpc.inode, ioends)
+            await self.fs.commit()
+        await real(self, wpc)
+    monkeypatch.setattr(FsIomapOps, "writeback_submit", complete_first)
+    checked = 0
+    for seed in (6, 7, 9, 11):          # the stale block must be a reused one: a few workloads
+        work = tmp_path / str(seed)
+        work.mkdir()
+        _, v = await record_and_check(work, seed=seed, stop_at_first=True)
+        checked += v.images
+        if v.violations:
+            print(v.violations[0])
+            return
+    pytest.fail(f"mutant survived {checked} crash images")
