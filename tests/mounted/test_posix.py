@@ -13,6 +13,7 @@ import mmap
 import os
 import shutil
 import stat
+import subprocess
 import time
 
 import pytest
@@ -444,3 +445,68 @@ def test_atime_policies(delafs_mount, opts):
     m.cycle(opts)
     assert atime(p) == second, "atime did not persist"
 
+
+
+FIO_MIXED = """
+[global]
+bs=8k
+iodepth=16
+iodepth_batch=8
+randrepeat=1
+size=512k
+directory={dir}
+numjobs=2
+[job1]
+ioengine=sync
+bs=4k
+direct=1
+rw=randread
+filename=file1:file2
+[job2]
+ioengine=libaio
+rw=randwrite
+direct=1
+filename=file1:file2
+[job3]
+bs=4k
+ioengine=posixaio
+rw=randwrite
+direct=1
+filename=file1:file2
+[job5]
+bs=1k
+ioengine=sync
+rw=randread
+filename=file1:file2
+[job6]
+ioengine=posixaio
+rw=randwrite
+filename=file1:file2
+[job8]
+ioengine=mmap
+rw=randwrite
+bs=1k
+filename=file1:file2
+[job9]
+ioengine=mmap
+rw=randwrite
+direct=1
+filename=file1:file2
+"""
+
+
+@pytest.mark.parametrize("opts", ["", "writeback_cache"])
+def test_mixed_mmap_buffered_and_direct_io_does_not_deadlock(delafs_mount, tmp_path, opts):
+    """generic/095's mix: the kernel's invalidation after a direct write
+    can wait for pages that wait for that very WRITE's reply.  Every fio
+    job must finish, and the daemon must still answer."""
+    need("fio")
+    m = delafs_mount(opts=opts)
+    cfg = tmp_path / "mixed.fio"
+    cfg.write_text(FIO_MIXED.format(dir=m.mnt))
+    try:
+        run(["fio", str(cfg), "--ignore_error=,EIO", "--output", str(tmp_path / "fio.out")], timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fio did not finish in 120 s: the daemon deadlocked against the kernel")
+    assert m.stat()["vfs"]["invalidations"] > 0
+    m.cycle(opts)
