@@ -45,6 +45,9 @@ CONTROL_NAME = b".delafs-control"
 CONTROL_INO = 2**63 - 2          # never allocated: inode numbers grow from 2
 ENTRY_TIMEOUT = 300.0            # we are the only writer of the image
 ATTR_TIMEOUT = 300.0
+# How long a direct WRITE's reply waits for the kernel to drop its cached
+# pages (see Operations._invalidate_kernel_cache).
+INVALIDATE_WAIT = 0.1
 
 
 
@@ -73,6 +76,16 @@ def _reply(fn):
 
 
 CAP_FSETID = 4
+
+
+def _invalidate_inode(ino: int) -> None:
+    """In a worker thread: drop the kernel's cached pages and attributes of
+    ``ino``.  ENOENT: the kernel no longer knows the inode."""
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("invalidating the kernel's cache of inode %d: %s", ino, e)
 
 
 def _in_group_or_capable(ctx, gid: int) -> bool:
@@ -122,6 +135,10 @@ class Operations(pyfuse3.Operations):
         self.lookups: dict[int, int] = {}
         self.files: dict[int, OpenFile | _Dir | str] = {}
         self.direct: set[int] = set()
+        # Invalidations get threads of their own: one stuck in the kernel
+        # must never hold a thread the device's I/O needs.
+        self._inval_threads = trio.CapacityLimiter(4)
+        self.stats = {"invalidations": 0, "invalidations_late": 0}
         self._next_fh = 1
         self.control = control
         self.control_out: dict[int, bytes] = {}
@@ -495,16 +512,22 @@ class Operations(pyfuse3.Operations):
         """A direct write bypassed the kernel's page cache, and when it was
         asynchronous nothing in the kernel invalidates the pages a buffered
         reader cached while it was in flight.  Drop them before the write
-        is answered, so its completion means readers see it.
+        is answered, so that its completion means readers see it.
 
-        Run in a thread with no lock held: the kernel's invalidation waits
-        for pages under writeback, whose WRITEs other request tasks answer
-        meanwhile.  pyfuse3 can only invalidate the whole inode."""
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
-        except OSError as e:
-            if e.errno != errno.ENOENT:       # ENOENT: the kernel no longer caches it
-                log.warning("invalidating the kernel's cache of inode %d: %s", ino, e)
+        The kernel's invalidation locks every cached page and waits for
+        pages under writeback, and some of those wait, inside the kernel,
+        for this very WRITE to be answered (xfstests generic/095, fio
+        mixing mmap, buffered and direct I/O on one file, deadlocked that
+        way).  So it runs in a thread with no lock held, and the reply waits
+        for it at most INVALIDATE_WAIT: past that the write is answered and
+        the invalidation completes after it (counted as late).  pyfuse3 can
+        only invalidate a whole inode."""
+        self.stats["invalidations"] += 1
+        with trio.move_on_after(INVALIDATE_WAIT) as wait:
+            await trio.to_thread.run_sync(_invalidate_inode, ino, abandon_on_cancel=True,
+                                          limiter=self._inval_threads)
+        if wait.cancelled_caught:
+            self.stats["invalidations_late"] += 1
 
     @_reply
     async def flush(self, fh):
@@ -589,6 +612,7 @@ class Operations(pyfuse3.Operations):
 
     def m_statistics(self) -> dict:
         stats = self.m.statistics()
-        stats["vfs"] = {"known_inodes": len(self.lookups), "open_files": len(self.files)}
+        stats["vfs"] = {"known_inodes": len(self.lookups), "open_files": len(self.files),
+                        **self.stats}
         return stats
 
