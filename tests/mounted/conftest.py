@@ -134,6 +134,7 @@ class DelafsMount:
         self.log = log
         self.pid: int | None = None
         self.pids: list[int] = []       # every daemon this object started
+        self.conns: list[int] = []      # their FUSE connections (fusectl numbers)
         self.tracebacks_ok = False      # a test injecting I/O errors may expect some
 
     # -- mount / unmount -------------------------------------------------------------
@@ -156,6 +157,7 @@ class DelafsMount:
         from delafs.cli_mount import control_command
         self.pid = json.loads(control_command(self.mnt, "stat"))["daemon"]["pid"]
         self.pids.append(self.pid)
+        self.conns.append(os.minor(os.stat(self.mnt).st_dev))
         return self
 
     def umount(self) -> None:
@@ -236,16 +238,40 @@ class DelafsMount:
                 run([DELAFS, "umount", "--timeout", "120", self.mnt], check=False, timeout=150)
             except subprocess.TimeoutExpired:
                 pass
-        if is_mounted(self.mnt):
+        forced = is_mounted(self.mnt)
+        if forced:
             run(["fusermount3", "-u", "-z", self.mnt], check=False, timeout=30)
         for pid in self.pids:
             if pid_alive(pid) and not wait_until(lambda: not pid_alive(pid), 30):
                 if is_our_daemon(pid, self.image):
+                    forced = True
                     os.kill(pid, signal.SIGKILL)
                     wait_until(lambda: not pid_alive(pid), 10)
         if is_mounted(self.mnt):
             run(["fusermount3", "-u", "-z", self.mnt], check=False, timeout=30)
+        if forced:
+            self._abort_leftover_connections()
         self.pid = None
+
+    def _abort_leftover_connections(self) -> None:
+        """A daemon that deadlocked with the kernel can leave requests (and
+        the test's programs, in D state) behind on a lazily unmounted
+        connection: abort what is left of ours once our daemons are gone.
+        Only after a forced cleanup: a connection released cleanly may have
+        given its number to someone else's mount."""
+        if any(pid_alive(p) for p in self.pids):
+            return
+        base = "/sys/fs/fuse/connections"
+        if not os.path.isdir(base) or not os.listdir(base):
+            run(["mount", "-t", "fusectl", "none", base], check=False)
+        for conn in self.conns:
+            abort = os.path.join(base, str(conn), "abort")
+            if os.path.exists(abort):
+                try:
+                    with open(abort, "w") as f:
+                        f.write("1")
+                except OSError:
+                    pass
 
 
 # -- fixtures ----------------------------------------------------------------------------
