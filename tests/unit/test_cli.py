@@ -321,10 +321,11 @@ def test_mkfs_on_a_locked_image_does_not_resize_it(image, size):
     ok(run("fsck", "-n", image))
 
 
-def test_mount_options_relatime_is_the_default_and_unknown_ones_are_refused():
+def test_mount_options_atime_policies_and_unknown_ones_are_refused():
     from delafs.daemon import parse_options
     opts = parse_options("relatime,rw,noatime,acl")
     assert opts["fuse"] == {"default_permissions", "noatime"} and opts["acl"]
-    for bad in ("strictatime", "lazytime", "bogus", "cache_size"):
+    assert parse_options("strictatime,nodiratime")["strictatime"]
+    for bad in ("lazytime", "bogus", "cache_size", "noatime,strictatime"):
         with pytest.raises(ValueError):
             parse_options(bad)
