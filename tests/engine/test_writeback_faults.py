@@ -116,6 +116,10 @@ async def test_validity_cookie_never_repeats_across_eviction(rig):
     assert emap.cookie > old, (old, emap.cookie)
 
 
+@pytest.mark.xfail(strict=True, reason="known bug, issue 8 item 6: freeing these blocks in "
+                   "iomap_end (fs.punch_hole) unbalanced the space accounting under "
+                   "concurrent ENOSPC (test_enospc_concurrent_writers_faults_and_extender, "
+                   "about 1 run in 12 under load), so the fix was reverted")
 async def test_direct_allocation_of_a_failed_extending_write_is_freed(rig, monkeypatch):
     """Low on space, iomap_begin allocates UNWRITTEN blocks at once instead
     of reserving delalloc.  When the extending write then fails (its
