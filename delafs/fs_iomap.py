@@ -184,20 +184,9 @@ class FsIomapOps:
 
     async def iomap_end(self, inode: VInode, pos: int, length: int, written: int,
                         flags: int, iomap: Iomap) -> None:
-        """The engine punches the unused tail of a NEW delalloc mapping
-        itself (iomap_file_buffered_write_punch_delalloc) before calling
-        here.  What is left is a NEW UNWRITTEN mapping from the low-space
-        path: blocks allocated for an extending write that ended short of
-        them lie past EOF with nothing to write them or free them, so they
-        go now (ext4 truncates a failed write's blocks the same way).  The
-        block holding EOF keeps its allocation: data was copied into it."""
-        if not (flags & IOMAP_WRITE and iomap.flags & IOMAP_F_NEW
-                and iomap.type == IomapType.UNWRITTEN and written < length):
-            return
-        first = (max(pos + written, inode.size) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        last = (pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        if last > first:
-            await self.fs.punch_hole(inode.ino, first, last - first)
+        """Nothing to do: the engine punches the unused tail of a NEW
+        delalloc mapping itself (iomap_file_buffered_write_punch_delalloc)
+        before calling here."""
 
     def iomap_valid(self, inode: VInode, iomap: Iomap) -> bool:
         emap = self.fs.emaps.get(inode.ino)
