@@ -255,6 +255,29 @@ def test_refill_metadata_reserve():
     identity(a)
 
 
+def test_freed_blocks_refill_a_drawn_metadata_reserve_first():
+    """Space that comes back tops the pool up before it is available again
+    (xfs_add_freecounter refills m_resblks first): otherwise every draw
+    on the pool, by an unlink on a full filesystem or a writeback split,
+    would leave the books showing more free space than mkfs made."""
+    a = Allocator(100, [(0, 100)], metadata_reserve=10)
+    a.reserve(90)
+    start, n = a.allocate(4, source="metadata_reserve")
+    assert a.metadata_reserve == 6
+    a.free(start, n, seq=1)
+    a.release_busy(1)
+    assert a.metadata_reserve == 10 and a.available == 0
+    a.unreserve(30)
+    assert a.metadata_reserve == 10 and a.available == 30
+    a.reserve(3, from_metadata_reserve=True)        # available first: pool untouched
+    a.reserve(29, from_metadata_reserve=True)       # 27 available, 2 from the pool
+    assert a.metadata_reserve == 8 and a.available == 0
+    a.unreserve(5)
+    assert a.metadata_reserve == 10 and a.available == 3
+    identity(a)
+    a.check()
+
+
 def test_mark_used():
     a = Allocator(100, [(0, 100)])
     a.mark_used(40, 10)
