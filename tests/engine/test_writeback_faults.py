@@ -15,6 +15,9 @@ from .conftest import check_invariants
 ROOT = 1
 
 
+BS = 4096
+
+
 async def new_file(m, name=b"f"):
     return (await m.fs.create(ROOT, name, 0o644)).ino
 
@@ -116,16 +119,28 @@ async def test_validity_cookie_never_repeats_across_eviction(rig):
     assert emap.cookie > old, (old, emap.cookie)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, issue 8 item 6: freeing these blocks in "
-                   "iomap_end (fs.punch_hole) unbalanced the space accounting under "
-                   "concurrent ENOSPC (test_enospc_concurrent_writers_faults_and_extender, "
-                   "about 1 run in 12 under load), so the fix was reverted")
-async def test_direct_allocation_of_a_failed_extending_write_is_freed(rig, monkeypatch):
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_direct_allocation_of_a_failed_extending_write_is_freed(rig, monkeypatch, fragmented):
     """Low on space, iomap_begin allocates UNWRITTEN blocks at once instead
     of reserving delalloc.  When the extending write then fails (its
     source cannot be faulted in), the blocks past EOF must go, as ext4
-    truncates a failed write's blocks: nothing else would ever free them."""
+    truncates a failed write's blocks: nothing else would ever free them.
+    On fragmented free space the allocation comes in several runs, and
+    the mapping iomap_end is given covers only the first."""
     m = await rig.mount(format=True)
+    if fragmented:
+        # Free space in runs of two blocks, each fenced by a used block.
+        filler = await new_file(m, b"filler")
+        g = await m.open(filler, write=True)
+        await m.write(g, 0, b"f" * (60 * BS))
+        await m.fsync(g)
+        await m.release(g)
+        for k in range(20):
+            await m.fs.punch_hole(filler, 3 * k, 2)
+        await m.fs.sync()
+        take = m.fs.space.take
+        monkeypatch.setattr(m.fs.space, "take",
+                            lambda count, goal, **kw: take(min(count, 2), None, **kw))
     ino = await new_file(m)
     f = await m.open(ino, write=True)
     await m.write(f, 0, b"a" * 5000)
