@@ -109,6 +109,7 @@ class Allocator:
         self._busy_blocks = 0
         self._reserved = 0
         self._metadata_reserve = 0
+        self._metadata_reserve_target = 0
 
         prev_end = None
         for start, length in sorted(free_extents):
@@ -183,10 +184,13 @@ class Allocator:
         if nblocks > self._reserved:
             raise ValueError(f"unreserving {nblocks} blocks but only {self._reserved} reserved")
         self._reserved -= nblocks
+        self._replenish()
 
     def refill_metadata_reserve(self, target: int) -> int:
         """Move up to ``target - metadata_reserve`` blocks from available
-        into the pool; return how many moved. Never shrinks the pool."""
+        into the pool; return how many moved. Never shrinks the pool.
+        ``target`` becomes the level the pool is kept at from now on."""
+        self._metadata_reserve_target = max(self._metadata_reserve_target, target)
         moved = max(0, min(target - self._metadata_reserve, self.available))
         self._metadata_reserve += moved
         return moved
@@ -311,7 +315,17 @@ class Allocator:
                 runs[-1] = (runs[-1][0], runs[-1][1] + length)
             else:
                 runs.append((start, length))
+        self._replenish()
         return runs
+
+    def _replenish(self) -> None:
+        """Space coming back refills a drawn pool before it becomes
+        available (xfs_add_freecounter refills m_resblks first); without
+        this, each draw on the pool would show up as extra free space once
+        the blocks it paid for are freed."""
+        short = self._metadata_reserve_target - self._metadata_reserve
+        if short > 0:
+            self._metadata_reserve += max(0, min(short, self.available))
 
     # -- queries -----------------------------------------------------------
 
