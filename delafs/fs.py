@@ -960,9 +960,15 @@ class Filesystem:
                 await self.tree.insert((ino, T_EXTENT, f), encode_extent(p, k, _STATE_TO_DISK[ext.state]))
                 f, p, n = f + k, p + k, n - k
 
-    async def _allocate_range(self, inode: Inode, emap: ExtentMap, fblock: int, count: int) -> None:
-        """Allocate UNWRITTEN blocks over the holes of [fblock, fblock+count).
-        The caller reserved ``count`` blocks in the operation."""
+    async def _allocate_range(self, inode: Inode, emap: ExtentMap, fblock: int, count: int,
+                              *, one_run: bool = False) -> int:
+        """Allocate UNWRITTEN blocks over the holes of [fblock, fblock+count)
+        and return how many.  The caller reserved ``count`` blocks in the
+        operation.  ``one_run`` stops after the first contiguous run, which
+        must start at ``fblock`` (a hole): xfs_bmapi_write hands iomap one
+        mapping, and a caller that may have to free what it allocated
+        (iomap_end of a failed write) is only ever told of that one."""
+        done = 0
         for piece in emap.lookup_range(fblock, count):
             if piece.state != ExtState.HOLE:
                 continue
@@ -972,8 +978,13 @@ class Filesystem:
                 start, got = self.space.take(n, goal)
                 emap.set(Extent(f, got, ExtState.UNWRITTEN, start))
                 inode.blocks += got
-                f, n = f + got, n - got
+                f, n, done = f + got, n - got, done + got
+                if one_run:
+                    break
+            if one_run:
+                break
         await self._sync_extents(inode.ino, emap, fblock, fblock + count)
+        return done
 
     @staticmethod
     def _goal(emap: ExtentMap, fblock: int) -> int | None:

@@ -80,7 +80,8 @@ class FsIomapOps:
                 if flags & IOMAP_FAULT:
                     new = await self._reserve_all(inode, emap, fblock, nblocks)
                 else:
-                    new = await self._reserve_first(inode, emap, fblock, nblocks, pos + length)
+                    new, nblocks = await self._reserve_first(inode, emap, fblock, nblocks,
+                                                             pos + length)
             else:
                 new = False
             ext = emap.lookup(fblock, limit=nblocks)
@@ -98,15 +99,20 @@ class FsIomapOps:
         return a.available < max(64, int(a.total * NONDA_FREE_FRACTION))
 
     async def _reserve_first(self, inode: VInode, emap, fblock: int, nblocks: int,
-                             write_end: int) -> bool:
-        """Reserve the hole at ``fblock`` (if it is one), clipped to the write."""
+                             write_end: int) -> tuple[bool, int]:
+        """Reserve the hole at ``fblock`` (if it is one), clipped to the write.
+        Returns whether blocks are new, and how far the mapping may reach.
+
+        A directly allocated run may touch an older UNWRITTEN extent (a
+        KEEP_SIZE fallocate) and merge with it: the mapping marked NEW must
+        stop where the new blocks do, or a failed write's iomap_end would
+        free the older ones."""
         ext = emap.lookup(fblock, limit=nblocks)
         if ext.state != ExtState.HOLE:
-            return False
+            return False, nblocks
         n = ext.length
         if self._low_space():
-            await self._allocate_unwritten(inode, emap, fblock, n)
-            return True
+            return True, await self._allocate_unwritten(inode, emap, fblock, n)
         extra = 0
         if write_end > inode.size and fblock + n == (write_end + BLOCK_SIZE - 1) >> BLOCK_SHIFT:
             # An extending write: reserve speculatively past EOF so a
@@ -124,7 +130,7 @@ class FsIomapOps:
         if extra:
             start = fblock + n
             self.prealloc[inode.ino] = min(self.prealloc.get(inode.ino, start), start)
-        return True
+        return True, nblocks
 
     async def _reserve_all(self, inode: VInode, emap, fblock: int, nblocks: int) -> bool:
         """page_mkwrite: reserve every hole of the range, or none of them."""
@@ -167,26 +173,39 @@ class FsIomapOps:
             emap.set_indlen(ext.fblock, want)
             self.fs.space.alloc.unreserve(excess)
 
-    async def _allocate_unwritten(self, inode: VInode, emap, fblock: int, n: int) -> None:
+    async def _allocate_unwritten(self, inode: VInode, emap, fblock: int, n: int) -> int:
         """Direct allocation when space is short: UNWRITTEN blocks now, in a
-        transaction, instead of a reservation that might not be honoured."""
+        transaction, instead of a reservation that might not be honoured.
+        One contiguous run from ``fblock``; returns its length."""
         fs = self.fs
         need = n + worst_case_nodes(n, _EXTENT_ITEM, fs.tree.levels)
         fs.space.alloc.reserve(need)
         fs.space.begin_op(need, "available")
         try:
             fsinode = await fs._iget(inode.ino)
-            await fs._allocate_range(fsinode, emap, fblock, n)
+            got = await fs._allocate_range(fsinode, emap, fblock, n, one_run=True)
             await fs._iwrite(fsinode)
         finally:
             fs.space.end_op()
         self.stats["nonda_allocations"] += 1
+        return got
 
     async def iomap_end(self, inode: VInode, pos: int, length: int, written: int,
                         flags: int, iomap: Iomap) -> None:
-        """Nothing to do: the engine punches the unused tail of a NEW
-        delalloc mapping itself (iomap_file_buffered_write_punch_delalloc)
-        before calling here."""
+        """The engine punches the unused tail of a NEW delalloc mapping
+        itself (iomap_file_buffered_write_punch_delalloc) before calling
+        here.  What is left is a NEW UNWRITTEN mapping from the low-space
+        path: blocks allocated for an extending write that ended short of
+        them lie past EOF with nothing to write them or free them, so they
+        go now (ext4 truncates a failed write's blocks the same way).  The
+        block holding EOF keeps its allocation: data was copied into it."""
+        if not (flags & IOMAP_WRITE and iomap.flags & IOMAP_F_NEW
+                and iomap.type == IomapType.UNWRITTEN and written < length):
+            return
+        first = (max(pos + written, inode.size) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        last = (pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        if last > first:
+            await self.fs.punch_hole(inode.ino, first, last - first)
 
     def iomap_valid(self, inode: VInode, iomap: Iomap) -> bool:
         emap = self.fs.emaps.get(inode.ino)
