@@ -176,6 +176,8 @@ def add_commands(sub) -> None:
                         "copy_fault, writeback_eio, alloc_enospc, log_eio, delay_*), allow_other, "
                         "default_permissions, ro, dev, suid, acl, writeback_cache, "
                         "relatime (default), strictatime, noatime, nodiratime, mkfs, log=FILE, "
+                        "log_writes=FILE (every device write, flush and discard, for crash "
+                        "testing; see docs/conformance.md), "
                         "lock_wait=SEC, entry_timeout=SEC, attr_timeout=SEC, debug")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.set_defaults(func=cmd_mount)

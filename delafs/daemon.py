@@ -28,6 +28,7 @@ from .blockdev import BlockDevice
 from .errors import DelafsError, FsError, NotDelafsError
 from .errortag import TAGS, ErrorTags
 from .fs import Filesystem
+from .logwrites import WriteLog
 from .mount import Mount
 from .vfs import Operations
 
@@ -61,8 +62,8 @@ def parse_options(text: str | None) -> dict:
             opts[key] = float(val)
         elif key == "punch" and val in ("scan", "legacy"):
             opts["punch"] = val
-        elif key == "log" and sep:
-            opts["log"] = val
+        elif key in ("log", "log_writes") and sep and val:
+            opts[key] = os.path.abspath(val)
         elif key in TAGS and sep and val.isdigit():
             opts["tags"][key] = int(val)
         elif key in _DEFAULT_FLAGS and not sep:
@@ -138,6 +139,8 @@ class Daemon:
 
     async def start(self) -> None:
         self.dev = dev = self.open_image()
+        if self.opts.get("log_writes"):
+            dev.recorder = WriteLog(self.opts["log_writes"])
         if self.opts.get("mkfs") and not self.readonly and not any(dev.read_sync(0, 1)):
             log.info("formatting blank image %s", self.image)
             await Filesystem.format(dev)
@@ -170,7 +173,8 @@ class Daemon:
 
     async def control(self, data: bytes) -> bytes:
         """Commands written to MOUNTPOINT/.delafs-control: ``sync``,
-        ``inject TAG=N ...``, ``stat``.  The reply is read back."""
+        ``inject TAG=N ...``, ``stat``, ``mark LABEL`` (with -o log_writes).
+        The reply is read back."""
         words = data.decode(errors="replace").split()
         if not words:
             raise FsError(errno.EINVAL, "empty control command")
@@ -186,6 +190,12 @@ class Daemon:
                 except ValueError as e:
                     raise FsError(errno.EINVAL, str(e))
             return json.dumps(self.m.errortags.statistics()).encode() + b"\n"
+        if cmd == "mark":
+            if not isinstance(self.dev.recorder, WriteLog):
+                raise FsError(errno.EINVAL, "mark needs a mount with -o log_writes=FILE")
+            if len(args) != 1:
+                raise FsError(errno.EINVAL, "mark takes one label (no spaces)")
+            return b"%d\n" % self.dev.recorder.mark(args[0])
         if cmd == "stat":
             return json.dumps(self.statistics(), indent=1).encode() + b"\n"
         raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")
@@ -244,6 +254,8 @@ class Daemon:
         finally:
             if self.dev is not None:
                 self.dev.close()
+                if isinstance(self.dev.recorder, WriteLog):
+                    self.dev.recorder.close()
 
 
 def run(image: str, mountpoint: str, opts: dict, *, ready=None) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import trio
 
 from delafs.blockdev import BLOCK_SIZE, Recorder
-from delafs.crashsim import build_image, crash_cuts
+from delafs.crashsim import build_image, crash_cuts, durable_end
 from delafs.errors import FsError
 from delafs.errortag import ErrorTags
 from delafs.fs import Filesystem
@@ -248,11 +248,6 @@ class Harness:
 # ---------------------------------------------------------------------------
 # Checking
 # ---------------------------------------------------------------------------
-
-def durable_end(events: list, upto: int) -> int:
-    """Events [0, durable_end) survive any crash after events[:upto]."""
-    return max((i + 1 for i in range(upto) if events[i][0] == "flush"), default=0)
-
 
 def check_file(fm: FileModel, events: list, upto: int, size: int, data: bytes) -> list[str]:
     """What is wrong with the recovered ``data`` of one file."""
