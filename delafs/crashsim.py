@@ -107,12 +107,6 @@ def flush_points(events: list) -> list[int]:
     return sorted(points)
 
 
-def durable_end(events: list, upto: int) -> int:
-    """Events ``[0, durable_end)`` survive any crash after ``events[:upto]``:
-    everything up to the prefix's last flush."""
-    return max((i + 1 for i in range(upto) if events[i][0] == "flush"), default=0)
-
-
 def build_image(
     base_path: str,
     events: list,

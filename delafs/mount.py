@@ -131,6 +131,22 @@ class Mount:
             self.inodes[ino] = inode
         return inode
 
+    async def evict_if_unlinked(self, ino: int) -> None:
+        """The last reference to ``ino`` is going (evict_inode): if it has no
+        names left, its cached pages go, writeback included, before the
+        filesystem frees its blocks, so they are never written back into
+        space another file may own by then."""
+        try:
+            unlinked = (await self.fs.getattr(ino)).nlink == 0
+        except FsError:
+            unlinked = True
+        vi = self.inodes.get(ino)
+        if unlinked and vi is not None:
+            async with vi.i_rwsem.exclusive():
+                async with vi.mapping.invalidate_lock.exclusive():
+                    await vi.mapping.truncate_range(0, None)
+            self.inodes.pop(ino, None)
+
     async def getattr(self, ino: int):
         attr = await self.fs.getattr(ino)
         inode = self.inodes.get(ino)
@@ -275,6 +291,11 @@ class Mount:
         err = inode.mapping.wb_err.check_and_advance(f.errseq)
         if err:
             raise FsError(err, "writeback error")
+
+    async def fsyncdir(self) -> None:
+        """fsync of a directory: its names live only in the journal, and a
+        commit makes every name change before it durable."""
+        await self.fs.commit()
 
     async def syncfs(self) -> None:
         for inode in list(self.inodes.values()):

@@ -230,22 +230,11 @@ class Operations(pyfuse3.Operations):
         await self.fs.close_ref(ino)
 
     async def _evict_if_unlinked(self, ino: int) -> None:
-        """An inode with no names that the kernel no longer knows and no
-        file holds open: its cached pages go before its blocks do, so they
-        are never written back into freed space."""
+        """The kernel no longer knows the inode and no file holds it open."""
         if ino in self.lookups or any(isinstance(f, OpenFile) and f.inode.ino == ino
                                       for f in self.files.values()):
             return
-        try:
-            unlinked = (await self.fs.getattr(ino)).nlink == 0
-        except FsError:
-            unlinked = True
-        vi = self.m.inodes.get(ino)
-        if unlinked and vi is not None:
-            async with vi.i_rwsem.exclusive():
-                async with vi.mapping.invalidate_lock.exclusive():
-                    await vi.mapping.truncate_range(0, None)
-            self.m.inodes.pop(ino, None)
+        await self.m.evict_if_unlinked(ino)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -441,7 +430,7 @@ class Operations(pyfuse3.Operations):
 
     @_reply
     async def fsyncdir(self, fh, datasync):
-        await self.fs.commit()
+        await self.m.fsyncdir()
 
     # -- files ----------------------------------------------------------------------------------
 

@@ -14,14 +14,23 @@ The promise oracle.  Each worker owns one file and writes whole blocks
 whose every 16 bytes carry (file, block, version), so any sector read back
 names the write it came from.  A promise is what an fsync or fdatasync
 that *returned* guarantees: the blocks and size the file had when the call
-began.  On a crash image whose durable prefix (up to its last flush)
-includes the promise's return, every sector of a promised block must hold
+began.  It binds every crash image whose event prefix includes the call's
+return, whatever the device did with its cache after it (a correct fsync
+ends in a flush, so such an image's durable part covers it): every sector of a promised block must hold
 the promised version or a version written after the promise began (an
 in-place overwrite may reach the disk at any time), or zeros if a truncate
 after the promise cut the block off; the size must be at least what the
 promise saw, unless such a truncate shrank it.  Any sector of any file,
 promised or not, must hold one of that block's own versions or zeros:
 never another file's data, never stale blocks.  fsck must be clean.
+
+A namespace worker creates, renames and unlinks among a pool of names in
+one directory and fsyncs it: each directory fsync promises the names it
+saw, present or gone, until a later operation touches them.  It also
+unlinks files while they are open, writes and fsyncs them after, and
+closes them: their blocks are freed only after their pages and writeback,
+and their data (tagged with file ids of their own) must never turn up in
+the workers' files.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from dataclasses import dataclass, field
 import trio
 
 from delafs.blockdev import BLOCK_SIZE, Recorder
-from delafs.crashsim import build_image, crash_cuts, durable_end
+from delafs.crashsim import build_image, crash_cuts, flush_points
 from delafs.errors import FsError
 from delafs.errortag import ErrorTags
 from delafs.fs import Filesystem
@@ -89,12 +98,30 @@ class FileModel:
 
 
 @dataclass
+class DirPromise:
+    ev: int                  # recorder events when the directory fsync returned
+    seq: int                 # operation counter when it began
+    names: frozenset         # the names the directory held then
+
+
+@dataclass
+class DirModel:
+    """The namespace worker's directory: which of its pool of names exist."""
+    ino: int = 0
+    names: set[bytes] = field(default_factory=set)
+    touches: list[tuple[int, bytes]] = field(default_factory=list)   # (seq, name)
+    promises: list[DirPromise] = field(default_factory=list)
+    orphans: int = 0         # files unlinked while open, written and fsynced after
+
+
+@dataclass
 class Run:
     """A recorded workload: the base image, the event stream and the model."""
     base: str
     events: list
     files: list[FileModel]
     stats: dict
+    dir: DirModel | None = None
 
 
 class Harness:
@@ -103,7 +130,7 @@ class Harness:
 
     def __init__(self, workdir, *, seed: int, nfiles: int = 3, ops_per_file: int = 40,
                  max_blocks: int = 24, delay_writeback: int = 0, writeback_eio: int = 0,
-                 finish: str = "crash", nblocks: int = 4096):
+                 finish: str = "crash", nblocks: int = 4096, namespace: bool = True):
         self.workdir = workdir
         self.seed = seed
         self.nfiles = nfiles
@@ -115,6 +142,7 @@ class Harness:
             raise ValueError(f"finish must be crash or unmount, not {finish!r}")
         self.finish = finish
         self.nblocks = nblocks
+        self.namespace = namespace
         self.seq = 0
         self.ver = 0
 
@@ -126,10 +154,13 @@ class Harness:
         base = str(self.workdir / "base.img")
         await format_image(base, self.nblocks, seed=self.seed)
         files = [FileModel(i + 1, b"f%d" % (i + 1)) for i in range(self.nfiles)]
+        dm = DirModel() if self.namespace else None
         with InlineDevice.open(base) as dev:        # the empty files are in the base image
             fs = await Filesystem.open(dev)
             for fm in files:
                 fm.ino = (await fs.create(ROOT, fm.name, 0o644)).ino
+            if dm is not None:
+                dm.ino = (await fs.mkdir(ROOT, b"d", 0o755)).ino
             await fs.close()
         live = str(self.workdir / "live.img")
         shutil.copyfile(base, live)
@@ -149,6 +180,8 @@ class Harness:
                 async with trio.open_nursery() as workers:
                     for fm in files:
                         workers.start_soon(self._worker, m, fm, random.Random(self.seed * 1000 + fm.fid))
+                    if dm is not None:
+                        workers.start_soon(self._namespace_worker, m, dm, random.Random(self.seed * 1000))
                 stats = {"engine": dict(m.engine.stats), "iomap": dict(m.ops.stats)}
                 if self.finish == "unmount":
                     m.errortags.set("writeback_eio", 0)
@@ -176,7 +209,71 @@ class Harness:
                     fm.promises.append(p)
         finally:
             dev.close()         # a crash: no unmount
-        return Run(base, dev.recorder.events, files, stats)
+        return Run(base, dev.recorder.events, files, stats, dm)
+
+    async def _namespace_worker(self, m: Mount, dm: DirModel, rng: random.Random) -> None:
+        """Creates, renames and unlinks among a small pool of names, files
+        unlinked while open (written and fsynced after, then evicted), and
+        directory fsyncs, each a promise of the names the directory held."""
+        pool = [b"n%d" % i for i in range(8)]
+        for _ in range(self.ops_per_file):
+            r = rng.random()
+            name = rng.choice(pool)
+            if r < 0.25:
+                if name not in dm.names:
+                    dm.touches.append((self._next_seq(), name))
+                    await m.fs.create(dm.ino, name, 0o644)
+                    dm.names.add(name)
+            elif r < 0.45:
+                if dm.names:
+                    old = rng.choice(sorted(dm.names))
+                    if old != name:
+                        seq = self._next_seq()
+                        dm.touches += [(seq, old), (seq, name)]
+                        await m.fs.rename(dm.ino, old, dm.ino, name)
+                        dm.names.discard(old)
+                        dm.names.add(name)
+            elif r < 0.6:
+                if name in dm.names:
+                    dm.touches.append((self._next_seq(), name))
+                    await m.fs.unlink(dm.ino, name)
+                    dm.names.discard(name)
+            elif r < 0.75:
+                await self._orphan(m, dm, name, rng)
+            else:
+                seq = self._next_seq()
+                names = frozenset(dm.names)
+                await m.fsyncdir()
+                dm.promises.append(DirPromise(len(m.fs.dev.recorder.events), seq, names))
+
+    async def _orphan(self, m: Mount, dm: DirModel, name: bytes, rng: random.Random) -> None:
+        """Open a file, unlink it, keep writing and fsyncing it, close it:
+        its blocks go only after its cached pages and writeback have, and
+        its data must never turn up in another file."""
+        dm.touches.append((self._next_seq(), name))
+        if name not in dm.names:
+            await m.fs.create(dm.ino, name, 0o644)
+        ino = (await m.fs.lookup(dm.ino, name)).ino
+        f = await m.open(ino, write=True)
+        fid = 1000 + dm.orphans
+        dm.orphans += 1
+        for blk in range(rng.randint(1, 6)):
+            self.ver += 1
+            await m.write(f, blk * BLOCK_SIZE, block_data(fid, blk, self.ver))
+        await m.fs.unlink(dm.ino, name)
+        dm.names.discard(name)
+        for blk in range(rng.randint(1, 6)):
+            self.ver += 1
+            await m.write(f, blk * BLOCK_SIZE, block_data(fid, blk, self.ver))
+        if rng.random() < 0.5:
+            await trio.sleep(0.005)         # the flusher takes some of it
+        if rng.random() < 0.5:
+            try:
+                await m.fsync(f)
+            except FsError:
+                pass                        # injected writeback EIO: nothing to promise
+        await m.release(f)                  # else closed with dirty pages
+        await m.evict_if_unlinked(ino)
 
     async def _worker(self, m: Mount, fm: FileModel, rng: random.Random) -> None:
         f = await m.open(fm.ino, write=True)
@@ -249,11 +346,10 @@ class Harness:
 # Checking
 # ---------------------------------------------------------------------------
 
-def check_file(fm: FileModel, events: list, upto: int, size: int, data: bytes) -> list[str]:
+def check_file(fm: FileModel, upto: int, size: int, data: bytes) -> list[str]:
     """What is wrong with the recovered ``data`` of one file."""
     bad = []
-    durable = durable_end(events, upto)
-    p = max((p for p in fm.promises if p.ev <= durable), key=lambda p: p.ev, default=None)
+    p = max((p for p in fm.promises if p.ev <= upto), key=lambda p: p.ev, default=None)
     versions: dict[int, set[int]] = {}
     for _, b, v in fm.writes:
         versions.setdefault(b, set()).add(v)
@@ -303,7 +399,25 @@ async def check_image(path: str, run: Run, upto: int) -> list[str]:
                     continue
                 raise
             data = await fs.pread(inode.ino, 0, inode.size)
-            bad += [f"{fm.name.decode()}: {b}" for b in check_file(fm, run.events, upto, inode.size, data)]
+            bad += [f"{fm.name.decode()}: {b}" for b in check_file(fm, upto, inode.size, data)]
+        if run.dir is not None:
+            names = {e[0] for e in await fs.readdir(run.dir.ino)}
+            bad += [f"d: {b}" for b in check_dir(run.dir, upto, names)]
+    return bad
+
+
+def check_dir(dm: DirModel, upto: int, names: set[bytes]) -> list[str]:
+    """The names of the latest directory promise made before the crash: each one no later
+    operation touched must be there, and each name it lacked, absent."""
+    p = max((p for p in dm.promises if p.ev <= upto), key=lambda p: p.ev, default=None)
+    if p is None:
+        return []
+    later = {n for seq, n in dm.touches if seq > p.seq}
+    bad = []
+    for name in {n for _, n in dm.touches} - later:
+        if (name in p.names) != (name in names):
+            bad.append(f"{name.decode()} is {'present' if name in names else 'missing'}, "
+                       f"a directory fsync (ev {p.ev}) saw it {'present' if name in p.names else 'gone'}")
     return bad
 
 
@@ -317,10 +431,17 @@ class Verdict:
 async def check_run(run: Run, workdir, *, seed: int, variants_per_point: int = 2,
                     max_images: int | None = None, stop_at_first: bool = False) -> Verdict:
     rng = random.Random(seed)
-    cuts = crash_cuts(run.events, rng, variants_per_point=variants_per_point)
+    # Every flush, and the instant each promise returned: a promise kept
+    # only by a flush that came later is caught by the cut just before it.
+    promised_at = {p.ev for fm in run.files for p in fm.promises}
+    if run.dir is not None:
+        promised_at |= {p.ev for p in run.dir.promises}
+    points = sorted(set(flush_points(run.events)) | promised_at)
+    cuts = crash_cuts(run.events, rng, variants_per_point=variants_per_point, points=points)
     if max_images is not None and len(cuts) > max_images:
         cuts = sorted(rng.sample(cuts, max_images), key=lambda c: c.upto)
-    v = Verdict(promises=sum(len(fm.promises) for fm in run.files))
+    v = Verdict(promises=sum(len(fm.promises) for fm in run.files)
+                + (len(run.dir.promises) if run.dir is not None else 0))
     dest = str(workdir / "crash.img")
     for cut in cuts:
         extra = {"rng": random.Random(cut.seed)} if cut.opts else {}

@@ -115,3 +115,16 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
             print(v.violations[0])
             return
     pytest.fail(f"mutant survived {checked} crash images")
+
+
+async def test_mutant_fsyncdir_not_committing_is_caught(tmp_path, monkeypatch):
+    """A directory fsync that returns without committing the journal: the
+    names it promised are not durable."""
+    from delafs.mount import Mount
+
+    async def no_commit(self):
+        return None
+    monkeypatch.setattr(Mount, "fsyncdir", no_commit)
+    _, v = await record_and_check(tmp_path, seed=1, stop_at_first=True)
+    assert any("d: " in x for x in v.violations), f"mutant survived {v.images} crash images"
+

@@ -12,7 +12,7 @@ volatile cache allows (every flush point, plus cuts inside the unflushed
 window with writes dropped, reordered and torn) must then be a state the
 programs accept (fsck clean, sqlite's integrity_check ok, ``git fsck``
 clean) holding at least every transaction and commit marked before the
-image's last flush.
+crash.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import threading
 
 import pytest
 
-from delafs.crashsim import build_image, crash_cuts, durable_end
+from delafs.crashsim import build_image, crash_cuts, flush_points
 from delafs.fs import Filesystem
 from delafs.fsck import check
 from delafs.logwrites import read_write_log
@@ -147,9 +147,10 @@ async def extract(fs, ino: int, dest: str) -> None:
                     f.write(await fs.pread(child, 0, inode.size))
 
 
-def promised(marks, prefix: str, durable: int) -> int | None:
-    """The highest ``prefix-N`` mark the durable prefix covers."""
-    got = [int(label.split("-")[1]) for at, label in marks if label.startswith(prefix + "-") and at <= durable]
+def promised(marks, prefix: str, upto: int) -> int | None:
+    """The highest ``prefix-N`` mark a crash after ``events[:upto]`` must
+    keep: the program was told before the crash."""
+    got = [int(label.split("-")[1]) for at, label in marks if label.startswith(prefix + "-") and at <= upto]
     return max(got, default=None)
 
 
@@ -165,8 +166,7 @@ async def check_image(path: str, events, marks, upto: int, scratch: str) -> list
         await extract(fs, ROOT, scratch)
         await fs.close()
     bad = []
-    durable = durable_end(events, upto)
-    want = promised(marks, "sqlite", durable)
+    want = promised(marks, "sqlite", upto)
     db_path = os.path.join(scratch, "db.sqlite")
     if want is not None:
         if not os.path.exists(db_path):
@@ -188,7 +188,7 @@ async def check_image(path: str, events, marks, upto: int, scratch: str) -> list
                     bad.append(f"sqlite: rows {rows} do not match the counter {n}")
             finally:
                 db.close()
-    want = promised(marks, "git", durable)
+    want = promised(marks, "git", upto)
     repo = os.path.join(scratch, "repo")
     if want is not None:
         r = subprocess.run(["git", "-C", repo, "fsck", "--full", "--no-dangling"],
@@ -217,7 +217,8 @@ async def record_and_check(delafs_mount, tmp_path, *, transactions, commits, max
     events, marks = read_write_log(wlog)
     assert len(marks) == transactions + 1 + commits, marks
     rng = random.Random(seed)
-    cuts = crash_cuts(events, rng, variants_per_point=2)
+    points = sorted(set(flush_points(events)) | {at for at, _ in marks})
+    cuts = crash_cuts(events, rng, variants_per_point=2, points=points)
     if len(cuts) > max_images:
         cuts = sorted(rng.sample(cuts, max_images), key=lambda c: c.upto)
     dest = str(tmp_path / "crash.img")
