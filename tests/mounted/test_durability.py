@@ -223,3 +223,74 @@ def test_journal_eio_shuts_down_with_a_log_line_and_recovers(delafs_mount):
     m.fsck()
     m.mount()
     assert open(m.path("before"), "rb").read() == b"committed before the fault"
+
+
+def test_data_write_eio_is_reported_once_per_open_file_description(delafs_mount):
+    """errseq through the kernel: each description open when writeback
+    failed sees EIO from its next fsync, once; one opened after the error
+    sees nothing."""
+    m = delafs_mount(size="64M")
+    m.tracebacks_ok = True
+    p = m.path("f")
+    a = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    b = os.open(p, os.O_RDWR)
+    try:
+        m.inject(writeback_eio=1)
+        os.write(a, b"y" * 50000)
+        for fd in (a, b):
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno.EIO
+            os.fsync(fd)                        # reported once: clean now
+        m.inject(writeback_eio=0)
+        c = os.open(p, os.O_RDWR)
+        try:
+            os.fsync(c)
+        finally:
+            os.close(c)
+        os.pwrite(a, b"z" * 4096, 0)
+        os.fsync(a)
+        os.fsync(b)
+    finally:
+        os.close(a)
+        os.close(b)
+    m.cycle()
+    assert open(p, "rb").read(4096) == b"z" * 4096
+
+
+def test_flush_eio_fails_fsync_and_shuts_down_then_recovers(delafs_mount):
+    """A device cache flush that fails: the data flush of writeback records
+    the error for fsync, the journal's flush shuts the filesystem down with
+    a log line; after a remount (the fault is gone) fsck is clean and what
+    was fsynced before is intact."""
+    m = delafs_mount(size="64M")
+    m.tracebacks_ok = True
+    with open(m.path("before"), "wb") as f:
+        f.write(b"fsynced before the fault")
+        f.flush()
+        os.fsync(f.fileno())
+    m.inject(flush_eio=1)
+    fd = os.open(m.path("during"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * 10000)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert "filesystem shut down" in open(m.log).read()
+    r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert wait_until(lambda: not pid_alive(m.pid), 60)
+    m.pid = None
+    m.fsck()
+    m.mount()
+    assert open(m.path("before"), "rb").read() == b"fsynced before the fault"
+
+
+def test_inject_refuses_a_bad_setting_with_a_clear_error(delafs_mount):
+    m = delafs_mount(size="32M")
+    for bad in ("no_such_tag=1", "short_copy=x"):
+        r = run([DELAFS, "inject", m.mnt, bad], check=False)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and "errortag" in r.stderr, r.stderr
