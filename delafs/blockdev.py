@@ -217,6 +217,13 @@ class Recorder:
         self.events.clear()
 
 
+def _flush_errortag(dev) -> None:
+    """The ``flush_eio`` errortag of the filesystem using the device."""
+    tags = dev.errortags
+    if tags is not None and tags.fires("flush_eio"):
+        raise FsError(errno.EIO, f"injected cache flush error on {dev.path} (flush_eio)")
+
+
 def _prepare_write(dev, blk: int, bufs) -> tuple[list[memoryview], int, int]:
     """The checks every device makes before a write, in order: read-only,
     whole blocks per buffer, bounds, injected faults.  Returns the buffers
@@ -266,6 +273,7 @@ class BlockDevice:
         self.direct = direct
         self.faults = FaultTable()
         self.recorder: Recorder | None = None
+        self.errortags = None           # set by Filesystem.attach_errortags
         self._stats_lock = threading.Lock()
         self._stats = dict.fromkeys(
             ("reads", "writes", "blocks_read", "blocks_written", "flushes", "discards"), 0
@@ -407,6 +415,7 @@ class BlockDevice:
         """
         if self.faults:
             self.faults.check("flush", 0, 0)
+        _flush_errortag(self)
         try:
             os.fdatasync(self._fd)
         except OSError as e:
@@ -652,6 +661,7 @@ class MemoryDevice:
         self.direct = False
         self.faults = FaultTable()
         self.recorder: Recorder | None = None
+        self.errortags = None
         self.data = bytearray(data) if data is not None else bytearray(size)
         self.closed = False
         self._locked = False
@@ -710,6 +720,7 @@ class MemoryDevice:
         self._check_open("flush")
         if self.faults:
             self.faults.check("flush", 0, 0)
+        _flush_errortag(self)
         self._stats["flushes"] += 1
         if self.recorder is not None:
             self.recorder.events.append(("flush",))

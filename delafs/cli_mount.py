@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+from .errortag import TAGS, ErrorTags
 from .vfs import CONTROL_NAME
 
 HELPER_PATH = "/sbin/mount.fuse.delafs"
@@ -163,6 +164,16 @@ def cmd_mount_helper(args) -> int:
     return daemonize_and_run(args.image, args.mountpoint, parsed, foreground=False)
 
 
+def _errortag_setting(text: str) -> str:
+    """argparse type: refuse a bad TAG=N here, with the reason, rather than
+    as a bare EINVAL from the daemon."""
+    try:
+        ErrorTags().parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_commands(sub) -> None:
     m = sub.add_parser("mount", help="mount a delafs image (daemonizes once the mount is live)",
                        description="Mount IMAGE on MOUNTPOINT. Returns once the mount is live; "
@@ -172,8 +183,7 @@ def add_commands(sub) -> None:
     m.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated options: cache_size=SIZE, dirty_limit=SIZE, "
                         "dirty_expire=SEC, writeback_interval=SEC, commit_interval=SEC, "
-                        "punch=scan|legacy, TAG=N for any errortag (short_copy, stale_mapping, "
-                        "copy_fault, writeback_eio, alloc_enospc, log_eio, delay_*), allow_other, "
+                        "punch=scan|legacy, TAG=N for any errortag (" + ", ".join(sorted(TAGS)) + "), allow_other, "
                         "default_permissions, ro, dev, suid, acl, writeback_cache, "
                         "relatime (default), strictatime, noatime, nodiratime, mkfs, log=FILE, "
                         "log_writes=FILE (every device write, flush and discard, for crash "
@@ -196,7 +206,8 @@ def add_commands(sub) -> None:
 
     i = sub.add_parser("inject", help="set errortags on a mounted delafs (TAG=N, 0 turns one off)")
     i.add_argument("mountpoint", metavar="MOUNTPOINT")
-    i.add_argument("settings", nargs="+", metavar="TAG=VALUE")
+    i.add_argument("settings", nargs="+", metavar="TAG=VALUE", type=_errortag_setting,
+                   help="known tags: " + ", ".join(sorted(TAGS)))
     i.set_defaults(func=cmd_inject)
 
     y = sub.add_parser("sync", help="write back and commit everything (sync(1) never reaches a FUSE daemon)")

@@ -24,6 +24,7 @@ TAGS: dict[str, str] = {
     "writeback_eio": "the data write of an ioend fails with EIO",
     "alloc_enospc": "a delalloc reservation or block allocation fails with ENOSPC",
     "log_eio": "a journal write fails with EIO (the filesystem shuts down)",
+    "flush_eio": "a device cache flush fails with EIO (after writeback fsync reports it; in the journal the filesystem shuts down)",
     "delay_write": "milliseconds a write waits before taking i_rwsem (widens the window between a direct write's submission and its application)",
     "delay_write_begin": "milliseconds to sleep before locking a folio in write_begin",
     "delay_punch": "milliseconds to sleep inside the delalloc punch scan",

@@ -482,7 +482,9 @@ class Filesystem:
         return inode
 
     def attach_errortags(self, tags) -> None:
-        """Fault injection below the filesystem: ``log_eio`` fails journal writes."""
+        """Fault injection below the filesystem: ``log_eio`` fails journal
+        writes, ``flush_eio`` the device's cache flushes."""
+        self.dev.errortags = tags
         if self.store.journal is not None:
             self.store.journal.errortags = tags
 
