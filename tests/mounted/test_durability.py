@@ -279,6 +279,9 @@ def test_flush_eio_fails_fsync_and_shuts_down_then_recovers(delafs_mount):
     finally:
         os.close(fd)
     assert "filesystem shut down" in open(m.log).read()
+    r = run([DELAFS, "sync", m.mnt], check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "Input/output error" in r.stderr, r.stderr
     r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
     assert r.returncode == 1, r.stderr
     assert wait_until(lambda: not pid_alive(m.pid), 60)
