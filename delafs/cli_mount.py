@@ -37,6 +37,16 @@ def control_command(mountpoint: str, command: str) -> str:
         os.close(fd)
 
 
+def _command(args, command: str) -> str:
+    """control_command for a CLI command: a failure (a shut-down
+    filesystem answers EIO) exits 1 with the reason, not a traceback."""
+    mnt = os.path.abspath(args.mountpoint)
+    try:
+        return control_command(mnt, command)
+    except OSError as e:
+        raise SystemExit(f"delafs {args.cmd}: {mnt}: {e.strerror or e} (see the daemon's log)")
+
+
 def cmd_mount(args) -> int:
     from .daemon import daemonize_and_run, parse_options
     try:
@@ -89,7 +99,7 @@ def cmd_umount(args) -> int:
 
 
 def cmd_stat(args) -> int:
-    data = json.loads(control_command(os.path.abspath(args.mountpoint), "stat"))
+    data = json.loads(_command(args, "stat"))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -112,12 +122,12 @@ def cmd_stat(args) -> int:
 
 
 def cmd_inject(args) -> int:
-    print(control_command(os.path.abspath(args.mountpoint), "inject " + " ".join(args.settings)), end="")
+    print(_command(args, "inject " + " ".join(args.settings)), end="")
     return 0
 
 
 def cmd_sync(args) -> int:
-    control_command(os.path.abspath(args.mountpoint), "sync")
+    _command(args, "sync")
     return 0
 
 
