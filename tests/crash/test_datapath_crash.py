@@ -125,6 +125,11 @@ async def test_mutant_fsyncdir_not_committing_is_caught(tmp_path, monkeypatch):
     async def no_commit(self):
         return None
     monkeypatch.setattr(Mount, "fsyncdir", no_commit)
-    _, v = await record_and_check(tmp_path, seed=1, stop_at_first=True)
+    # Only the namespace worker and no background commit: a name change is
+    # made durable by nothing but the directory fsync the mutant skips, so
+    # the first promise after a create, rename or unlink is broken, whatever
+    # the timing.
+    _, v = await record_and_check(tmp_path, seed=1, nfiles=0, commit_interval=3600,
+                                  stop_at_first=True)
     assert any("d: " in x for x in v.violations), f"mutant survived {v.images} crash images"
 
