@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import crc32c as _crc32c
 
-from .errors import CorruptionError, IncompatibleError, NotDelafsError
+from .lib.errors import CorruptionError, IncompatibleError, NotDelafsError
+from .lib.units import BLOCK_SHIFT, BLOCK_SIZE
 
-BLOCK_SIZE = 4096
-BLOCK_SHIFT = 12
 FORMAT_VERSION = 1
 
 # Files are limited so that byte offsets and block counts stay well inside

@@ -52,9 +52,10 @@ import json
 import os
 import platform
 import random
-import re
 import sys
 import time
+
+from delafs.lib import units
 
 ROOT_INO = 1
 MiB = 1 << 20
@@ -64,15 +65,13 @@ RAND_CHUNK = BLOCK
 
 WORKLOADS = ("seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read")
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.I)
 
 
 def parse_size(text: str) -> int:
-    """'256M', '1G', '64MiB', '1048576' -> bytes (binary multiples)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 64M, 1G, 1048576)")
-    return int(m.group(1)) << (10 * " kmgtp".index(m.group(2).lower() or " "))
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -388,10 +387,10 @@ class Bench:
 async def run(args) -> dict:
     import trio
 
-    from delafs.blockdev import BlockDevice
-    from delafs.fs import Filesystem
-    from delafs.locks import DEBUG_LOCKS
-    from delafs.mount import Mount
+    from delafs.block import BlockDevice
+    from delafs.fs.filesystem import Filesystem
+    from delafs.lib.locks import DEBUG_LOCKS
+    from delafs.vfs.mount import Mount
 
     # The files: SIZE + SIZE/4 + SIZE/4, plus journal, metadata and slack
     # so the allocator never nears the low-space (non-delalloc) fallback.
@@ -421,7 +420,7 @@ async def run(args) -> dict:
         if args.fsck:
             import io
 
-            from delafs.fsck import check
+            from delafs.fs.fsck import check
             dev.close()
             with BlockDevice.open(path, readonly=True) as rdev:
                 out = io.StringIO()
@@ -514,7 +513,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.no_debug_locks:
         os.environ["DELAFS_DEBUG_LOCKS"] = "0"      # read when delafs is imported
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import trio
 
     if args.profile:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import trio
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from delafs import log as journal_log  # noqa: E402
-from delafs.blockdev import BlockDevice  # noqa: E402
-from delafs.btree import Node  # noqa: E402
-from delafs.fs import Filesystem  # noqa: E402
-from delafs.items import TYPE_NAMES  # noqa: E402
+from delafs.block import BlockDevice
+from delafs.fs.btree import Node
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.items import TYPE_NAMES
+from delafs.log import journal as journal_log
 
 
 async def inspect(path: str) -> dict:

@@ -22,11 +22,9 @@ import time
 
 import trio
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from delafs.blockdev import BlockDevice  # noqa: E402
-from delafs.fs import Filesystem  # noqa: E402
-from delafs.ondisk import ROOT_INO  # noqa: E402
+from delafs.block import BlockDevice
+from delafs.fs.filesystem import Filesystem
+from delafs.ondisk import ROOT_INO
 
 CHUNK = 1 << 20
 

@@ -3,9 +3,9 @@ writeback_range, ioend completion and the journal, all running.
 
 The crash suite in ``workload.py`` drives ``Filesystem.pwrite``, which never
 goes through the page cache; this one runs the whole in-process stack
-(:class:`~delafs.mount.Mount`: engine, page cache with its flusher at a
+(:class:`~delafs.vfs.mount.Mount`: engine, page cache with its flusher at a
 short dirty expiry, writeback, periodic commits) on a device whose
-:class:`~delafs.blockdev.Recorder` logs every completed write and flush.
+:class:`~delafs.block.device.Recorder` logs every completed write and flush.
 ``crashsim`` then builds the images a power cut could leave: every flush
 boundary, and cuts inside the unflushed window with writes dropped,
 reordered and torn at sector granularity (the device's volatile cache).
@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from delafs.blockdev import BLOCK_SIZE, Recorder
-from delafs.crashsim import build_image, crash_cuts, flush_points
-from delafs.errors import FsError
-from delafs.errortag import ErrorTags
-from delafs.fs import Filesystem
-from delafs.fsck import check
-from delafs.mount import Mount
+from delafs.block import BLOCK_SIZE, Recorder
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.fsck import check
+from delafs.lib.errors import FsError
+from delafs.lib.errortag import ErrorTags
+from delafs.testing.crashsim import build_image, crash_cuts, flush_points
+from delafs.vfs.mount import Mount
 
 from .workload import InlineDevice, format_image
 

@@ -26,17 +26,29 @@ import stat
 import pytest
 import trio
 
-from delafs import log as journal_log
-from delafs.blockdev import BLOCK_SIZE, BlockDevice, Recorder
-from delafs.crashsim import build_image, flush_points, snapshot
-from delafs.extent_map import ExtState
-from delafs.fs import Filesystem
+from delafs.block import BLOCK_SIZE, BlockDevice, Recorder
+from delafs.fs.extent_map import ExtState
+from delafs.fs.filesystem import Filesystem
+from delafs.log import journal as journal_log
 from delafs.ondisk import SB_STATE_CLEAN
+from delafs.testing.crashsim import build_image, flush_points, snapshot
 
-from .workload import (CheckStats, InlineDevice, OpResult, Recording, Workload,
-                       build_cut, crash_cuts, format_image, fsck_clean,
-                       logical_snapshot, match_state, record_workload,
-                       remove, verify_crash_image)
+from .workload import (
+    CheckStats,
+    InlineDevice,
+    OpResult,
+    Recording,
+    Workload,
+    build_cut,
+    crash_cuts,
+    format_image,
+    fsck_clean,
+    logical_snapshot,
+    match_state,
+    record_workload,
+    remove,
+    verify_crash_image,
+)
 
 NBLOCKS = 4096          # 16 MiB
 LOG_BLOCKS = 256        # the minimum: wraps after a few dozen commits

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from delafs.pagecache import AddressSpace
+from delafs.mm.pagecache import AddressSpace
 
 from .datapath import Harness, check_run
 
@@ -64,7 +64,7 @@ async def test_injected_writeback_errors_are_reported_and_break_no_promise(tmp_p
 async def test_mutant_lost_writeback_error_is_caught(tmp_path, monkeypatch):
     """Writeback that drops a write error instead of recording it in
     errseq: fsync then succeeds over data that never reached the disk."""
-    from delafs.pagecache import ErrSeq
+    from delafs.mm.pagecache import ErrSeq
     monkeypatch.setattr(ErrSeq, "set", lambda self, err: None)
     run, v = await record_and_check(tmp_path, seed=4, writeback_eio=6, delay_writeback=2,
                                     stop_at_first=True)
@@ -81,7 +81,7 @@ async def test_clean_unmount_with_writeback_in_flight_keeps_everything(tmp_path)
 async def test_mutant_unmount_cancelling_the_flusher_is_caught(tmp_path, monkeypatch):
     """The unmount cancels the flusher mid-pass instead of letting it
     finish: the ioends it holds are lost, their folios already clean."""
-    from delafs.mount import Mount
+    from delafs.vfs.mount import Mount
 
     async def cancel_at_once(self):
         return None
@@ -95,7 +95,7 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
     """Completion (UNWRITTEN -> WRITTEN, the on-disk size) made durable
     before the ioend's data is written: a crash in between exposes
     whatever the reused blocks held -- another block's, another file's."""
-    from delafs.fs_iomap import FsIomapOps
+    from delafs.fs.iomap_ops import FsIomapOps
     real = FsIomapOps.writeback_submit
 
     async def complete_first(self, wpc):
@@ -120,7 +120,7 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
 async def test_mutant_fsyncdir_not_committing_is_caught(tmp_path, monkeypatch):
     """A directory fsync that returns without committing the journal: the
     names it promised are not durable."""
-    from delafs.mount import Mount
+    from delafs.vfs.mount import Mount
 
     async def no_commit(self):
         return None

@@ -1,6 +1,6 @@
 """Shared helpers of the crash-consistency tests.
 
-* :func:`logical_snapshot` walks a mounted :class:`~delafs.fs.Filesystem`
+* :func:`logical_snapshot` walks a mounted :class:`~delafs.fs.filesystem.Filesystem`
   from the root and returns what a user can observe: per path the type,
   mode, inode number, link count, size, a hash of the contents (files) or the
   target (symlinks), and the extended attributes.
@@ -8,11 +8,11 @@
   that keeps its own model of the namespace, so it never needs to re-read the
   tree to pick its next operation.
 * :func:`record_workload` runs a workload on a device with a
-  :class:`~delafs.blockdev.Recorder` attached, commits every few operations
+  :class:`~delafs.block.device.Recorder` attached, commits every few operations
   and returns a :class:`Trace`: every state that became durable, with the
   position in the event stream where its commit started and where its
   journal flush completed, plus every in-place data version written after it.
-* :func:`delafs.crashsim.crash_cuts` (re-exported here) lists the crash
+* :func:`delafs.testing.crashsim.crash_cuts` (re-exported here) lists the crash
   matrix of a stream, keeping each cut's prefix length.
 * :func:`verify_crash_image` runs fsck -n on a crash image, mounts it
   read-only (in-memory replay) and read-write (recovery), checks that both
@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 import trio
 
 from delafs import ondisk
-from delafs.blockdev import BLOCK_SIZE, BlockDevice, Recorder
-from delafs.crashsim import Cut, build_image, crash_cuts, flush_points  # noqa: F401 (re-exported)
-from delafs.errors import FsError
-from delafs.fs import Filesystem
-from delafs.fsck import check
-from delafs.items import dtype_of
+from delafs.block import BLOCK_SIZE, BlockDevice, Recorder
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.fsck import check
+from delafs.fs.items import dtype_of
+from delafs.lib.errors import FsError
+from delafs.testing.crashsim import Cut, build_image, crash_cuts, flush_points  # noqa: F401 (re-exported)
 
 ROOT = 1
 SECTOR = 512

@@ -7,12 +7,12 @@ import pytest
 import trio
 import trio.testing
 
-from delafs.blockdev import BlockDevice
-from delafs.errortag import ErrorTags
-from delafs.fs import Filesystem
-from delafs.fsck import check
-from delafs.mount import Mount
-from delafs.race import invariant_violations
+from delafs.block import BlockDevice
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.fsck import check
+from delafs.lib.errortag import ErrorTags
+from delafs.testing.race import invariant_violations
+from delafs.vfs.mount import Mount
 
 
 class Rig:
@@ -76,7 +76,7 @@ async def rig(tmp_path, nursery):
 
 def check_invariants(m: Mount) -> None:
     """DESIGN.md's per-block invariants, for a quiescent filesystem: the
-    race explorer's checks (delafs.race.invariant_violations) with no
+    race explorer's checks (delafs.testing.race.invariant_violations) with no
     operation in progress -- space identity, allocator and extent maps,
     page cache counters, no dirty block over a HOLE or past EOF, no DELALLOC
     under a clean or absent cache block (post-EOF preallocation excepted),

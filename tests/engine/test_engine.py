@@ -6,8 +6,8 @@ import os
 import pytest
 import trio
 
-from delafs.errors import FsError
-from delafs.extent_map import ExtState
+from delafs.fs.extent_map import ExtState
+from delafs.lib.errors import FsError
 from delafs.ondisk import BLOCK_SIZE as BS
 
 from .conftest import check_invariants
@@ -124,7 +124,7 @@ async def test_punch_keeps_delalloc_under_a_racing_fault(rig, mode, survives):
     """The race of seed 001, laid out step by step: a buffered write maps a
     NEW delalloc range, a page fault dirties a folio inside it, the write
     comes up short and punches its unused tail."""
-    from delafs.iomap import IOMAP_WRITE
+    from delafs.iomap.types import IOMAP_WRITE
     rig.opts["punch_mode"] = mode
     m = await rig.mount(format=True)
     ino = await new_file(m, size=64 * 1024)
@@ -264,7 +264,7 @@ async def test_writeback_eio_is_reported_once_per_description(rig):
 
 
 async def test_fallocate_allocate_punch_and_zero(rig):
-    from delafs.mount import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    from delafs.vfs.mount import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     m = await rig.mount(format=True)
     ino = await new_file(m)
     await m.fallocate(ino, 0, 0, 64 * BS)
@@ -301,7 +301,8 @@ async def test_background_writeback_skips_folios_cleaned_meanwhile(rig):
     then None).  That must be a skip, not a TypeError ending writeback on
     queued folios without writing them."""
     import functools
-    from delafs.writeback import writepages
+
+    from delafs.iomap.writeback import writepages
     m = await rig.mount(format=True)
     ino = await new_file(m)
     f = await m.open(ino, write=True)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from delafs.blockdev import MemoryDevice
-from delafs.errortag import ErrorTags
-from delafs.fs import Filesystem
-from delafs.mount import Mount
-from delafs.trace import TRACE
+from delafs.block.memory import MemoryDevice
+from delafs.fs.filesystem import Filesystem
+from delafs.lib.errortag import ErrorTags
+from delafs.lib.trace import TRACE
+from delafs.vfs.mount import Mount
 
 GOLDEN = Path(__file__).parent / "golden"
 BS = 4096

@@ -4,8 +4,8 @@ import pytest
 import trio
 import trio.testing
 
-from delafs import locks
-from delafs.locks import RWSemaphore
+from delafs.lib import locks
+from delafs.lib.locks import RWSemaphore
 
 
 @pytest.fixture(autouse=True)

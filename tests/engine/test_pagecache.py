@@ -7,12 +7,20 @@ import logging
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from delafs import locks
+from delafs.lib import locks
+from delafs.mm.pagecache import (
+    MAX_FOLIO_BLOCKS,
+    ErrSeq,
+    ErrSeqCursor,
+    Folio,
+    PageCache,
+    assert_no_folio_locks_held,
+    folio_locks_held,
+)
 from delafs.ondisk import BLOCK_SIZE
-from delafs.pagecache import (MAX_FOLIO_BLOCKS, ErrSeq, ErrSeqCursor, Folio, PageCache,
-                              assert_no_folio_locks_held, folio_locks_held)
 
 B = BLOCK_SIZE
 
@@ -659,7 +667,7 @@ async def test_flusher_survives_writeback_errors(autojump_clock, caplog):
             raise OSError(errno.EIO, "injected")
         await fake_writeback(mapping, expired_only, io_time=0)
 
-    with caplog.at_level(logging.ERROR, logger="delafs.pagecache"):
+    with caplog.at_level(logging.ERROR, logger="delafs.mm.pagecache"):
         async with trio.open_nursery() as n:
             await n.start(cache.run_flusher, wb)
             for i in range(3):

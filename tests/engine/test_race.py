@@ -1,4 +1,4 @@
-"""The deterministic race explorer (delafs.race), short versions of its
+"""The deterministic race explorer (delafs.testing.race), short versions of its
 acceptance runs, and regression tests for the engine bugs it found.
 
 The explorer runs its own trio.run per schedule, so its tests are plain
@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
-from delafs import race
-from delafs.blockdev import MemoryDevice
-from delafs.buffered_io import IovIter
-from delafs.cli import build_parser
-from delafs.errors import FsError
-from delafs.extent_map import ExtState
+from delafs.block.memory import MemoryDevice
+from delafs.cli.app import build_parser
+from delafs.fs.extent_map import ExtState
+from delafs.iomap.buffered_io import IovIter
+from delafs.lib.errors import FsError
 from delafs.ondisk import BLOCK_SIZE as BS
+from delafs.testing import race
 
 from .conftest import check_invariants
 
@@ -116,7 +116,7 @@ def test_cli_race_parses_and_exits():
     assert args.mutant == "per_folio_punch" and args.replay == 4
     with pytest.raises(SystemExit):
         p.parse_args(["race", "--mutant", "no_such_mutant"])
-    from delafs.cli import main
+    from delafs.cli.app import main
     assert main(["race", "--schedules", "2"]) == 0
     assert main(["race", "--punch", "legacy", "--mutant", "no_cookie_check",
                  "--schedules", "1"]) == 2

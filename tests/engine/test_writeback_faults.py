@@ -8,7 +8,7 @@ import errno
 import pytest
 import trio
 
-from delafs.errors import CorruptionError, FsError
+from delafs.lib.errors import CorruptionError, FsError
 
 from .conftest import check_invariants
 

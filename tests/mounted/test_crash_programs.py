@@ -26,13 +26,12 @@ import subprocess
 import threading
 
 import pytest
-
-from delafs.crashsim import build_image, crash_cuts, flush_points
-from delafs.fs import Filesystem
-from delafs.fsck import check
-from delafs.logwrites import read_write_log
-
 from crash.workload import InlineDevice
+
+from delafs.block.logwrites import read_write_log
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.fsck import check
+from delafs.testing.crashsim import build_image, crash_cuts, flush_points
 
 from .conftest import run
 
@@ -65,7 +64,7 @@ class Workload:
         self.lock = threading.Lock()
 
     def mark(self, label: str) -> None:
-        from delafs.cli_mount import control_command
+        from delafs.cli.mount import control_command
         with self.lock:
             control_command(self.m.mnt, f"mark {label}")
 
@@ -260,7 +259,7 @@ async def test_the_oracle_sees_a_commit_that_was_never_synced(delafs_mount, tmp_
 
 
 def test_mark_without_a_write_log_is_refused(delafs_mount):
-    from delafs.cli_mount import control_command
+    from delafs.cli.mount import control_command
     m = delafs_mount(size="32M")
     with pytest.raises(OSError) as e:
         control_command(m.mnt, "mark x")

@@ -120,8 +120,9 @@ def test_host_filesystem_full_is_reported_and_loses_no_metadata(delafs_mount, tm
         m = delafs_mount(image=image, mkfs=False, mount=False)
         r = run([DELAFS, "mount", image, m.mnt, "-o", m._all_opts("")])
         assert "warning" in r.stderr and "MiB free" in r.stderr, r.stderr
-        from delafs.cli_mount import control_command
         import json
+
+        from delafs.cli.mount import control_command
         m.pid = json.loads(control_command(m.mnt, "stat"))["daemon"]["pid"]
         m.pids.append(m.pid)
         m.tracebacks_ok = True

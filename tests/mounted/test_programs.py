@@ -19,15 +19,22 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import textwrap
 import threading
 import time
 
 import pytest
 
-from .conftest import (DELAFS, PYTHON, DelafsMount, is_mounted, manifest, manifest_diff, pid_alive,
-                       run, wait_until)
+from .conftest import (
+    DELAFS,
+    PYTHON,
+    is_mounted,
+    manifest,
+    manifest_diff,
+    pid_alive,
+    run,
+    wait_until,
+)
 
 GIT = ["git", "-c", "user.name=delafs test", "-c", "user.email=test@delafs.invalid",
        "-c", "init.defaultBranch=main", "-c", "gc.auto=0"]

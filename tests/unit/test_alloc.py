@@ -1,4 +1,4 @@
-"""Tests of delafs.alloc: placement policy, budgets, busy extents, books."""
+"""Tests of delafs.fs.alloc: placement policy, budgets, busy extents, books."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from delafs.alloc import Allocator
-from delafs.errors import FsError
+from delafs.fs.alloc import Allocator
+from delafs.lib.errors import FsError
 
 
 def identity(a: Allocator) -> None:

@@ -11,8 +11,8 @@ import threading
 import pytest
 import trio
 
-from delafs.blockdev import BLOCK_SIZE, BlockDevice, FaultTable, Recorder
-from delafs.errors import FsError
+from delafs.block import BLOCK_SIZE, BlockDevice, FaultTable, Recorder
+from delafs.lib.errors import FsError
 
 NBLOCKS = 64
 

@@ -23,10 +23,10 @@ import tracemalloc
 import pytest
 import trio
 
-from delafs.blockdev import BLOCK_SIZE, BlockDevice
-from delafs.fs import Filesystem
-from delafs.items import T_EXTENT
-from delafs.log import log_blocks_needed
+from delafs.block import BLOCK_SIZE, BlockDevice
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.items import T_EXTENT
+from delafs.log.journal import log_blocks_needed
 from delafs.ondisk import ROOT_INO
 
 SMALL = 1_000

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from delafs.btree import BTree, KEY_MAX, KEY_MIN, MAX_VALUE, Node, NODE_CAP
-from delafs.errors import CorruptionError
+from delafs.fs.btree import KEY_MAX, KEY_MIN, MAX_VALUE, NODE_CAP, BTree, Node
+from delafs.lib.errors import CorruptionError
 
 
 class ImageStore:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from delafs.blockdev import BLOCK_SIZE, BlockDevice
+from delafs.block import BLOCK_SIZE, BlockDevice
 from delafs.ondisk import MIN_BLOCKS, SB_MAGIC, Superblock
 
 _SCRIPT = Path(sys.executable).parent / "delafs"
@@ -322,7 +322,7 @@ def test_mkfs_on_a_locked_image_does_not_resize_it(image, size):
 
 
 def test_mount_options_atime_policies_and_unknown_ones_are_refused():
-    from delafs.daemon import parse_options
+    from delafs.fuse.daemon import parse_options
     opts = parse_options("relatime,rw,noatime,acl")
     assert opts["fuse"] == {"default_permissions", "noatime"} and opts["acl"]
     assert parse_options("strictatime,nodiratime")["strictatime"]

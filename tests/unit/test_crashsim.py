@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from delafs.blockdev import BLOCK_SIZE, BlockDevice, Recorder
-from delafs.crashsim import (
+from delafs.block import BLOCK_SIZE, BlockDevice, Recorder
+from delafs.testing.crashsim import (
     SECTOR_SIZE,
     build_image,
     crash_images,

@@ -1,4 +1,4 @@
-"""Tests of delafs.extent_map: lookups, set/remove with splits and merges,
+"""Tests of delafs.fs.extent_map: lookups, set/remove with splits and merges,
 indlen conservation and the validity cookie."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from delafs.extent_map import MAX_FBLOCK, Extent, ExtentMap, ExtState
+from delafs.fs.extent_map import MAX_FBLOCK, Extent, ExtentMap, ExtState
 
 H, D, U, W = ExtState.HOLE, ExtState.DELALLOC, ExtState.UNWRITTEN, ExtState.WRITTEN
 

@@ -26,18 +26,26 @@ import sys
 import pytest
 import trio
 
-from delafs import log as journal_log
-from delafs.blockdev import BLOCK_SIZE, BlockDevice
-from delafs.btree import Node
-from delafs.crashsim import sparse_copy
-from delafs.errors import CorruptionError, DelafsError, NotDelafsError
-from delafs.fs import Filesystem
-from delafs.fsck import check
-from delafs.items import T_DIRENT, T_EXTENT, T_INODE, decode_dirent
-from delafs.log import TAGS_OFF
-from delafs.ondisk import (HDR_SIZE, ROOT_INO, FsInfo, Superblock,
-                           decode_bitmap, encode_bitmap, unseal, MAGIC_BITMAP,
-                           MAGIC_NODE)
+from delafs.block import BLOCK_SIZE, BlockDevice
+from delafs.fs.btree import Node
+from delafs.fs.filesystem import Filesystem
+from delafs.fs.fsck import check
+from delafs.fs.items import T_DIRENT, T_EXTENT, T_INODE, decode_dirent
+from delafs.lib.errors import CorruptionError, DelafsError, NotDelafsError
+from delafs.log import journal as journal_log
+from delafs.log.journal import TAGS_OFF
+from delafs.ondisk import (
+    HDR_SIZE,
+    MAGIC_BITMAP,
+    MAGIC_NODE,
+    ROOT_INO,
+    FsInfo,
+    Superblock,
+    decode_bitmap,
+    encode_bitmap,
+    unseal,
+)
+from delafs.testing.crashsim import sparse_copy
 
 IMAGE_SIZE = 64 << 20
 CLI = [sys.executable, "-m", "delafs.cli"]

@@ -3,9 +3,9 @@ the marks between, read back as crashsim replays it."""
 
 import pytest
 
-from delafs.blockdev import BLOCK_SIZE, BlockDevice
-from delafs.crashsim import build_image
-from delafs.logwrites import WriteLog, read_write_log
+from delafs.block import BLOCK_SIZE, BlockDevice
+from delafs.block.logwrites import WriteLog, read_write_log
+from delafs.testing.crashsim import build_image
 
 
 async def test_events_and_marks_round_trip_and_replay(tmp_path):

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
-from delafs.blockdev import BlockDevice
-from delafs.fs import Filesystem
-from delafs.mount import Mount
+from delafs.block import BlockDevice
+from delafs.fs.filesystem import Filesystem
+from delafs.fuse.operations import Operations
 from delafs.ondisk import ROOT_INO
-from delafs.vfs import Operations
+from delafs.vfs.mount import Mount
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ async def test_out_of_range_times_are_clamped_and_change_nothing_else(ops):
 
 
 async def test_link_count_limit_is_emlink_not_a_shutdown(ops, monkeypatch):
-    import delafs.fs as fsmod
+    import delafs.fs.filesystem as fsmod
     e = await ops.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, CTX)
     ino = e[1].st_ino
     monkeypatch.setattr(fsmod, "LINK_MAX", 3, raising=False)

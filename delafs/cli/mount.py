@@ -1,0 +1,237 @@
+"""The mount-side commands of ``delafs``: mount, umount, stat, inject, sync,
+install-helper.  (mkfs, fsck and race live in cli.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from ..fuse.daemon import daemonize_and_run, parse_options, wait_gone
+from ..fuse.operations import CONTROL_NAME
+from ..lib.errortag import TAGS, ErrorTags
+
+HELPER_PATH = "/sbin/mount.fuse.delafs"
+
+
+def _control(mountpoint: str) -> str:
+    path = os.path.join(mountpoint, CONTROL_NAME.decode())
+    if not os.path.exists(path):
+        raise SystemExit(f"delafs: {mountpoint} is not a mounted delafs (no control file)")
+    return path
+
+
+def control_command(mountpoint: str, command: str) -> str:
+    """Write a command to the control file and read the reply back on the
+    same open file description."""
+    fd = os.open(_control(mountpoint), os.O_RDWR)
+    try:
+        os.write(fd, command.encode())
+        out = b""
+        while chunk := os.pread(fd, 65536, len(out)):
+            out += chunk
+        return out.decode()
+    finally:
+        os.close(fd)
+
+
+def _command(args, command: str) -> str:
+    """control_command for a CLI command: a failure (a shut-down
+    filesystem answers EIO) exits 1 with the reason, not a traceback."""
+    mnt = os.path.abspath(args.mountpoint)
+    try:
+        return control_command(mnt, command)
+    except OSError as e:
+        raise SystemExit(f"delafs {args.cmd}: {mnt}: {e.strerror or e} (see the daemon's log)")
+
+
+def cmd_mount(args) -> int:
+    try:
+        opts = parse_options(",".join(args.options or []))
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        print(f"delafs mount: {e}", file=sys.stderr)
+        return 1
+    if not os.path.isdir(args.mountpoint):
+        print(f"delafs mount: mount point {args.mountpoint} is not a directory", file=sys.stderr)
+        return 1
+    if not os.path.exists(args.image) and not opts.get("mkfs"):
+        print(f"delafs mount: {args.image} does not exist", file=sys.stderr)
+        return 1
+    if not os.path.exists("/dev/fuse"):
+        print("delafs mount: /dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)",
+              file=sys.stderr)
+        return 1
+    return daemonize_and_run(args.image, args.mountpoint, opts, foreground=args.foreground)
+
+
+def cmd_umount(args) -> int:
+    """Flush through the control channel, unmount, and wait until the daemon
+    has finished its final flush and exited (the image is then clean)."""
+    mnt = os.path.abspath(args.mountpoint)
+    try:
+        info = json.loads(control_command(mnt, "stat"))["daemon"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"delafs umount: {mnt}: {e}", file=sys.stderr)
+        return 1
+    status = 0
+    try:
+        control_command(mnt, "sync")
+    except OSError as e:
+        # A filesystem that has shut down (or cannot write) still gets
+        # unmounted: what the journal committed survives, the rest is lost.
+        print(f"delafs umount: {mnt}: could not write everything back ({e.strerror or e}); "
+              f"unmounting anyway: see the daemon's log", file=sys.stderr)
+        status = 1
+    r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if r.returncode != 0:
+        r = subprocess.run(["umount", mnt], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"delafs umount: {r.stderr.strip()}", file=sys.stderr)
+        return 1
+    if not wait_gone(info["pid"], args.timeout):
+        print(f"delafs umount: daemon {info['pid']} still running after {args.timeout}s", file=sys.stderr)
+        return 1
+    return status
+
+
+def cmd_stat(args) -> int:
+    data = json.loads(_command(args, "stat"))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    sp = data["space"]
+    eng, io, cache = data["engine"], data["iomap"], data["cache"]
+    rows = [
+        ("total blocks", sp["total"]), ("free blocks", sp["available"]),
+        ("used blocks", sp["used"]), ("delalloc reserved blocks", sp["reserved"]),
+        ("metadata reserve", sp["metadata_reserve"]),
+        ("dirty bytes", cache.get("dirty_bytes")), ("cached bytes", cache.get("cached_bytes")),
+        ("writeback bytes in flight", cache.get("writeback_bytes")),
+        ("writes", eng["writes"]), ("short copies", eng["short_copies"]),
+        ("stale mappings", eng["stale_mappings"]), ("punches", eng["punches"]),
+        ("punch ranges", eng["punch_ranges"]), ("writeback ranges", io["writeback_ranges"]),
+        ("ioends", io["ioends"]), ("errors", io["writeback_errors"]),
+    ]
+    for name, val in rows:
+        print(f"{name:28} {val}")
+    return 0
+
+
+def cmd_inject(args) -> int:
+    print(_command(args, "inject " + " ".join(args.settings)), end="")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    _command(args, "sync")
+    return 0
+
+
+HELPER_SCRIPT = """#!/bin/sh
+# mount(8) helper for delafs: mount -t fuse.delafs IMAGE MOUNTPOINT -o OPTS
+# Installed by `delafs install-helper`.
+exec {delafs} mount-helper "$@"
+"""
+
+
+def cmd_install_helper(args) -> int:
+    delafs = shutil.which("delafs") or os.path.join(os.path.dirname(sys.executable), "delafs")
+    with open(args.path, "w") as f:
+        f.write(HELPER_SCRIPT.format(delafs=delafs))
+    os.chmod(args.path, 0o755)
+    print(f"installed {args.path} -> {delafs}")
+    return 0
+
+
+def cmd_mount_helper(args) -> int:
+    """What mount(8) runs: IMAGE MOUNTPOINT [-o OPTS] [-n] [-s] [-v].  A
+    remount never starts a second daemon: it goes to the kernel (mount -i
+    -o remount,...), which FUSE handles without telling the daemon."""
+    opts = [o for o in (args.o or "").split(",") if o]
+    if "remount" in opts:
+        r = subprocess.run(["mount", "-i", "-o", ",".join(opts), args.mountpoint])
+        return r.returncode
+    # Options mount(8) adds that are not ours.
+    drop = {"defaults", "auto", "noauto", "user", "users", "nofail", "_netdev", "rw"}
+    keep = [o for o in opts if o not in drop and not o.startswith("x-")]
+    # mount(8) treats dev and suid as its defaults and strips them from the
+    # options it passes on; only nodev/nosuid arrive.  FUSE's default is the
+    # opposite (nodev,nosuid), so, like libfuse's mount.fuse, ask for dev and
+    # suid unless the user said otherwise.
+    for flag in ("dev", "suid"):
+        if "no" + flag not in keep and flag not in keep:
+            keep.append(flag)
+    try:
+        parsed = parse_options(",".join(keep))
+    except ValueError as e:
+        print(f"mount.fuse.delafs: {e}", file=sys.stderr)
+        return 1
+    return daemonize_and_run(args.image, args.mountpoint, parsed, foreground=False)
+
+
+def _errortag_setting(text: str) -> str:
+    """argparse type: refuse a bad TAG=N here, with the reason, rather than
+    as a bare EINVAL from the daemon."""
+    try:
+        ErrorTags().parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_commands(sub) -> None:
+    m = sub.add_parser("mount", help="mount a delafs image (daemonizes once the mount is live)",
+                       description="Mount IMAGE on MOUNTPOINT. Returns once the mount is live; "
+                                   "a failed mount exits non-zero with the reason.")
+    m.add_argument("image", metavar="IMAGE")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help="comma-separated options: cache_size=SIZE, dirty_limit=SIZE, "
+                        "dirty_expire=SEC, writeback_interval=SEC, commit_interval=SEC, "
+                        "punch=scan|legacy, TAG=N for any errortag (" + ", ".join(sorted(TAGS)) + "), allow_other, "
+                        "default_permissions, ro, dev, suid, acl, writeback_cache, "
+                        "relatime (default), strictatime, noatime, nodiratime, mkfs, log=FILE, "
+                        "log_writes=FILE (every device write, flush and discard, for crash "
+                        "testing; see docs/conformance.md), "
+                        "lock_wait=SEC, entry_timeout=SEC, attr_timeout=SEC, debug")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="write everything back, unmount, wait for the daemon to exit",
+                       description="Flush, unmount and wait until the daemon has finished its final "
+                                   "flush and exited: the image is then clean.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("stat", help="space, cache and engine counters of a mounted delafs")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--json", action="store_true", help="everything, as JSON")
+    s.set_defaults(func=cmd_stat)
+
+    i = sub.add_parser("inject", help="set errortags on a mounted delafs (TAG=N, 0 turns one off)")
+    i.add_argument("mountpoint", metavar="MOUNTPOINT")
+    i.add_argument("settings", nargs="+", metavar="TAG=VALUE", type=_errortag_setting,
+                   help="known tags: " + ", ".join(sorted(TAGS)))
+    i.set_defaults(func=cmd_inject)
+
+    y = sub.add_parser("sync", help="write back and commit everything (sync(1) never reaches a FUSE daemon)")
+    y.add_argument("mountpoint", metavar="MOUNTPOINT")
+    y.set_defaults(func=cmd_sync)
+
+    h = sub.add_parser("install-helper", help=f"install the mount(8) helper ({HELPER_PATH})")
+    h.add_argument("--path", default=HELPER_PATH, help=f"where to install it (default {HELPER_PATH})")
+    h.set_defaults(func=cmd_install_helper)
+
+    mh = sub.add_parser("mount-helper", help=argparse.SUPPRESS)
+    mh.add_argument("image")
+    mh.add_argument("mountpoint")
+    mh.add_argument("-o")
+    mh.add_argument("-n", action="store_true")
+    mh.add_argument("-s", action="store_true")
+    mh.add_argument("-v", action="store_true")
+    mh.set_defaults(func=cmd_mount_helper)
+

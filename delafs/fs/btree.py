@@ -1,0 +1,400 @@
+"""A B+tree of metadata items in 4 KiB blocks, updated in place under the journal.
+
+Every piece of metadata but the bitmap lives in one tree (btrfs's single
+key space): inodes, directory entries, xattrs, extents, symlink targets and
+the orphan list are items keyed by ``(objectid, type, offset)``, so the items
+of one inode sit together and a range scan reads them in order.
+
+Node layout (after the 32-byte common header; ``aux`` = level | nitems << 8):
+
+  leaf      nitems x (key 17 bytes, value offset u16, value length u16),
+            values packed from the end of the block downwards
+  internal  nitems x (key 17 bytes, child block u64)
+
+An internal entry's key is a lower bound of every key in its child's
+subtree; an insert below a node's first key lowers that key on its way
+down, so the bound stays true and separators stay in order.
+
+Changing one item dirties its leaf; a split adds one node per level and a
+new root at most; a delete frees empty nodes and merges a node that drops
+under a quarter full into a sibling when they fit together.  Values are at
+most MAX_VALUE bytes so that any overfull leaf splits into two valid halves.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_left, bisect_right
+from typing import Callable, Protocol
+
+from ..lib.errors import CorruptionError
+from ..ondisk import BLOCK_SIZE, HDR_SIZE, MAGIC_NODE, seal, unseal
+
+Key = tuple[int, int, int]
+
+_KEY = struct.Struct("<QBQ")
+_LEAF_ENT = struct.Struct("<QBQHH")
+_INT_ENT = struct.Struct("<QBQQ")
+ITEM_HDR = _LEAF_ENT.size                       # 21
+NODE_CAP = BLOCK_SIZE - HDR_SIZE                # 4064 bytes of payload
+INT_MAX = NODE_CAP // _INT_ENT.size             # 162 children
+MAX_VALUE = 1024
+MAX_LEVEL = 16
+KEY_MIN: Key = (0, 0, 0)
+KEY_MAX: Key = (2**64 - 1, 255, 2**64 - 1)
+
+
+class Node:
+    """A decoded tree node.  ``vals`` holds item values (leaf) or child block
+    numbers (internal); ``nbytes`` is the payload in use (leaf)."""
+
+    __slots__ = ("blocknr", "level", "keys", "vals", "nbytes")
+
+    def __init__(self, blocknr: int, level: int, keys: list, vals: list):
+        self.blocknr = blocknr
+        self.level = level
+        self.keys = keys
+        self.vals = vals
+        self.nbytes = (sum(len(v) for v in vals) + ITEM_HDR * len(keys)) if level == 0 \
+            else _INT_ENT.size * len(keys)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.level == 0
+
+    def overfull(self) -> bool:
+        return self.nbytes > NODE_CAP
+
+    def encode(self, seq: int) -> bytes:
+        buf = bytearray(BLOCK_SIZE)
+        off = HDR_SIZE
+        if self.level == 0:
+            end = BLOCK_SIZE
+            for k, v in zip(self.keys, self.vals):
+                end -= len(v)
+                buf[end:end + len(v)] = v
+                _LEAF_ENT.pack_into(buf, off, k[0], k[1], k[2], end, len(v))
+                off += ITEM_HDR
+        else:
+            for k, c in zip(self.keys, self.vals):
+                _INT_ENT.pack_into(buf, off, k[0], k[1], k[2], c)
+                off += _INT_ENT.size
+        return seal(buf, MAGIC_NODE, self.blocknr, seq, self.level | len(self.keys) << 8)
+
+    @classmethod
+    def decode(cls, buf: bytes, blocknr: int) -> "Node":
+        _, aux = unseal(buf, MAGIC_NODE, blocknr)
+        level, n = aux & 0xFF, aux >> 8
+
+        def bad(why):
+            raise CorruptionError("btree node", blocknr, why)
+        if level > MAX_LEVEL:
+            bad(f"level {level}")
+        keys, vals = [], []
+        if level == 0:
+            if n * ITEM_HDR > NODE_CAP:
+                bad(f"{n} items do not fit")
+            dir_end = HDR_SIZE + n * ITEM_HDR
+            for i in range(n):
+                a, b, c, voff, vlen = _LEAF_ENT.unpack_from(buf, HDR_SIZE + i * ITEM_HDR)
+                if voff < dir_end or voff + vlen > BLOCK_SIZE:
+                    bad(f"item {i} value out of bounds")
+                keys.append((a, b, c))
+                vals.append(bytes(buf[voff:voff + vlen]))
+        else:
+            if n > INT_MAX or n == 0:
+                bad(f"{n} entries in an internal node")
+            for i in range(n):
+                a, b, c, child = _INT_ENT.unpack_from(buf, HDR_SIZE + i * _INT_ENT.size)
+                keys.append((a, b, c))
+                vals.append(child)
+        for i in range(1, n):
+            if keys[i - 1] >= keys[i]:
+                bad(f"keys out of order at entry {i}")
+        node = cls(blocknr, level, keys, vals)
+        if node.nbytes > NODE_CAP:
+            bad("items overlap")
+        if level == 0 and n > 1:
+            spans = sorted(_LEAF_ENT.unpack_from(buf, HDR_SIZE + i * ITEM_HDR)[3:] for i in range(n))
+            for (o1, l1), (o2, _) in zip(spans, spans[1:]):
+                if o1 + l1 > o2:
+                    bad("item values overlap")
+        return node
+
+
+class RootHolder(Protocol):
+    """Where the tree's root lives (the fsinfo block)."""
+    root_block: int
+    root_level: int
+
+    def root_changed(self) -> None: ...
+
+
+def worst_case_nodes(nitems: int, item_size: int, levels: int) -> int:
+    """Upper bound of new nodes that inserting ``nitems`` items of
+    ``item_size`` bytes can allocate in a tree of ``levels`` levels (a
+    margin of two more levels is added for growth meanwhile)."""
+    total = 0
+    n = nitems
+    per_leaf = max(1, (NODE_CAP // 2) // (ITEM_HDR + item_size))
+    for level in range(levels + 2):
+        per = per_leaf if level == 0 else INT_MAX // 2
+        splits = min(n, -(-n // per) + 1)
+        total += splits
+        n = splits
+    return total + 1
+
+
+class BTree:
+    """Operations on the tree.  The caller holds the filesystem's meta_lock
+    for the whole of each call; block allocation and freeing go through the
+    two callbacks so the tree knows nothing of the allocator or the bitmap."""
+
+    def __init__(self, store, holder: RootHolder,
+                 alloc_node: Callable[[int], int], free_node: Callable[[int], None]):
+        self.store = store
+        self.holder = holder
+        self.alloc_node = alloc_node
+        self.free_node = free_node
+
+    async def node(self, blk: int) -> Node:
+        return await self.store.get(blk, Node.decode)
+
+    @property
+    def levels(self) -> int:
+        return self.holder.root_level + 1
+
+    # -- descending ---------------------------------------------------------------
+
+    async def _path(self, key: Key, inserting: bool = False) -> list[list]:
+        """[[node, index], ...] from the root to the leaf that owns ``key``."""
+        path = []
+        node = await self.node(self.holder.root_block)
+        while not node.is_leaf:
+            i = bisect_right(node.keys, key) - 1
+            if i < 0:
+                i = 0
+                if inserting:
+                    node.keys[0] = key
+                    self.store.mark_dirty(node)
+            path.append([node, i])
+            child = await self.node(node.vals[i])
+            if child.level != node.level - 1:
+                raise CorruptionError("btree node", child.blocknr,
+                                      f"level {child.level} under a level {node.level} node")
+            node = child
+        path.append([node, bisect_left(node.keys, key)])
+        return path
+
+    async def lookup(self, key: Key) -> bytes | None:
+        leaf, i = (await self._path(key))[-1]
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            return leaf.vals[i]
+        return None
+
+    async def lookup_item(self, key: Key) -> tuple[bytes, int] | None:
+        """(value, leaf block) of ``key``: the block names the leaf in errors."""
+        leaf, i = (await self._path(key))[-1]
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            return leaf.vals[i], leaf.blocknr
+        return None
+
+    async def _step(self, path: list[list], forward: bool) -> bool:
+        """Move the path's leaf to its next (or previous) sibling leaf."""
+        depth = len(path) - 2
+        while depth >= 0:
+            node, i = path[depth]
+            j = i + 1 if forward else i - 1
+            if 0 <= j < len(node.keys):
+                path[depth][1] = j
+                break
+            depth -= 1
+        else:
+            return False
+        for d in range(depth + 1, len(path)):
+            parent, i = path[d - 1]
+            child = await self.node(parent.vals[i])
+            path[d] = [child, 0 if forward else len(child.keys) - 1]
+        if not forward:
+            path[-1][1] = len(path[-1][0].keys)
+        return True
+
+    async def lookup_le(self, key: Key) -> tuple[Key, bytes] | None:
+        """The item with the greatest key <= ``key``."""
+        path = await self._path(key)
+        leaf, i = path[-1]
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            return key, leaf.vals[i]
+        while i == 0:
+            if not await self._step(path, forward=False):
+                return None
+            leaf, i = path[-1]
+        return leaf.keys[i - 1], leaf.vals[i - 1]
+
+    async def scan(self, lo: Key, hi: Key, limit: int | None = None, *,
+                   with_block: bool = False) -> list[tuple]:
+        """Items with lo <= key < hi, in order, at most ``limit`` of them, as
+        (key, value) or, ``with_block``, (key, value, leaf block)."""
+        out = []
+        path = await self._path(lo)
+        while True:
+            leaf, i = path[-1]
+            keys = leaf.keys
+            while i < len(keys):
+                k = keys[i]
+                if k >= hi:
+                    return out
+                out.append((k, leaf.vals[i], leaf.blocknr) if with_block else (k, leaf.vals[i]))
+                if limit is not None and len(out) >= limit:
+                    return out
+                i += 1
+            if not await self._step(path, forward=True):
+                return out
+
+    # -- changing -------------------------------------------------------------------
+
+    async def insert(self, key: Key, value: bytes, *, replace: bool = False) -> None:
+        if len(value) > MAX_VALUE:
+            raise ValueError(f"btree value of {len(value)} bytes exceeds {MAX_VALUE}")
+        path = await self._path(key, inserting=True)
+        leaf, i = path[-1]
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            if not replace:
+                raise KeyError(key)
+            leaf.nbytes += len(value) - len(leaf.vals[i])
+            leaf.vals[i] = value
+        else:
+            leaf.keys.insert(i, key)
+            leaf.vals.insert(i, value)
+            leaf.nbytes += ITEM_HDR + len(value)
+        self.store.mark_dirty(leaf)
+        if leaf.overfull():
+            await self._split(path)
+
+    async def update(self, key: Key, value: bytes) -> None:
+        """Replace the value of an existing item."""
+        path = await self._path(key)
+        leaf, i = path[-1]
+        if not (i < len(leaf.keys) and leaf.keys[i] == key):
+            raise KeyError(key)
+        if len(value) > MAX_VALUE:
+            raise ValueError(f"btree value of {len(value)} bytes exceeds {MAX_VALUE}")
+        leaf.nbytes += len(value) - len(leaf.vals[i])
+        leaf.vals[i] = value
+        self.store.mark_dirty(leaf)
+        if leaf.overfull():
+            await self._split(path)
+
+    async def delete(self, key: Key) -> bool:
+        path = await self._path(key)
+        leaf, i = path[-1]
+        if not (i < len(leaf.keys) and leaf.keys[i] == key):
+            return False
+        del leaf.keys[i]
+        leaf.nbytes -= ITEM_HDR + len(leaf.vals.pop(i))
+        self.store.mark_dirty(leaf)
+        await self._rebalance(path)
+        return True
+
+    def _new_node(self, level: int, keys: list, vals: list, goal: int) -> Node:
+        node = Node(self.alloc_node(goal), level, keys, vals)
+        self.store.add(node)
+        return node
+
+    async def _split(self, path: list[list]) -> None:
+        depth = len(path) - 1
+        while depth >= 0:
+            node = path[depth][0]
+            if not node.overfull():
+                return
+            if node.is_leaf:
+                half, acc, mid = node.nbytes // 2, 0, 0
+                while acc < half:
+                    acc += ITEM_HDR + len(node.vals[mid])
+                    mid += 1
+                mid = min(max(mid, 1), len(node.keys) - 1)
+            else:
+                mid = len(node.keys) // 2
+            right = self._new_node(node.level, node.keys[mid:], node.vals[mid:], node.blocknr)
+            del node.keys[mid:]
+            del node.vals[mid:]
+            node.nbytes -= right.nbytes
+            self.store.mark_dirty(node)
+            if depth == 0:
+                root = self._new_node(node.level + 1, [node.keys[0], right.keys[0]],
+                                      [node.blocknr, right.blocknr], node.blocknr)
+                self.holder.root_block = root.blocknr
+                self.holder.root_level = root.level
+                self.holder.root_changed()
+                return
+            parent, i = path[depth - 1]
+            parent.keys.insert(i + 1, right.keys[0])
+            parent.vals.insert(i + 1, right.blocknr)
+            parent.nbytes += _INT_ENT.size
+            self.store.mark_dirty(parent)
+            depth -= 1
+
+    def _drop(self, node: Node) -> None:
+        self.store.forget(node.blocknr)
+        self.free_node(node.blocknr)
+
+    async def _rebalance(self, path: list[list]) -> None:
+        depth = len(path) - 1
+        while depth > 0:
+            node = path[depth][0]
+            parent, i = path[depth - 1]
+            if node.keys and node.nbytes >= NODE_CAP // 4:
+                return
+            if not node.keys:
+                del parent.keys[i]
+                del parent.vals[i]
+                parent.nbytes -= _INT_ENT.size
+                self.store.mark_dirty(parent)
+                self._drop(node)
+            else:
+                # Merge with a sibling when both fit in one node.
+                if i + 1 < len(parent.keys):
+                    left, right, ri = node, await self.node(parent.vals[i + 1]), i + 1
+                elif i > 0:
+                    left, right, ri = await self.node(parent.vals[i - 1]), node, i
+                else:
+                    return
+                if left.nbytes + right.nbytes > NODE_CAP:
+                    return
+                left.keys.extend(right.keys)
+                left.vals.extend(right.vals)
+                left.nbytes += right.nbytes
+                self.store.mark_dirty(left)
+                del parent.keys[ri]
+                del parent.vals[ri]
+                parent.nbytes -= _INT_ENT.size
+                self.store.mark_dirty(parent)
+                self._drop(right)
+            depth -= 1
+        root = path[0][0]
+        if not root.is_leaf and len(root.keys) == 1:
+            # Collapse a root with a single child, possibly several levels.
+            while not root.is_leaf and len(root.keys) == 1:
+                child = await self.node(root.vals[0])
+                self._drop(root)
+                root = child
+            self.holder.root_block = root.blocknr
+            self.holder.root_level = root.level
+            self.holder.root_changed()
+
+    # -- whole-tree walks (fsck, statistics) ------------------------------------
+
+    async def walk(self, visit: Callable[[Node, Key, Key], None]) -> None:
+        """Visit every node depth-first with the key bounds its parent gives it."""
+        stack = [(self.holder.root_block, KEY_MIN, KEY_MAX, self.holder.root_level)]
+        while stack:
+            blk, lo, hi, level = stack.pop()
+            node = await self.node(blk)
+            if node.level != level:
+                raise CorruptionError("btree node", blk, f"level {node.level}, expected {level}")
+            visit(node, lo, hi)
+            if not node.is_leaf:
+                for j in range(len(node.keys) - 1, -1, -1):
+                    clo = node.keys[j]
+                    chi = hi if j + 1 == len(node.keys) else node.keys[j + 1]
+                    stack.append((node.vals[j], clo, chi, level - 1))

@@ -1,0 +1,579 @@
+"""fsck: verify every invariant that can be checked on disk, repair what can
+be repaired safely.
+
+Exit codes are e2fsck's: 0 clean, 1 errors were repaired, 4 errors left
+uncorrected, 8 operational error (no usable superblock, I/O error).
+
+Passes:
+  0  superblocks (both copies) and the journal (replayed unless -n; with -n
+     the committed transactions are overlaid in memory, so the check sees
+     what a mount would see without writing anything)
+  1  the btree: every node's checksum, magic, level and key bounds; no node
+     block used twice or outside the allocatable area
+  2  items: inodes, extents (inside the device, no overlap within a file,
+     no block used twice anywhere), xattrs, symlinks, directory entries
+     (hash matches the name, target exists, d_type matches), orphans
+  3  connectivity: every inode reachable from the root or on the orphan
+     list, link counts and directory sizes match the entries
+  4  space: the bitmap equals the set of referenced blocks, the fsinfo
+     counters and the accounting totals add up
+
+Repairs (-y): a bad superblock copy is rewritten from the good one; bitmap
+and counters are rebuilt from the references; link counts and directory
+sizes are corrected; entries naming missing inodes are removed; stale
+orphan records are removed; unreachable inodes are linked into /lost+found.
+Damaged btree nodes and overlapping extents are reported, not repaired.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import trio
+
+from ..lib.errors import CorruptionError, DelafsError, FsError, NotDelafsError
+from ..log import journal as journal_log
+from ..log.metabuf import MetaStore
+from ..ondisk import (
+    BITS_PER_BITMAP_BLOCK,
+    MAX_FILE_BLOCKS,
+    ROOT_INO,
+    FsInfo,
+    Superblock,
+    crc32c,
+    decode_bitmap,
+    encode_bitmap,
+    fixed_ranges,
+)
+from .btree import INT_MAX, KEY_MAX, KEY_MIN, Node
+from .filesystem import Filesystem
+from .items import (
+    ORPHAN_OID,
+    T_DIRENT,
+    T_EXTENT,
+    T_INODE,
+    T_ORPHAN,
+    T_SYMLINK,
+    T_XATTR,
+    TYPE_NAMES,
+    Inode,
+    OutOfLine,
+    decode_dirent,
+    decode_extent,
+    decode_symlink,
+    decode_xattr,
+    dirent_range,
+    dtype_of,
+    name_hash,
+)
+from .space import set_bits
+
+EXIT_OK = 0
+EXIT_FIXED = 1
+EXIT_UNCORRECTED = 4
+EXIT_OPERATIONAL = 8
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)      # left as they are
+    fixed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+
+class _Progress:
+    def __init__(self, out, enabled: bool):
+        self.out = out
+        self.enabled = enabled
+        self.last = 0.0
+
+    def phase(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.out, flush=True)
+
+    def tick(self, what: str, n: int, total: int | None = None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            self.last = now
+            tail = f"/{total}" if total else ""
+            print(f"  {what}: {n}{tail}", file=self.out, flush=True)
+
+
+class Checker:
+    def __init__(self, dev, *, repair: bool, out=sys.stdout, progress: bool = False):
+        self.dev = dev
+        self.repair = repair
+        self.out = out
+        self.progress = _Progress(out, progress)
+        self.report = Report()
+        # Facts gathered by the passes.
+        self.used: bytearray = bytearray()        # one byte per block: 0 free, 1 used
+        self.owner: dict[int, str] = {}           # for double-use messages (sparse)
+        self.inodes: dict[int, Inode] = {}
+        self.entries: dict[int, list] = defaultdict(list)   # dir -> [(key, ino, dtype, name)]
+        self.orphans: set[int] = set()
+        self.node_count = 0
+        self.bad_tree = False
+        self.out_of_line: list[tuple[OutOfLine, str]] = []
+        self.pending_fixes: list[str] = []
+        self.fix_blocks: dict[int, int] = {}
+
+    def error(self, msg: str) -> None:
+        self.report.errors.append(msg)
+        print(f"ERROR: {msg}", file=self.out)
+
+    def fixed(self, msg: str) -> None:
+        self.report.fixed.append(msg)
+        print(f"FIXED: {msg}", file=self.out)
+
+    def problem(self, msg: str) -> None:
+        """A repairable problem: fixed later under -y, an error otherwise.
+        With a damaged tree the item-level facts are incomplete, so nothing
+        derived from them is repaired (it could destroy what is intact)."""
+        if self.repair and not self.bad_tree:
+            self.pending_fixes.append(msg)
+        else:
+            self.error(msg)
+
+    # ------------------------------------------------------------------
+
+    async def run(self) -> Report:
+        try:
+            sb = await self._pass0()
+            if sb is None:
+                self.report.exit_code = EXIT_OPERATIONAL
+                return self.report
+            await self._check(sb)
+        except (CorruptionError, FsError, OSError, DelafsError) as e:
+            self.error(f"cannot continue: {e}")
+            self.report.exit_code = EXIT_OPERATIONAL if isinstance(e, OSError) or \
+                (isinstance(e, FsError) and e.errno == errno.EIO) else EXIT_UNCORRECTED
+            return self.report
+        if self.report.errors:
+            self.report.exit_code = EXIT_UNCORRECTED
+        elif self.report.fixed:
+            self.report.exit_code = EXIT_FIXED
+        return self.report
+
+    async def _pass0(self) -> Superblock | None:
+        self.progress.phase("Pass 0: superblocks and journal")
+        dev = self.dev
+        prim = sec = None
+        perr = serr = None
+        try:
+            prim = Superblock.decode(await dev.read(0, 1), 0, dev.nblocks)
+        except DelafsError as e:
+            perr = e
+        sec_blk = prim.sb2_block if prim else dev.nblocks - 1
+        try:
+            sec = Superblock.decode(await dev.read(sec_blk, 1), sec_blk, dev.nblocks)
+        except DelafsError as e:
+            serr = e
+        if prim is None and sec is None:
+            if isinstance(perr, NotDelafsError) and isinstance(serr, NotDelafsError):
+                self.error(f"{dev.path} is not a delafs image (no superblock at block 0 or {sec_blk})")
+            else:
+                self.error(f"no valid superblock: {perr}; {serr}")
+            return None
+        good = prim or sec
+        if prim is None or sec is None:
+            bad_blk = 0 if prim is None else sec_blk
+            why = perr if prim is None else serr
+            if self.repair and not dev.readonly:
+                await dev.write(bad_blk, [good.encode()])
+                await dev.flush()
+                self.fixed(f"superblock copy at block {bad_blk} rewritten from the good copy ({why})")
+            else:
+                self.error(f"superblock copy at block {bad_blk}: {why}")
+        elif prim.encode() != sec.encode():
+            # Both valid but different (a crash between the two writes).
+            if self.repair and not dev.readonly:
+                await dev.write(sec_blk, [prim.encode()])
+                await dev.flush()
+                self.report.notes.append("secondary superblock refreshed from the primary")
+        self.sb = good
+        # Journal.
+        try:
+            scan = await journal_log.scan(dev, good, look_past_end=True)
+        except CorruptionError as e:
+            self.error(str(e))
+            return None
+        for e in scan.bad_slots:
+            if len(scan.bad_slots) < 2:
+                self.report.notes.append(f"journal superblock slot ignored: {e}")
+        can_write = self.repair and not dev.readonly
+        if scan.corruption is not None and not can_write:
+            self.error(f"{scan.corruption} (transactions after it are valid, so this is damage, not a torn write)")
+        if scan.txns:
+            self.report.notes.append(f"journal: {len(scan.txns)} committed transaction(s) to replay")
+        if (scan.txns or scan.corruption) and can_write:
+            await journal_log.recover(dev, good, discard_damaged=True)
+            self.overlay = {}
+            self.report.notes.append("journal replayed")
+            if scan.corruption is not None:
+                self.fixed(f"{scan.corruption}: replayed the {len(scan.txns)} intact "
+                           f"transaction(s) before it and reset the log past the damage")
+        else:
+            self.overlay = journal_log.replay_images(scan.txns)
+        return good
+
+    async def _check(self, sb: Superblock) -> None:
+        self.store = MetaStore(self.dev, None, trio.Lock(), cache_blocks=4096, overlay=self.overlay)
+        try:
+            info = FsInfo.decode(await self._read(sb.fsinfo_block), sb.fsinfo_block)
+        except CorruptionError as e:
+            self.error(str(e))
+            raise
+        self.info = info
+        self.used = bytearray(sb.nblocks)
+        for start, n in fixed_ranges(sb):
+            self.used[start:start + n] = b"\x01" * n
+        await self._pass1(sb, info)
+        self._pass2(sb)
+        self._pass3()
+        await self._pass4(sb, info)
+        if self.repair and self.pending_fixes:
+            await self._apply_repairs()
+
+    async def _read(self, blk: int) -> bytes:
+        return self.overlay.get(blk) or await self.dev.read(blk, 1)
+
+    def _claim(self, start: int, n: int, what: str) -> bool:
+        sb = self.sb
+        if start < sb.data_start or start + n > sb.sb2_block:
+            self.error(f"{what} uses blocks {start}..{start + n - 1} outside the allocatable area")
+            return False
+        seg = self.used[start:start + n]
+        if any(seg):
+            first = start + next(i for i, b in enumerate(seg) if b)
+            other = self.owner.get(first, "fixed metadata" if first < sb.data_start else "another owner")
+            self.error(f"block {first} is used twice: by {what} and by {other}")
+        self.used[start:start + n] = b"\x01" * n
+        self.owner[start] = what
+        return True
+
+    # -- pass 1: the tree ------------------------------------------------------
+
+    async def _pass1(self, sb: Superblock, info: FsInfo) -> None:
+        self.progress.phase("Pass 1: btree")
+        self.items: list[tuple[tuple, bytes, int]] = []
+        stack = [(info.root_block, KEY_MIN, KEY_MAX, info.root_level, "root")]
+        while stack:
+            blk, lo, hi, level, parent = stack.pop()
+            if not self._claim(blk, 1, f"btree node {blk}"):
+                self.bad_tree = True
+                continue
+            try:
+                node = Node.decode(await self._read(blk), blk)
+            except CorruptionError as e:
+                self.error(f"{e} (referenced by {parent}); the items below it are lost")
+                self.bad_tree = True
+                continue
+            self.node_count += 1
+            self.progress.tick("nodes", self.node_count)
+            if node.level != level:
+                self.error(f"btree node at block {blk}: level {node.level}, its parent expects {level}")
+                self.bad_tree = True
+                continue
+            if node.keys and (node.keys[0] < lo or node.keys[-1] >= hi):
+                self.error(f"btree node at block {blk}: keys outside the bounds its parent gives")
+                self.bad_tree = True
+            if node.is_leaf:
+                self.items.extend((k, v, blk) for k, v in zip(node.keys, node.vals))
+            else:
+                if len(node.keys) > INT_MAX:
+                    self.error(f"btree node at block {blk}: too many entries")
+                for j in range(len(node.keys) - 1, -1, -1):
+                    chi = hi if j + 1 == len(node.keys) else node.keys[j + 1]
+                    stack.append((node.vals[j], node.keys[j], chi, level - 1, f"node {blk}"))
+        self.items.sort(key=lambda t: t[0])
+
+    # -- pass 2: items -------------------------------------------------------------
+
+    def _pass2(self, sb: Superblock) -> None:
+        self.progress.phase("Pass 2: inodes, extents, directories, xattrs")
+        salt = sb.uuid
+        last_ext: dict[int, int] = {}
+        blocks: dict[int, int] = defaultdict(int)
+        for n, (key, val, blk) in enumerate(self.items):
+            self.progress.tick("items", n, len(self.items))
+            oid, typ, off = key
+            where = f"{TYPE_NAMES.get(typ, f'item type {typ}')} {key} in leaf {blk}"
+            try:
+                if typ == T_INODE:
+                    self.inodes[oid] = Inode.decode(oid, val, blk)
+                elif typ == T_EXTENT:
+                    pblock, length, state = decode_extent(val, blk)
+                    if off < last_ext.get(oid, 0):
+                        self.error(f"{where}: overlaps the previous extent of inode {oid}")
+                    if off + length > MAX_FILE_BLOCKS:
+                        self.error(f"{where}: beyond the maximum file size")
+                    last_ext[oid] = off + length
+                    if self._claim(pblock, length, f"extent {off}+{length} of inode {oid}"):
+                        blocks[oid] += length
+                elif typ == T_XATTR:
+                    name, value = decode_xattr(val, blk)
+                    lo, hi = dirent_range(name_hash(name, salt))
+                    if not lo <= off < hi:
+                        self.error(f"{where}: key does not match the hash of its name {name!r}")
+                    if isinstance(value, OutOfLine):
+                        if self._claim(value.pblock, value.nblocks, f"xattr {name!r} of inode {oid}"):
+                            blocks[oid] += value.nblocks
+                            self.out_of_line.append((value, f"xattr {name!r} of inode {oid}"))
+                elif typ == T_SYMLINK:
+                    target = decode_symlink(val, blk)
+                    if isinstance(target, OutOfLine):
+                        if self._claim(target.pblock, target.nblocks, f"symlink target of inode {oid}"):
+                            blocks[oid] += target.nblocks
+                            self.out_of_line.append((target, f"symlink target of inode {oid}"))
+                elif typ == T_DIRENT:
+                    ino, dtype, name = decode_dirent(val, blk)
+                    lo, hi = dirent_range(name_hash(name, salt))
+                    if not lo <= off < hi:
+                        self.error(f"{where}: key does not match the hash of its name {name!r}")
+                    if not name or b"/" in name or b"\0" in name:
+                        self.error(f"{where}: invalid name {name!r}")
+                    self.entries[oid].append((key, ino, dtype, name))
+                elif typ == T_ORPHAN and oid == ORPHAN_OID:
+                    self.orphans.add(off)
+                else:
+                    self.error(f"{where}: unknown item")
+            except CorruptionError as e:
+                self.error(f"{e} ({where})")
+        self.items = []
+        for ino, inode in self.inodes.items():
+            if inode.blocks != blocks.get(ino, 0):
+                self.problem(f"inode {ino}: block count {inode.blocks}, its extents and values hold {blocks.get(ino, 0)}")
+                self.fix_blocks[ino] = blocks.get(ino, 0)
+        for ino in set(last_ext) | set(self.entries):
+            if ino not in self.inodes:
+                self.error(f"items of inode {ino} exist but the inode does not")
+
+    # -- pass 3: connectivity and link counts ----------------------------------------
+
+    def _pass3(self) -> None:
+        self.progress.phase("Pass 3: connectivity and link counts")
+        self.fix_nlink: dict[int, int] = {}
+        self.fix_dirsize: dict[int, int] = {}
+        self.fix_dangling: list = []
+        self.fix_unreachable: list[int] = []
+        self.fix_orphans: list[int] = []
+        self.links = links = defaultdict(int)
+        self.subdirs = subdirs = defaultdict(int)
+        parent_of: dict[int, int] = {}
+        if ROOT_INO not in self.inodes:
+            self.error("the root directory (inode 1) is missing")
+            return
+        for d, ents in self.entries.items():
+            dinode = self.inodes.get(d)
+            if dinode is None:
+                continue
+            if not dinode.is_dir:
+                self.error(f"inode {d} has directory entries but is not a directory")
+                continue
+            for key, ino, dtype, name in ents:
+                target = self.inodes.get(ino)
+                if target is None:
+                    self.problem(f"entry {name!r} in directory {d} names missing inode {ino}")
+                    self.fix_dangling.append((d, key))
+                    continue
+                if dtype != dtype_of(target.mode):
+                    self.error(f"entry {name!r} in directory {d}: type {dtype} but inode {ino} is {dtype_of(target.mode)}")
+                links[ino] += 1
+                if target.is_dir:
+                    subdirs[d] += 1
+                    if ino in parent_of:
+                        self.error(f"directory {ino} has more than one name")
+                    parent_of[ino] = d
+        # Reachability from the root.
+        reach = {ROOT_INO}
+        todo = [ROOT_INO]
+        while todo:
+            d = todo.pop()
+            for _, ino, _, _ in self.entries.get(d, ()):
+                if ino in self.inodes and ino not in reach:
+                    reach.add(ino)
+                    if self.inodes[ino].is_dir:
+                        todo.append(ino)
+        unreachable: set[int] = set()
+        for ino, inode in self.inodes.items():
+            if inode.is_dir:
+                expect = 2 + subdirs[ino]
+                if ino != ROOT_INO and ino in parent_of and inode.parent != parent_of[ino]:
+                    self.error(f"directory {ino}: parent field {inode.parent}, but its entry is in {parent_of[ino]}")
+                nents = sum(1 for e in self.entries.get(ino, ()) if e[1] in self.inodes)
+                if self.bad_tree or not self.repair:
+                    nents = len(self.entries.get(ino, ()))
+                if inode.size != nents:
+                    self.problem(f"directory {ino}: size {inode.size}, has {nents} entries")
+                    self.fix_dirsize[ino] = nents
+            else:
+                expect = links[ino]
+            if ino != ROOT_INO and ino not in reach:
+                if ino in self.orphans:
+                    continue
+                self.problem(f"inode {ino} is not reachable from the root and not on the orphan list")
+                unreachable.add(ino)
+                continue
+            if inode.nlink != expect:
+                self.problem(f"inode {ino}: link count {inode.nlink}, counted {expect}")
+                self.fix_nlink[ino] = expect
+        # Reattach only the tops of disconnected subtrees: an inode named by
+        # an entry of another unreachable directory comes back with it.
+        named_inside = {e[1] for d in unreachable for e in self.entries.get(d, ())}
+        self.fix_unreachable = sorted(unreachable - named_inside)
+        for ino in unreachable & named_inside:
+            self.fix_nlink.pop(ino, None)
+        for ino in self.orphans:
+            inode = self.inodes.get(ino)
+            if inode is None or inode.nlink != 0:
+                self.problem(f"orphan record for inode {ino}, which is {'missing' if inode is None else 'still linked'}")
+                self.fix_orphans.append(ino)
+
+    # -- pass 4: space ------------------------------------------------------------------
+
+    async def _pass4(self, sb: Superblock, info: FsInfo) -> None:
+        self.progress.phase("Pass 4: free space")
+        for ref, what in self.out_of_line:
+            if ref.nblocks != -(-ref.length // 4096) or ref.length == 0:
+                self.error(f"{what}: {ref.length} bytes in {ref.nblocks} blocks")
+                continue
+            buf = await self.dev.read(ref.pblock, ref.nblocks)
+            if crc32c(bytes(buf[:ref.length])) != ref.crc:
+                self.error(f"{what} at block {ref.pblock}: value checksum mismatch")
+        self.bitmap_fix = False
+        mismatched = 0
+        for i in range(sb.bitmap_blocks):
+            blk = sb.bitmap_start + i
+            try:
+                bits = decode_bitmap(await self._read(blk), blk)
+            except CorruptionError as e:
+                self.problem(str(e))
+                self.bitmap_fix = True
+                continue
+            base = i * BITS_PER_BITMAP_BLOCK
+            n = min(BITS_PER_BITMAP_BLOCK, sb.nblocks - base)
+            expect = bytearray(len(bits))
+            for j, b in enumerate(self.used[base:base + n]):
+                if b:
+                    expect[j >> 3] |= 1 << (j & 7)
+            set_bits(expect, n, BITS_PER_BITMAP_BLOCK - n, True)
+            if expect != bits:
+                for j in range(n):
+                    a = bits[j >> 3] >> (j & 7) & 1
+                    if a != self.used[base + j]:
+                        mismatched += 1
+                        if mismatched <= 10:
+                            state = "marked free but in use" if not a else "marked in use but not referenced"
+                            self.problem(f"bitmap: block {base + j} {state}")
+                self.bitmap_fix = True
+        if mismatched > 10:
+            self.problem(f"bitmap: {mismatched - 10} more blocks disagree")
+        used = sum(self.used)
+        if self.bad_tree:
+            return
+        if info.used_blocks != used:
+            self.problem(f"fsinfo: used blocks {info.used_blocks}, counted {used}")
+            self.bitmap_fix = True
+        if info.inode_count != len(self.inodes):
+            self.problem(f"fsinfo: inode count {info.inode_count}, counted {len(self.inodes)}")
+        if self.inodes and info.next_ino <= max(self.inodes):
+            self.error(f"fsinfo: next inode number {info.next_ino} is already in use")
+        self.counted_used = used
+
+    # -- repairs ------------------------------------------------------------------------------
+
+    async def _apply_repairs(self) -> None:
+        """Repair through a mounted Filesystem so every change is journaled."""
+        if self.bitmap_fix and not self.bad_tree:
+            # Directly, before the open: a damaged bitmap block would stop
+            # the open itself.  The journal is empty here (replayed above).
+            await self._write_bitmap()
+        fs = await Filesystem.open(self.dev)
+        try:
+            fs.info.inode_count = len(self.inodes)
+            fs.store.mark_dirty(fs.info)
+            async with fs._op(items=8, pool=True):
+                for d, key in self.fix_dangling:
+                    await fs.tree.delete(key)
+                for ino in self.fix_orphans:
+                    await fs.tree.delete((ORPHAN_OID, T_ORPHAN, ino))
+                for ino, n in self.fix_blocks.items():
+                    inode = await fs._iget(ino)
+                    inode.blocks = n
+                    await fs._iwrite(inode)
+            if self.fix_unreachable:
+                await self._to_lost_found(fs)
+            async with fs._op(pool=True):
+                for ino, n in self.fix_nlink.items():
+                    inode = await fs._iget(ino)
+                    inode.nlink = n
+                    await fs._iwrite(inode)
+                for ino, n in self.fix_dirsize.items():
+                    inode = await fs._iget(ino)
+                    inode.size = n
+                    await fs._iwrite(inode)
+                fs.store.mark_dirty(fs.info)
+            await fs.close()
+        except BaseException:
+            fs.shutdown = fs.shutdown or "fsck repair failed"
+            raise
+        for msg in self.pending_fixes:
+            self.fixed(msg)
+
+    async def _to_lost_found(self, fs) -> None:
+        try:
+            lf = await fs.lookup(ROOT_INO, b"lost+found")
+        except FsError:
+            lf = await fs.mkdir(ROOT_INO, b"lost+found", 0o700)
+        for ino in self.fix_unreachable:
+            async with fs._op(items=2):
+                inode = await fs._iget(ino)
+                d = await fs._iget(lf.ino)
+                await fs._add_entry(d, b"#%d" % ino, inode)
+                if inode.is_dir:
+                    d.nlink += 1
+                    inode.parent = lf.ino
+                    inode.nlink = 2 + self.subdirs[ino]
+                else:
+                    inode.nlink = self.links[ino] + 1
+                await fs._iwrite(inode)
+                await fs._iwrite(d)
+            self.fix_nlink.pop(ino, None)
+
+    async def _write_bitmap(self) -> None:
+        """Make the bitmap and fsinfo.used_blocks equal the references."""
+        sb = self.sb
+        for i in range(sb.bitmap_blocks):
+            base = i * BITS_PER_BITMAP_BLOCK
+            n = min(BITS_PER_BITMAP_BLOCK, sb.nblocks - base)
+            bits = bytearray((BITS_PER_BITMAP_BLOCK + 7) // 8)
+            for j, b in enumerate(self.used[base:base + n]):
+                if b:
+                    bits[j >> 3] |= 1 << (j & 7)
+            set_bits(bits, n, BITS_PER_BITMAP_BLOCK - n, True)
+            await self.dev.write(sb.bitmap_start + i, [encode_bitmap(bits, sb.bitmap_start + i, 0)])
+        self.info.used_blocks = self.counted_used
+        await self.dev.write(sb.fsinfo_block, [self.info.encode(sb.fsinfo_block, 0)])
+        await self.dev.flush()
+
+
+async def check(dev, *, repair: bool, out=sys.stdout, progress: bool = False) -> Report:
+    return await Checker(dev, repair=repair, out=out, progress=progress).run()
+
+
+def summary(report: Report, sb: Superblock | None = None) -> str:
+    if report.exit_code == EXIT_OK:
+        return "clean"
+    if report.exit_code == EXIT_FIXED:
+        return f"{len(report.fixed)} problem(s) repaired"
+    if report.exit_code == EXIT_UNCORRECTED:
+        return f"{len(report.errors)} error(s) left uncorrected"
+    return "operational error: " + (report.errors[-1] if report.errors else "see above")

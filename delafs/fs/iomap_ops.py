@@ -1,0 +1,410 @@
+"""The filesystem's side of iomap (xfs_iomap.c and xfs_aops.c in spirit):
+iomap_begin with delalloc reservation, the delalloc punch, writeback_range
+with delalloc conversion, ioend completion with unwritten conversion.
+
+Every entry takes the filesystem's ``meta_lock`` (below the folio lock in
+the lock order), so extent-map changes are atomic with respect to each
+other; DELALLOC lives only in memory, so reserving and punching it needs
+no transaction.
+
+Space.  A DELALLOC extent of n blocks holds a reservation of n data
+blocks plus ``indlen``, the worst-case btree blocks its later allocation
+can need (XFS's indirect-length reservation).  Adjacent delalloc extents
+merge and their indlen is trimmed back to the worst case of the merged
+length; writeback allocates the data from the reservation and charges the
+btree nodes it needs to the converted piece's indlen, returning the rest.
+So writeback never meets ENOSPC.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from ..iomap.types import (
+    IOMAP_F_NEW,
+    IOMAP_FAULT,
+    IOMAP_REPORT,
+    IOMAP_WRITE,
+    IOMAP_ZERO,
+    Ioend,
+    Iomap,
+    IomapType,
+    VInode,
+    WritebackCtx,
+)
+from ..lib.errors import FsError
+from ..lib.trace import TRACE
+from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
+from .btree import worst_case_nodes
+from .extent_map import Extent, ExtState
+
+log = logging.getLogger("delafs")
+
+_EXTENT_ITEM = 13
+_TYPES = {ExtState.HOLE: IomapType.HOLE, ExtState.DELALLOC: IomapType.DELALLOC,
+          ExtState.UNWRITTEN: IomapType.UNWRITTEN, ExtState.WRITTEN: IomapType.MAPPED}
+# Below this share of free space, writes allocate UNWRITTEN blocks at once
+# instead of reserving delalloc (ext4's "nonda" fallback, seeds 002/004).
+NONDA_FREE_FRACTION = 0.02
+# Speculative post-EOF preallocation for extending writes, in blocks.
+PREALLOC_MAX_BLOCKS = 256
+MAX_IOEND_BYTES = 8 << 20
+
+
+class FsIomapOps:
+    """IomapOps + WritebackOps of a :class:`delafs.fs.Filesystem`.
+
+    Attributes:
+      fs          the filesystem
+      errortags   the ErrorTags table shared with the engine
+      prealloc    ino -> first block of speculative post-EOF delalloc
+      stats       counters shown by ``delafs stat``
+    """
+
+    def __init__(self, fs, errortags):
+        self.fs = fs
+        self.errortags = errortags
+        self.prealloc: dict[int, int] = {}
+        self.stats = {"delalloc_reserved": 0, "delalloc_punched": 0, "delalloc_converted": 0,
+                      "nonda_allocations": 0, "writeback_ranges": 0, "ioends": 0,
+                      "ioend_bytes": 0, "writeback_errors": 0, "discards": 0,
+                      "prealloc_trimmed": 0}
+
+    # ------------------------------------------------------------------
+    # iomap_begin / iomap_end
+    # ------------------------------------------------------------------
+
+    async def iomap_begin(self, inode: VInode, pos: int, length: int, flags: int) -> Iomap:
+        fs = self.fs
+        fblock = pos >> BLOCK_SHIFT
+        nblocks = ((pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - fblock
+        async with fs._op(write=bool(flags & (IOMAP_WRITE | IOMAP_ZERO)) and not flags & IOMAP_REPORT,
+                          items=0):
+            emap = await fs.extent_map(inode.ino)
+            if flags & IOMAP_WRITE and not flags & IOMAP_REPORT:
+                if flags & IOMAP_FAULT:
+                    new = await self._reserve_all(inode, emap, fblock, nblocks)
+                else:
+                    new, nblocks = await self._reserve_first(inode, emap, fblock, nblocks,
+                                                             pos + length)
+            else:
+                new = False
+            ext = emap.lookup(fblock, limit=nblocks)
+            return self._iomap(ext, emap.cookie, IOMAP_F_NEW if new and ext.state in
+                               (ExtState.DELALLOC, ExtState.UNWRITTEN) else 0)
+
+    @staticmethod
+    def _iomap(ext: Extent, cookie: int, flags: int) -> Iomap:
+        addr = ext.pblock << BLOCK_SHIFT if ext.pblock is not None else None
+        return Iomap(ext.fblock << BLOCK_SHIFT, ext.length << BLOCK_SHIFT, _TYPES[ext.state],
+                     addr, flags, cookie)
+
+    def _low_space(self) -> bool:
+        a = self.fs.space.alloc
+        return a.available < max(64, int(a.total * NONDA_FREE_FRACTION))
+
+    async def _reserve_first(self, inode: VInode, emap, fblock: int, nblocks: int,
+                             write_end: int) -> tuple[bool, int]:
+        """Reserve the hole at ``fblock`` (if it is one), clipped to the write.
+        Returns whether blocks are new, and how far the mapping may reach.
+
+        A directly allocated run may touch an older UNWRITTEN extent (a
+        KEEP_SIZE fallocate) and merge with it: the mapping marked NEW must
+        stop where the new blocks do, or a failed write's iomap_end would
+        free the older ones."""
+        ext = emap.lookup(fblock, limit=nblocks)
+        if ext.state != ExtState.HOLE:
+            return False, nblocks
+        n = ext.length
+        if self._low_space():
+            return True, await self._allocate_unwritten(inode, emap, fblock, n)
+        extra = 0
+        if write_end > inode.size and fblock + n == (write_end + BLOCK_SIZE - 1) >> BLOCK_SHIFT:
+            # An extending write: reserve speculatively past EOF so a
+            # growing file stays contiguous (XFS's post-EOF preallocation).
+            hole = emap.lookup(fblock + n, limit=PREALLOC_MAX_BLOCKS)
+            if hole.state == ExtState.HOLE:
+                extra = min(hole.length, max(n, 16), PREALLOC_MAX_BLOCKS)
+        try:
+            self._reserve_delalloc(emap, fblock, n + extra)
+        except FsError:
+            if not extra:
+                raise
+            extra = 0
+            self._reserve_delalloc(emap, fblock, n)
+        if extra:
+            start = fblock + n
+            self.prealloc[inode.ino] = min(self.prealloc.get(inode.ino, start), start)
+        return True, nblocks
+
+    async def _reserve_all(self, inode: VInode, emap, fblock: int, nblocks: int) -> bool:
+        """page_mkwrite: reserve every hole of the range, or none of them."""
+        holes = [e for e in emap.lookup_range(fblock, nblocks) if e.state == ExtState.HOLE]
+        if not holes:
+            return False
+        total = sum(e.length + worst_case_nodes(e.length, _EXTENT_ITEM, self.fs.tree.levels)
+                    for e in holes)
+        if self.errortags.fires("alloc_enospc"):
+            raise FsError(errno.ENOSPC, "injected ENOSPC (alloc_enospc)")
+        self.fs.space.alloc.reserve(total)      # all or nothing
+        for e in holes:
+            indlen = worst_case_nodes(e.length, _EXTENT_ITEM, self.fs.tree.levels)
+            total -= e.length + indlen
+            self._settle(emap.set(Extent(e.fblock, e.length, ExtState.DELALLOC, indlen=indlen)))
+            self._trim_indlen(emap, e.fblock)
+        assert total == 0
+        self.stats["delalloc_reserved"] += sum(e.length for e in holes)
+        return True
+
+    def _reserve_delalloc(self, emap, fblock: int, n: int) -> None:
+        if self.errortags.fires("alloc_enospc"):
+            raise FsError(errno.ENOSPC, "injected ENOSPC (alloc_enospc)")
+        indlen = worst_case_nodes(n, _EXTENT_ITEM, self.fs.tree.levels)
+        self.fs.space.alloc.reserve(n + indlen)
+        self._settle(emap.set(Extent(fblock, n, ExtState.DELALLOC, indlen=indlen)))
+        self._trim_indlen(emap, fblock)
+        self.stats["delalloc_reserved"] += n
+
+    def _settle(self, replaced: list[Extent]) -> None:
+        """Reserving over a hole replaces nothing; anything else is a bug."""
+        assert not replaced, replaced
+
+    def _trim_indlen(self, emap, fblock: int) -> None:
+        """After a merge, give back indlen beyond the merged extent's worst case."""
+        ext = emap.extent_at(fblock)
+        want = worst_case_nodes(ext.length, _EXTENT_ITEM, self.fs.tree.levels)
+        if ext.indlen > want:
+            excess = ext.indlen - want
+            emap.set_indlen(ext.fblock, want)
+            self.fs.space.alloc.unreserve(excess)
+
+    async def _allocate_unwritten(self, inode: VInode, emap, fblock: int, n: int) -> int:
+        """Direct allocation when space is short: UNWRITTEN blocks now, in a
+        transaction, instead of a reservation that might not be honoured.
+        One contiguous run from ``fblock``; returns its length."""
+        fs = self.fs
+        need = n + worst_case_nodes(n, _EXTENT_ITEM, fs.tree.levels)
+        fs.space.alloc.reserve(need)
+        fs.space.begin_op(need, "available")
+        try:
+            fsinode = await fs._iget(inode.ino)
+            got = await fs._allocate_range(fsinode, emap, fblock, n, one_run=True)
+            await fs._iwrite(fsinode)
+        finally:
+            fs.space.end_op()
+        self.stats["nonda_allocations"] += 1
+        return got
+
+    async def iomap_end(self, inode: VInode, pos: int, length: int, written: int,
+                        flags: int, iomap: Iomap) -> None:
+        """The engine punches the unused tail of a NEW delalloc mapping
+        itself (iomap_file_buffered_write_punch_delalloc) before calling
+        here.  What is left is a NEW UNWRITTEN mapping from the low-space
+        path: blocks allocated for an extending write that ended short of
+        them lie past EOF with nothing to write them or free them, so they
+        go now (ext4 truncates a failed write's blocks the same way).  The
+        block holding EOF keeps its allocation: data was copied into it."""
+        if not (flags & IOMAP_WRITE and iomap.flags & IOMAP_F_NEW
+                and iomap.type == IomapType.UNWRITTEN and written < length):
+            return
+        first = (max(pos + written, inode.size) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        last = (pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        if last > first:
+            await self.fs.punch_hole(inode.ino, first, last - first)
+
+    def iomap_valid(self, inode: VInode, iomap: Iomap) -> bool:
+        emap = self.fs.emaps.get(inode.ino)
+        if emap is None:
+            return False
+        if self.errortags.fires("stale_mapping"):
+            emap.cookie += 1        # as if another task changed the extent map
+        return emap.cookie == iomap.validity_cookie
+
+    # ------------------------------------------------------------------
+    # The punch callback
+    # ------------------------------------------------------------------
+
+    async def punch(self, inode: VInode, pos: int, length: int) -> None:
+        """Remove only DELALLOC from [pos, pos+length), atomically, and
+        return its reservation (data and indlen)."""
+        async with self.fs.meta_lock:
+            self._punch_locked(inode.ino, pos, length)
+
+    def _punch_locked(self, ino: int, pos: int, length: int) -> int:
+        emap = self.fs.emaps.get(ino)
+        if emap is None:
+            return 0
+        first = pos >> BLOCK_SHIFT
+        last = (pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        removed = emap.remove(first, last - first, (ExtState.DELALLOC,))
+        n = sum(e.length for e in removed)
+        if removed:
+            self.fs.space.alloc.unreserve(n + sum(e.indlen for e in removed))
+            self.stats["delalloc_punched"] += n
+            if TRACE.on:
+                TRACE.emit("xfs_delalloc_punch", ino=ino, pos=pos, length=length, blocks=n)
+        return n
+
+    async def trim_prealloc(self, inode: VInode) -> None:
+        """The last writer closed: drop speculative delalloc past EOF."""
+        start = self.prealloc.pop(inode.ino, None)
+        if start is None:
+            return
+        eof = (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        first = max(start, eof)
+        async with self.fs.meta_lock:
+            n = self._punch_locked(inode.ino, first << BLOCK_SHIFT, (1 << 62) - (first << BLOCK_SHIFT))
+        self.stats["prealloc_trimmed"] += n
+
+    def prealloc_start(self, ino: int) -> int | None:
+        return self.prealloc.get(ino)
+
+    async def read_blocks(self, addr: int, nblocks: int) -> bytes:
+        return await self.fs.dev.read(addr >> BLOCK_SHIFT, nblocks)
+
+    # ------------------------------------------------------------------
+    # Writeback
+    # ------------------------------------------------------------------
+
+    async def writeback_range(self, wpc: WritebackCtx, folio, pos: int, length: int,
+                              end_pos: int) -> int:
+        """Map a prefix of [pos, pos+length) and queue it on an ioend."""
+        fs = self.fs
+        inode = wpc.inode
+        self.stats["writeback_ranges"] += 1
+        async with fs.meta_lock:
+            try:
+                fs._check_alive()
+                emap = await fs.extent_map(inode.ino)
+                fblock = pos >> BLOCK_SHIFT
+                ext = emap.lookup(fblock, limit=(length + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+                if ext.state == ExtState.DELALLOC:
+                    if self.errortags.fires("alloc_enospc"):
+                        raise FsError(errno.ENOSPC, "injected allocation failure in writeback")
+                    ext = await self._convert_delalloc(inode, emap, fblock, end_pos)
+                elif ext.state == ExtState.HOLE:
+                    raise FsError(errno.EIO, f"inode {inode.ino}: dirty block {fblock} has no mapping")
+            except BaseException:
+                self.discard_folio(inode.ino, folio)
+                self.stats["writeback_errors"] += 1
+                raise
+        n = min(length, (ext.end << BLOCK_SHIFT) - pos)
+        addr = (ext.pblock << BLOCK_SHIFT) + (pos - (ext.fblock << BLOCK_SHIFT))
+        typ = _TYPES[ext.state]
+        self._add_to_ioend(wpc, folio, pos, n, addr, typ)
+        if TRACE.on:
+            TRACE.emit("iomap_writeback_range", ino=inode.ino, pos=pos, length=n, type=typ.name)
+        return n
+
+    def discard_folio(self, ino: int, folio) -> None:
+        """xfs_discard_folio: drop the folio's delalloc after writeback
+        failed to map it, under the folio lock alone (meta_lock is held by
+        the caller): no transaction, so it works even at ENOSPC."""
+        self._punch_locked(ino, folio.pos, folio.end - folio.pos)
+        self.stats["discards"] += 1
+
+    async def _convert_delalloc(self, inode: VInode, emap, fblock: int, end_pos: int) -> Extent:
+        """Allocate real blocks for the delalloc extent at ``fblock`` (as much
+        of it as is contiguous on disk, never past EOF) as UNWRITTEN."""
+        fs = self.fs
+        ext = emap.extent_at(fblock)
+        eof = (end_pos + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        n = min(ext.end, max(eof, fblock + 1)) - fblock
+        start, got = fs.space.allocate(n, fs._goal(emap, fblock), source="reserved")
+        replaced = emap.set(Extent(fblock, got, ExtState.UNWRITTEN, start))
+        indlen = sum(e.indlen for e in replaced)
+        # The converted piece's indlen pays for the btree nodes its item
+        # needs; what is left goes back, and the metadata reserve covers a
+        # shortfall (indlen was split by proportion, not by need).
+        fs.space.begin_op(indlen, "metadata_reserve")
+        try:
+            fsinode = await fs._iget(inode.ino)
+            fsinode.blocks += got
+            await fs._sync_extents(inode.ino, emap, fblock, fblock + got)
+            await fs._iwrite(fsinode)
+        except BaseException as e:
+            # The allocator and the extent map have changed and the tree
+            # may have, in the running transaction: nothing may commit it
+            # (XFS shuts down when a dirty transaction is cancelled).
+            fs._shut_down(f"delalloc conversion of inode {inode.ino} failed halfway: {e!r}")
+            raise
+        finally:
+            fs.space.end_op()
+        self.stats["delalloc_converted"] += got
+        return emap.lookup(fblock)
+
+    def _add_to_ioend(self, wpc: WritebackCtx, folio, pos: int, n: int, addr: int,
+                      typ: IomapType) -> None:
+        off = pos - folio.pos
+        # One copy (a memoryview slice, then bytes): the ioend must not see
+        # stores that land in the folio after it was cleaned for I/O.
+        data = bytes(memoryview(folio.data)[off:off + n])
+        io = wpc.ioend
+        if io is None or not io.contiguous(wpc.inode.ino, pos, addr, typ) or io.size >= MAX_IOEND_BYTES:
+            if io is not None:
+                wpc.ready.append(io)
+            io = wpc.ioend = Ioend(wpc.inode.ino, pos, addr, typ)
+        io.bufs.append(data)
+        io.size += n
+        if not io.folios or io.folios[-1] is not folio:
+            io.folios.append(folio)
+
+    async def writeback_submit(self, wpc: WritebackCtx) -> None:
+        """Write every ioend, flush once, then complete: convert UNWRITTEN
+        to WRITTEN and move the on-disk size, in one metadata operation."""
+        if wpc.ioend is not None:
+            wpc.ready.append(wpc.ioend)
+            wpc.ioend = None
+        ioends, wpc.ready = wpc.ready, []
+        if not ioends:
+            return
+        fs = self.fs
+        done = []
+        for io in ioends:
+            self.stats["ioends"] += 1
+            self.stats["ioend_bytes"] += io.size
+            await self.errortags.delay("delay_writeback")
+            try:
+                if self.errortags.fires("writeback_eio"):
+                    raise FsError(errno.EIO, "injected writeback I/O error")
+                await fs.dev.write(io.addr >> BLOCK_SHIFT, io.bufs)
+                done.append(io)
+            except Exception as e:
+                err = e.errno if isinstance(e, FsError) else errno.EIO
+                if not isinstance(e, FsError):
+                    log.error("writeback of inode %d at %d: %r", io.ino, io.offset, e)
+                wpc.error = wpc.error or err
+                wpc.inode.mapping.wb_err.set(err)
+                self.stats["writeback_errors"] += 1
+            if TRACE.on:
+                TRACE.emit("iomap_ioend_submit", ino=io.ino, offset=io.offset, size=io.size)
+        if done:
+            try:
+                await fs.dev.flush()
+            except FsError as e:
+                wpc.inode.mapping.wb_err.set(e.errno)
+                self.stats["writeback_errors"] += 1
+                done = []
+        if done:
+            await self._complete(wpc.inode, done)
+
+    async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:
+        """The data is on stable storage: make it visible to recovery."""
+        fs = self.fs
+        async with fs._op(items=2 * len(ioends) + 1, item_size=_EXTENT_ITEM, pool=True):
+            emap = await fs.extent_map(inode.ino)
+            fsinode = await fs._iget(inode.ino)
+            end = 0
+            for io in ioends:
+                first = io.offset >> BLOCK_SHIFT
+                count = (io.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+                if io.type == IomapType.UNWRITTEN:
+                    await fs._convert(inode.ino, emap, first, count)
+                end = max(end, io.offset + io.size)
+                if TRACE.on:
+                    TRACE.emit("iomap_ioend_completion", ino=io.ino, offset=io.offset, size=io.size)
+            new_size = min(inode.size, end)
+            if new_size > fsinode.size:
+                fsinode.size = new_size
+            await fs._iwrite(fsinode)

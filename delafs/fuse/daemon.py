@@ -1,0 +1,354 @@
+"""The mount daemon: open the image, hold its lock, serve FUSE, and on the
+way out write everything back, commit, checkpoint and mark the image clean
+before the lock is released.
+
+``delafs mount`` daemonizes by default and returns only once the mount is
+live: the child reports "ok" (or the error) through a pipe.  A plain
+``umount``/``fusermount3 -u`` makes pyfuse3.main() return, after which the
+final flush runs; anything that wants the image next (mount, fsck) waits
+for the lock, which is held until that flush is done.  SIGTERM and SIGINT
+unmount cleanly the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+
+import pyfuse3
+import trio
+
+from ..block.device import BlockDevice
+from ..block.logwrites import WriteLog
+from ..fs.filesystem import Filesystem
+from ..lib.errors import DelafsError, FsError, NotDelafsError
+from ..lib.errortag import TAGS, ErrorTags
+from ..lib.units import parse_size
+from ..vfs.mount import Mount
+from .operations import Operations
+
+log = logging.getLogger("delafs")
+
+# Options delafs itself understands; anything else is refused, so a typo
+# never silently does nothing.
+_SIZE_OPTS = {"cache_size", "dirty_limit"}
+_FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait",
+               "entry_timeout", "attr_timeout"}
+_FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
+               "ro", "rw", "noatime", "atime", "exec", "noexec"}
+# What a FUSE mount does anyway: accepted and dropped (libfuse 3 refuses
+# them by name).  Other atime flags (strictatime, lazytime, nodiratime)
+# cannot be passed through libfuse 3 and are refused like any unknown option.
+_DEFAULT_FLAGS = {"rw", "relatime"}
+_OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
+              # atime is the daemon's (the kernel only invalidates its cached
+              # atime after a READ or READDIR); libfuse 3 cannot pass these
+              "strictatime", "nodiratime"}
+
+
+def parse_options(text: str | None) -> dict:
+    opts: dict = {"fuse": {"default_permissions"}, "tags": {}}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, val = item.partition("=")
+        if key in _SIZE_OPTS and sep:
+            opts[key] = parse_size(val)
+        elif key in _FLOAT_OPTS and sep:
+            opts[key] = float(val)
+        elif key == "punch" and val in ("scan", "legacy"):
+            opts["punch"] = val
+        elif key in ("log", "log_writes") and sep and val:
+            opts[key] = os.path.abspath(val)
+        elif key in TAGS and sep and val.isdigit():
+            opts["tags"][key] = int(val)
+        elif key in _DEFAULT_FLAGS and not sep:
+            continue
+        elif key in _FUSE_FLAGS and not sep:
+            opts["fuse"].add(key)
+        elif key in _OWN_FLAGS and not sep:
+            opts[key] = True
+        else:
+            raise ValueError(f"unknown or malformed mount option {item!r}")
+    if opts.get("strictatime") and "noatime" in opts["fuse"]:
+        raise ValueError("noatime and strictatime contradict each other")
+    return opts
+
+
+def atime_policy(opts: dict) -> str:
+    return "strict" if opts.get("strictatime") else "none" if "noatime" in opts["fuse"] else "relative"
+
+
+class Daemon:
+    """One mounted image."""
+
+    def __init__(self, image: str, mountpoint: str, opts: dict):
+        self.image = image
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.opts = opts
+        self.readonly = "ro" in opts["fuse"]
+        self.ops = None
+        self.m: Mount | None = None
+        self.dev: BlockDevice | None = None
+        self.warnings: list[str] = []
+
+    # -- bring-up ------------------------------------------------------------------
+
+    def open_image(self) -> BlockDevice:
+        if self.opts.get("mkfs") and not os.path.exists(self.image):
+            raise FsError(errno.ENOENT, f"{self.image} does not exist (mkfs cannot guess a size)")
+        try:
+            dev = BlockDevice.open(self.image, readonly=self.readonly)
+        except FsError as e:
+            if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and not self.readonly:
+                log.warning("%s is not writable: mounting read-only", self.image)
+                self.readonly = True
+                self.opts["fuse"].add("ro")
+                dev = BlockDevice.open(self.image, readonly=True)
+            else:
+                raise
+        wait = self.opts.get("lock_wait", 30.0)
+        dev.lock(wait=wait)
+        if not self.readonly:
+            self._check_host_space()
+        return dev
+
+    def _check_host_space(self) -> None:
+        """A sparse image file needs host space as it fills: if the host
+        filesystem cannot hold what is still unbacked, a write delafs has
+        accepted can fail at writeback (fsync reports it).  Say so now."""
+        try:
+            st = os.stat(self.image)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            vfs = os.statvfs(os.path.dirname(os.path.abspath(self.image)))
+        except OSError:
+            return
+        unbacked = max(0, st.st_size - st.st_blocks * 512)
+        host_free = vfs.f_bavail * vfs.f_frsize
+        if host_free < unbacked:
+            msg = (f"{self.image} is sparse and {unbacked >> 20} MiB of it is not yet backed, "
+                   f"but its host filesystem has {host_free >> 20} MiB free: writes accepted now "
+                   f"can fail at writeback with ENOSPC (fsync reports it)")
+            log.warning("%s", msg)
+            self.warnings.append(msg)
+
+    async def start(self) -> None:
+        self.dev = dev = self.open_image()
+        if self.opts.get("log_writes"):
+            dev.recorder = WriteLog(self.opts["log_writes"])
+        if self.opts.get("mkfs") and not self.readonly and not any(dev.read_sync(0, 1)):
+            log.info("formatting blank image %s", self.image)
+            await Filesystem.format(dev)
+        fs = await Filesystem.open(dev, readonly=self.readonly)
+        if fs.readonly:
+            self.readonly = True
+            self.opts["fuse"].add("ro")
+        tags = ErrorTags()
+        for tag, val in self.opts["tags"].items():
+            tags.set(tag, val)
+        kw = {k: self.opts[k] for k in ("cache_size", "dirty_limit", "dirty_expire",
+                                        "writeback_interval", "commit_interval") if k in self.opts}
+        self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags,
+                       writeback_cache=bool(self.opts.get("writeback_cache")),
+                       atime=atime_policy(self.opts), diratime=not self.opts.get("nodiratime"), **kw)
+        timeouts = {k: self.opts[k] for k in ("entry_timeout", "attr_timeout") if k in self.opts}
+        self.ops = Operations(self.m, control=self.control, **timeouts)
+        self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))
+        # POSIX ACLs: the kernel enforces the system.posix_acl_* xattrs we
+        # store (FUSE_POSIX_ACL); it needs default_permissions, always on.
+        self.ops.enable_acl = bool(self.opts.get("acl"))
+        fuse_opts = set(self.opts["fuse"]) | {f"fsname={self.image}"}
+        if self.opts.get("debug"):
+            fuse_opts.add("debug")
+        if "ro" not in fuse_opts and self.readonly:
+            fuse_opts.add("ro")
+        pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
+
+    # -- the control channel ---------------------------------------------------------
+
+    async def control(self, data: bytes) -> bytes:
+        """Commands written to MOUNTPOINT/.delafs-control: ``sync``,
+        ``inject TAG=N ...``, ``stat``, ``mark LABEL`` (with -o log_writes).
+        The reply is read back."""
+        words = data.decode(errors="replace").split()
+        if not words:
+            raise FsError(errno.EINVAL, "empty control command")
+        cmd, args = words[0], words[1:]
+        if cmd == "sync":
+            await self.m.syncfs()
+            await self.m.fs.sync()
+            return b"ok\n"
+        if cmd == "inject":
+            for a in args:
+                try:
+                    self.m.errortags.parse(a)
+                except ValueError as e:
+                    raise FsError(errno.EINVAL, str(e))
+            return json.dumps(self.m.errortags.statistics()).encode() + b"\n"
+        if cmd == "mark":
+            if not isinstance(self.dev.recorder, WriteLog):
+                raise FsError(errno.EINVAL, "mark needs a mount with -o log_writes=FILE")
+            if len(args) != 1:
+                raise FsError(errno.EINVAL, "mark takes one label (no spaces)")
+            return b"%d\n" % self.dev.recorder.mark(args[0])
+        if cmd == "stat":
+            return json.dumps(self.statistics(), indent=1).encode() + b"\n"
+        raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")
+
+    def statistics(self) -> dict:
+        stats = self.ops.m_statistics()
+        stats["daemon"] = {"pid": os.getpid(), "image": self.image,
+                           "mountpoint": self.mountpoint, "readonly": self.readonly}
+        return stats
+
+    # -- main loop ---------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as n:
+            await self.m.start(n)
+            n.start_soon(self._signals)
+            try:
+                await pyfuse3.main()
+            finally:
+                await self.m.stop_background()
+                n.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                log.info("signal %d: unmounting", sig)
+                pyfuse3.terminate()
+                return
+
+    def _log_final_counters(self) -> None:
+        """The counters die with the daemon and a plain umount(8) (what
+        xfstests does) gives nobody a chance to read them: log them."""
+        try:
+            s = self.m.statistics()
+            log.info("final counters: %s", json.dumps(
+                {"engine": s["engine"], "iomap": s["iomap"], "errortags": s["errortags"]},
+                sort_keys=True))
+        except Exception:
+            log.exception("final counters")
+
+    async def shutdown(self) -> None:
+        """After the kernel let go: the final flush, then release the image."""
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("pyfuse3.close")
+        try:
+            if self.m is not None and not self.readonly:
+                try:
+                    await self.m.unmount()
+                except DelafsError as e:
+                    log.error("final flush failed: %s; the image keeps what the journal "
+                              "committed (replayed at the next mount)", e)
+            if self.m is not None:
+                self._log_final_counters()
+        finally:
+            if self.dev is not None:
+                self.dev.close()
+                if isinstance(self.dev.recorder, WriteLog):
+                    self.dev.recorder.close()
+
+
+def run(image: str, mountpoint: str, opts: dict, *, ready=None) -> int:
+    """Mount and serve until unmounted.  ``ready(msg)`` is called once the
+    mount is live ("ok") or has failed (the error text)."""
+    d = Daemon(image, mountpoint, opts)
+
+    async def main() -> int:
+        try:
+            await d.start()
+        except (DelafsError, ValueError, OSError, RuntimeError) as e:
+            msg = str(e) if not isinstance(e, NotDelafsError) else f"{image} is not a delafs image"
+            if d.dev is not None:
+                d.dev.close()
+            if ready:
+                ready(f"error: {msg}")
+            log.error("mount failed: %s", msg)
+            return 1
+        if ready:
+            ready("\n".join(["ok", *(f"warning: {w}" for w in d.warnings)]))
+        log.info("mounted %s on %s", image, d.mountpoint)
+        try:
+            await d.serve()
+        finally:
+            await d.shutdown()
+        log.info("unmounted %s cleanly", image)
+        return 0
+
+    return trio.run(main)
+
+
+def daemonize_and_run(image: str, mountpoint: str, opts: dict, *, foreground: bool) -> int:
+    """Fork (unless foreground), report the outcome of the mount to the
+    parent through a pipe, and serve in the child."""
+    logfile = opts.get("log")
+    if foreground:
+        logging.basicConfig(level=logging.DEBUG if opts.get("debug") else logging.INFO,
+                            format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
+                            stream=sys.stderr)
+        def say(msg: str) -> None:
+            for line in msg.splitlines():
+                if line != "ok":
+                    print(f"delafs: {line}", file=sys.stderr)
+        return run(image, mountpoint, opts, ready=say)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode(errors="replace").strip()
+        first, *rest = msg.splitlines() or [""]
+        if first == "ok":
+            for line in rest:
+                print(f"delafs mount: {line}", file=sys.stderr)
+            return 0
+        print(f"delafs mount: {msg.removeprefix('error: ') or 'the daemon died before mounting'}",
+              file=sys.stderr)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        return 1
+    # Child: a daemon of its own session, stdio detached.
+    os.close(rfd)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if logfile else null
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    logging.basicConfig(level=logging.DEBUG if opts.get("debug") else logging.INFO,
+                        format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+    def ready(msg: str) -> None:
+        try:
+            os.write(wfd, msg.encode() + b"\n")
+            os.close(wfd)
+        except OSError:
+            pass
+    code = 1
+    try:
+        code = run(image, mountpoint, opts, ready=ready)
+    finally:
+        os._exit(code)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

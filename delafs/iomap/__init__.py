@@ -1,0 +1,30 @@
+"""The iomap engine (layer 2), fs/iomap/ in the kernel: filesystem-agnostic
+buffered I/O over the page cache, talking to the filesystem only through
+IomapOps and WritebackOps.
+
+    types         iomap.h: Iomap, flags, the ops protocols, Ioend, VInode
+    buffered_io   buffered-io.c: the write loop, the delalloc punch, page_mkwrite,
+                  read_folio/readahead, zeroing and truncate of partial blocks
+    writeback     writepages -> writeback_folio -> writeback_range -> submit
+"""
+
+from .buffered_io import Engine, IovIter
+from .types import (
+                    IOMAP_F_NEW,
+                    IOMAP_FAULT,
+                    IOMAP_REPORT,
+                    IOMAP_WRITE,
+                    IOMAP_ZERO,
+                    Ioend,
+                    Iomap,
+                    IomapOps,
+                    IomapType,
+                    VInode,
+                    WritebackCtx,
+                    WritebackOps,
+)
+from .writeback import writepages
+
+__all__ = ["IOMAP_FAULT", "IOMAP_F_NEW", "IOMAP_REPORT", "IOMAP_WRITE", "IOMAP_ZERO", "Engine",
+           "Iomap", "IomapOps", "IomapType", "Ioend", "IovIter", "VInode", "WritebackCtx",
+           "WritebackOps", "writepages"]

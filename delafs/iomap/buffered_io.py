@@ -1,0 +1,622 @@
+"""The iomap buffered I/O engine (fs/iomap/buffered-io.c in spirit).
+
+Entry points and the locks their callers hold:
+
+  iomap_file_buffered_write  i_rwsem exclusive
+  iomap_page_mkwrite         nothing; takes invalidate_lock shared + folio lock
+  buffered_read              i_rwsem shared; takes invalidate_lock shared
+  iomap_truncate             i_rwsem exclusive; takes invalidate_lock exclusive
+  iomap_zero_range           i_rwsem exclusive
+  iomap_seek_data / _hole    i_rwsem shared
+  punch_delalloc             i_rwsem; takes invalidate_lock exclusive
+
+The write iteration.  ``iomap_begin`` maps [pos, pos+len): over a hole the
+filesystem reserves DELALLOC and flags the mapping NEW.  For each folio:
+fault the source in (before any folio lock: it may sleep), lock the folio,
+check the mapping is still valid (validity cookie), read in partial blocks
+that are not uptodate, copy (atomically: no await while the folio is locked
+for the copy), mark blocks uptodate and dirty, move i_size.  A short copy
+or a stale mapping ends the iteration early; the unused tail of a NEW
+delalloc mapping is then punched with the dirty-folio scan of
+:meth:`Engine.punch_delalloc`, and the iterator maps the rest.  The write
+returns short only when an iteration makes no progress because the source
+cannot be faulted in.
+
+The punch (seed 000).  Under invalidate_lock exclusive, the cached data of
+[start, min(EOF, end)) is found with seek_data/seek_hole; DELALLOC under
+dirty *blocks* is kept (it is what writeback will allocate from), every
+other part of the range is punched, and everything past EOF is always
+punched.  The ``legacy`` mode instead truncates the page cache over the
+range and punches all of it, which destroys dirty data a racing page fault
+put there: kept so tests and ``delafs race`` can show the loss.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ..lib.errors import FsError
+from ..lib.errortag import ErrorTags
+from ..lib.locks import DEBUG_LOCKS
+from ..lib.trace import TRACE
+from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE, round_down, round_up
+from .types import (
+    IOMAP_F_NEW,
+    IOMAP_FAULT,
+    IOMAP_REPORT,
+    IOMAP_WRITE,
+    IOMAP_ZERO,
+    POINTS,
+    Iomap,
+    IomapType,
+    VInode,
+)
+
+DEFAULT_FOLIO_BLOCKS = 16        # 64 KiB folios for ordinary writes
+LARGE_FOLIO_BLOCKS = 256         # 1 MiB folios for large aligned writes
+READAHEAD_MAX_BLOCKS = 256
+
+
+
+
+def folio_hint(nbytes: int, pos: int) -> int:
+    """Folio size (in blocks) for an access of ``nbytes`` at ``pos``: large
+    aligned writes get large folios, everything else at most 64 KiB."""
+    nblocks = max(1, (nbytes + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+    cap = LARGE_FOLIO_BLOCKS if nblocks >= LARGE_FOLIO_BLOCKS else DEFAULT_FOLIO_BLOCKS
+    hint = 1
+    while hint * 2 <= min(nblocks, cap):
+        hint *= 2
+    return hint
+
+
+class IovIter:
+    """The source of a write (iov_iter): bytes plus the two ways a real
+    user buffer can fail, driven by errortags.
+
+    ``fault_in(n)`` is fault_in_iov_iter_readable: how many bytes can be
+    read without faulting (0 when ``copy_fault`` fires).  ``copy_to`` is the
+    atomic copy into a locked folio; ``short_copy`` makes it stop early, as
+    a copy_from_user hitting an unmapped page does.
+    """
+
+    __slots__ = ("data", "off", "tags")
+
+    def __init__(self, data, tags: ErrorTags | None = None):
+        self.data = memoryview(data).cast("B")
+        self.off = 0
+        self.tags = tags
+
+    def __len__(self) -> int:
+        return len(self.data) - self.off
+
+    def fault_in(self, n: int) -> int:
+        if self.tags is not None and self.tags.fires("copy_fault"):
+            return 0
+        return min(n, len(self))
+
+    def copy_to(self, buf: bytearray, off: int, n: int) -> int:
+        if self.tags is not None and n > 1 and self.tags.fires("short_copy"):
+            n = self.tags.rng.randrange(n)
+        buf[off:off + n] = self.data[self.off:self.off + n]
+        self.off += n
+        return n
+
+    def revert(self, n: int) -> None:
+        self.off -= n
+
+
+class Engine:
+    """One filesystem's instance of the engine.
+
+    Attributes:
+      cache       the PageCache (layer 3)
+      ops         the filesystem's IomapOps/WritebackOps (fs_iomap.FsIomapOps)
+      errortags   shared fault-injection table
+      punch_mode  "scan" (seed 000) or "legacy" (truncate, then punch all)
+      stats       counters for ``delafs stat``
+    """
+
+    def __init__(self, cache, ops, errortags: ErrorTags, *, punch_mode: str = "scan"):
+        if punch_mode not in ("scan", "legacy"):
+            raise ValueError(f"punch mode must be scan or legacy, not {punch_mode!r}")
+        self.cache = cache
+        self.ops = ops
+        self.errortags = errortags
+        self.punch_mode = punch_mode
+        self.stats = {"writes": 0, "bytes_written": 0, "iomap_iters": 0, "short_copies": 0,
+                      "stale_mappings": 0, "short_writes": 0, "punches": 0,
+                      "punch_ranges": 0, "page_mkwrites": 0, "reads": 0, "read_folios": 0,
+                      "readahead_folios": 0}
+        self._ra: dict[int, int] = {}     # ino -> byte offset where the last read ended
+
+    # ==================================================================
+    # Buffered write
+    # ==================================================================
+
+    async def iomap_file_buffered_write(self, inode: VInode, pos: int, src: IovIter) -> int:
+        """Write ``src`` at ``pos`` through the page cache; return bytes written."""
+        if DEBUG_LOCKS:
+            inode.i_rwsem.assert_held("exclusive")
+        self.stats["writes"] += 1
+        total = len(src)
+        written = 0
+        gap = round_down(pos) - round_up(inode.size)
+        if total and gap > 0:
+            # A write past EOF leaves a gap the new EOF will cover: the
+            # speculative preallocation there stops being post-EOF, and
+            # nothing would ever write it back or trim it.  No block past
+            # the old EOF is dirty, so all delalloc in the gap goes (XFS
+            # zeroes the gap through the cache instead, xfs_file_write_zero_eof).
+            await self.ops.punch(inode, round_up(inode.size), gap)
+        while written < total:
+            length = total - written
+            # The filesystem's iomap_begin takes its inode lock (it may sleep).
+            await POINTS.hit("iomap_begin")
+            try:
+                iomap = await self.ops.iomap_begin(inode, pos, length, IOMAP_WRITE)
+            except FsError:
+                if written:
+                    break
+                raise
+            self.stats["iomap_iters"] += 1
+            mapped = min(length, iomap.end - pos)
+            if TRACE.on:
+                TRACE.emit("iomap_iter", ino=inode.ino, pos=pos, length=mapped,
+                           type=iomap.type.name, new=bool(iomap.flags & IOMAP_F_NEW))
+            processed, why = await self._write_iter(inode, iomap, pos, mapped, src)
+            if processed < mapped and iomap.type == IomapType.DELALLOC and iomap.flags & IOMAP_F_NEW:
+                # iomap_last_written_block: with nothing written the block
+                # holding pos is unused too (a NEW mapping starts at a hole,
+                # so no one else's data is there); otherwise the block the
+                # copy ended in holds data and stays.
+                start = round_up(pos + processed) if processed else round_down(pos)
+                await self.punch_delalloc(inode, start, round_up(pos + mapped))
+            await self.ops.iomap_end(inode, pos, mapped, processed, IOMAP_WRITE, iomap)
+            pos += processed
+            written += processed
+            if why == "fault":
+                self.stats["short_writes"] += 1
+                break
+        self.stats["bytes_written"] += written
+        if not written and total:
+            raise FsError(errno.EFAULT, "the source buffer could not be faulted in")
+        return written
+
+    async def _write_iter(self, inode: VInode, iomap: Iomap, pos: int, length: int,
+                          src: IovIter) -> tuple[int, str | None]:
+        """Copy into folios over one mapping.  Returns (bytes processed, why
+        it stopped early: "short", "stale", "fault" or None)."""
+        mapping = inode.mapping
+        processed = 0
+        while processed < length:
+            folio_bytes = length - processed
+            await self.cache.balance_dirty_pages(mapping)
+            # Faulting the source in may sleep (a page fault on the user buffer).
+            await POINTS.hit("fault_in")
+            if src.fault_in(min(folio_bytes, BLOCK_SIZE)) == 0:
+                return processed, "fault"
+            await self.errortags.delay("delay_write_begin")
+            await POINTS.hit("write_begin")
+            folio = await self.write_begin(inode, iomap, pos, folio_bytes)
+            if folio is None:
+                self.stats["stale_mappings"] += 1
+                return processed, "stale"
+            off = pos - folio.pos
+            n = min(folio_bytes, folio.end - pos)
+            copied = src.copy_to(folio.data, off, n)
+            copied = self.write_end(inode, folio, pos, n, copied, src)
+            folio.unlock()
+            processed += copied
+            pos += copied
+            if copied < n:
+                self.stats["short_copies"] += 1
+                return processed, "short"
+        return processed, None
+
+    async def write_begin(self, inode: VInode, iomap: Iomap, pos: int, length: int):
+        """Get the folio for ``pos`` locked and ready for a copy of up to
+        ``length`` bytes, or None if the mapping went stale meanwhile."""
+        mapping = inode.mapping
+        folio = await mapping.get_folio(pos >> BLOCK_SHIFT, create=True,
+                                        nblocks_hint=folio_hint(length, pos))
+        await POINTS.hit("write_begin_locked")
+        if not self.ops.iomap_valid(inode, iomap):
+            folio.unlock()
+            return None
+        end = min(pos + length, folio.end)
+        # Partial blocks must hold their old bytes before the copy lands.
+        for b in {pos >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT}:
+            bstart = b << BLOCK_SHIFT
+            fully = pos <= bstart and end >= bstart + BLOCK_SIZE
+            i = b - folio.index
+            if fully or folio.is_uptodate(i, 1):
+                continue
+            await self._fill_block(inode, iomap, folio, b)
+        if TRACE.on:
+            TRACE.emit("iomap_write_begin", ino=inode.ino, pos=pos, length=end - pos)
+        return folio
+
+    async def _fill_block(self, inode: VInode, iomap: Iomap, folio, b: int) -> None:
+        """Make one block uptodate from its mapping (disk or zeros)."""
+        i = b - folio.index
+        off = i << BLOCK_SHIFT
+        bstart = b << BLOCK_SHIFT
+        if (iomap.type == IomapType.MAPPED and not iomap.flags & IOMAP_F_NEW
+                and iomap.offset <= bstart < iomap.end and bstart < inode.size):
+            data = await self.ops.read_blocks(iomap.addr + bstart - iomap.offset, 1)
+            folio.data[off:off + BLOCK_SIZE] = data
+        else:
+            folio.data[off:off + BLOCK_SIZE] = bytes(BLOCK_SIZE)
+        folio.set_uptodate(i, 1)
+
+    def write_end(self, inode: VInode, folio, pos: int, length: int, copied: int,
+                  src: IovIter) -> int:
+        """Account a copy of ``copied`` of ``length`` bytes (folio locked).
+
+        A block the copy only partly reached that was not uptodate before
+        holds garbage past the copy: back the copy up to that block's start
+        (the retry will read it in), as __iomap_write_end refuses a short
+        copy into a folio that is not uptodate."""
+        end = pos + copied
+        if copied < length and end & (BLOCK_SIZE - 1):
+            b = end >> BLOCK_SHIFT
+            if not folio.is_uptodate(b - folio.index, 1) and end > (b << BLOCK_SHIFT):
+                keep = max(pos, b << BLOCK_SHIFT)
+                src.revert(end - keep)
+                end = keep
+                copied = end - pos
+        if copied == 0:
+            return 0
+        first = pos >> BLOCK_SHIFT
+        last = (end - 1) >> BLOCK_SHIFT
+        folio.set_uptodate(first - folio.index, last - first + 1)
+        folio.mark_dirty(first - folio.index, last - first + 1)
+        if end > inode.size:
+            inode.size = end
+        if TRACE.on:
+            TRACE.emit("iomap_write_end", ino=inode.ino, pos=pos, copied=copied)
+        return copied
+
+    # ==================================================================
+    # The delalloc punch (seed 000)
+    # ==================================================================
+
+    async def punch_delalloc(self, inode: VInode, start: int, end: int) -> None:
+        """Release the stale delalloc of [start, end) after a short write."""
+        if start >= end:
+            return
+        self.stats["punches"] += 1
+        mapping = inode.mapping
+        async with mapping.invalidate_lock.exclusive():
+            await self.errortags.delay("delay_punch")
+            await POINTS.hit("punch_locked")
+            if self.punch_mode == "legacy":
+                await mapping.truncate_range(start, end)
+                await self._punch(inode, start, end)
+                return
+            await self.delalloc_release(inode, start, end)
+
+    async def _punch(self, inode: VInode, start: int, end: int) -> None:
+        self.stats["punch_ranges"] += 1
+        if TRACE.on:
+            TRACE.emit("iomap_delalloc_punch", ino=inode.ino, pos=start, length=end - start)
+        # The filesystem's punch takes its inode lock (it may sleep).
+        await POINTS.hit("delalloc_punch")
+        await self.ops.punch(inode, start, end - start)
+
+    async def delalloc_release(self, inode: VInode, start: int, end: int) -> None:
+        """iomap_write_delalloc_release: keep delalloc under dirty blocks,
+        punch the rest.  invalidate_lock held exclusive by the caller.
+
+        Intervals are half-open [start, end) throughout: seek_data gives the
+        start of a data range and seek_hole its end, so no +1/-1 appears.
+        The cache scan stops at EOF: cached data beyond it (a fault that
+        straddled EOF) must not keep delalloc alive, because writeback never
+        writes past EOF and would never convert it."""
+        mapping = inode.mapping
+        if DEBUG_LOCKS:
+            mapping.invalidate_lock.assert_held("exclusive")
+        punch_start = start
+        scan_end = min(round_up(inode.size), end)
+        pos = start
+        while pos < scan_end:
+            pos = mapping.seek_data(pos, scan_end)
+            if pos >= scan_end:
+                break
+            data_end = mapping.seek_hole(pos, scan_end)
+            punch_start = await self._delalloc_scan(inode, punch_start, pos, data_end)
+            pos = data_end
+        if punch_start < end:
+            await self._punch(inode, punch_start, end)
+
+    async def _delalloc_scan(self, inode: VInode, punch_start: int, start: int, end: int) -> int:
+        """Walk the folios of the cached range [start, end): punch up to each
+        dirty block run, skip past it.  Returns the new punch start."""
+        mapping = inode.mapping
+        while start < end:
+            folio = mapping.lookup(start >> BLOCK_SHIFT)
+            if folio is None:
+                start = round_down(start) + BLOCK_SIZE
+                continue
+            await folio.lock()
+            if folio.mapping is not mapping or not folio.contains(start >> BLOCK_SHIFT):
+                folio.unlock()
+                continue
+            await POINTS.hit("delalloc_scan_folio")
+            lo = max(start, folio.pos)
+            hi = min(end, folio.end)
+            # Block granularity: inside a dirty large folio, clean blocks
+            # hold stale delalloc too and are punched.
+            for first, n in folio.dirty_segments():
+                d0 = max(lo, (folio.index + first) << BLOCK_SHIFT)
+                d1 = min(hi, (folio.index + first + n) << BLOCK_SHIFT)
+                if d0 >= d1:
+                    continue
+                if d0 > punch_start:
+                    await self._punch(inode, punch_start, d0)
+                punch_start = d1
+            start = folio.end
+            folio.unlock()
+        return punch_start
+
+    # ==================================================================
+    # Page faults
+    # ==================================================================
+
+    async def iomap_page_mkwrite(self, inode: VInode, block: int):
+        """A write fault on the folio holding ``block``: reserve its holes
+        (all or nothing), mark it dirty.  Returns the folio *locked*, as the
+        kernel returns VM_FAULT_LOCKED; the caller stores and unlocks.
+        Never punches: a failed fault has reserved nothing (seed 001)."""
+        mapping = inode.mapping
+        self.stats["page_mkwrites"] += 1
+        async with mapping.invalidate_lock.shared():
+            await self.errortags.delay("delay_fault")
+            folio = await mapping.get_folio(block, create=False)
+            if folio is None or folio.pos >= inode.size:
+                if folio is not None:
+                    folio.unlock()
+                raise FsError(errno.EFAULT, "page fault beyond EOF or on an uncached page (SIGBUS)")
+            await POINTS.hit("page_mkwrite_locked")
+            end = min(folio.end, round_up(inode.size))
+            pos = folio.pos
+            try:
+                while pos < end:
+                    iomap = await self.ops.iomap_begin(inode, pos, end - pos, IOMAP_WRITE | IOMAP_FAULT)
+                    pos = min(iomap.end, end)
+                nblocks = (end - folio.pos) >> BLOCK_SHIFT
+                if not folio.is_uptodate(0, nblocks):
+                    await self.read_folio(inode, folio)
+                folio.mark_dirty(0, nblocks)
+            except BaseException:
+                try:
+                    await self._page_mkwrite_failed(inode, folio, end)
+                finally:
+                    folio.unlock()
+                raise
+            if TRACE.on:
+                TRACE.emit("iomap_page_mkwrite", ino=inode.ino, pos=folio.pos, length=end - folio.pos)
+            return folio
+
+    async def _page_mkwrite_failed(self, inode: VInode, folio, end: int) -> None:
+        """A failed write fault has nothing to clean up: its reservation was
+        all or nothing, and punching here would remove delalloc that other
+        writers' dirty data in the folio still needs (seed 001)."""
+
+    # ==================================================================
+    # Reads
+    # ==================================================================
+
+    async def read_folio(self, inode: VInode, folio) -> None:
+        """Make every block of a locked folio uptodate (iomap_read_folio)."""
+        self.stats["read_folios"] += 1
+        b = folio.index
+        end_b = folio.index + folio.nblocks
+        eof_b = (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        while b < end_b:
+            i = b - folio.index
+            if folio.is_uptodate(i, 1):
+                b += 1
+                continue
+            if b >= eof_b:
+                n = end_b - b
+                folio.data[i << BLOCK_SHIFT:] = bytes(n << BLOCK_SHIFT)
+                folio.set_uptodate(i, n)
+                break
+            iomap = await self.ops.iomap_begin(inode, b << BLOCK_SHIFT,
+                                               (min(end_b, eof_b) - b) << BLOCK_SHIFT, 0)
+            n = min(end_b, eof_b, iomap.end >> BLOCK_SHIFT) - b
+            # Only blocks not yet uptodate are filled (cached data wins), and
+            # each run of them is one device read, not one per block.
+            j = 0
+            while j < n:
+                if folio.is_uptodate(i + j, 1):
+                    j += 1
+                    continue
+                k = j + 1
+                while k < n and not folio.is_uptodate(i + k, 1):
+                    k += 1
+                off = (i + j) << BLOCK_SHIFT
+                size = (k - j) << BLOCK_SHIFT
+                if iomap.type == IomapType.MAPPED:
+                    folio.data[off:off + size] = await self.ops.read_blocks(
+                        iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset, k - j)
+                else:
+                    folio.data[off:off + size] = bytes(size)
+                folio.set_uptodate(i + j, k - j)
+                j = k
+            b += n
+        if TRACE.on:
+            TRACE.emit("iomap_read_folio", ino=inode.ino, pos=folio.pos, length=folio.end - folio.pos)
+
+    async def buffered_read(self, inode: VInode, pos: int, size: int) -> bytes:
+        """Read through the page cache (filemap_read), with sequential readahead."""
+        self.stats["reads"] += 1
+        end = min(pos + size, inode.size)
+        if pos >= end:
+            return b""
+        mapping = inode.mapping
+        out = bytearray()
+        async with mapping.invalidate_lock.shared():
+            if self._ra.get(inode.ino) == pos:
+                await self._readahead(inode, end, min(READAHEAD_MAX_BLOCKS, max(16, (end - pos) >> 11)))
+            cur = pos
+            while cur < end:
+                b = cur >> BLOCK_SHIFT
+                folio = mapping.lookup(b)
+                # Every block the copy below takes from this folio must be
+                # uptodate, not only the first (filemap_range_uptodate): a
+                # short copy leaves blocks of a large folio holding garbage.
+                if folio is None or not folio.is_uptodate(
+                        b - folio.index, ((min(end, folio.end) - 1) >> BLOCK_SHIFT) - b + 1):
+                    folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint(end - cur, cur))
+                    if not folio.is_uptodate(0, folio.nblocks):
+                        await self.read_folio(inode, folio)
+                    folio.unlock()
+                stop = min(end, folio.end)
+                out += folio.data[cur - folio.pos:stop - folio.pos]
+                self.cache.mark_accessed(folio)
+                cur = stop
+        self._ra[inode.ino] = end
+        # i_size may have shrunk while we copied: never return bytes past it.
+        return bytes(out[:max(0, min(end, inode.size) - pos)])
+
+    async def _readahead(self, inode: VInode, start: int, nblocks: int) -> None:
+        mapping = inode.mapping
+        b = start >> BLOCK_SHIFT
+        stop = min(b + nblocks, (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+        while b < stop:
+            folio = mapping.lookup(b)
+            if folio is None:
+                folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint((stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
+                if not folio.is_uptodate(0, folio.nblocks):
+                    await self.read_folio(inode, folio)
+                    self.stats["readahead_folios"] += 1
+                folio.unlock()
+            b = folio.index + folio.nblocks
+
+    # ==================================================================
+    # Zeroing and truncate
+    # ==================================================================
+
+    async def iomap_zero_range(self, inode: VInode, pos: int, length: int) -> None:
+        """Zero [pos, pos+length) of cached or written data (holes and
+        unwritten extents already read as zeros and are left alone)."""
+        end = pos + length
+        while pos < end:
+            iomap = await self.ops.iomap_begin(inode, pos, end - pos, IOMAP_ZERO)
+            stop = min(end, iomap.end)
+            if iomap.type in (IomapType.HOLE, IomapType.UNWRITTEN):
+                # Nothing on disk to hide; only cached bytes need zeroing.
+                await self._zero_cached(inode, pos, stop)
+                pos = stop
+            else:
+                # Returns early if the mapping went stale: map again here,
+                # it may have become a hole (writeback discarded it).
+                pos = await self._zero_through_cache(inode, iomap, pos, stop)
+        if TRACE.on:
+            TRACE.emit("iomap_zero_range", ino=inode.ino, pos=pos, length=length)
+
+    async def _zero_cached(self, inode: VInode, pos: int, end: int) -> None:
+        mapping = inode.mapping
+        for folio in mapping.iter_folios(pos >> BLOCK_SHIFT, (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT):
+            await folio.lock()
+            if folio.mapping is mapping:
+                a, b = max(pos, folio.pos), min(end, folio.end)
+                folio.data[a - folio.pos:b - folio.pos] = bytes(b - a)
+            folio.unlock()
+
+    async def _zero_through_cache(self, inode: VInode, iomap: Iomap, pos: int, end: int) -> int:
+        """Zero and dirty [pos, end) of a DELALLOC or MAPPED mapping through
+        the cache; returns where it stopped (before ``end`` if the mapping
+        went stale: the caller maps again, and must not dirty blocks the new
+        mapping says are a hole)."""
+        mapping = inode.mapping
+        while pos < end:
+            folio = await self.write_begin(inode, iomap, pos, end - pos)
+            if folio is None:       # stale: let the caller remap
+                return pos
+            stop = min(end, folio.end)
+            folio.data[pos - folio.pos:stop - folio.pos] = bytes(stop - pos)
+            first = pos >> BLOCK_SHIFT
+            last = (stop - 1) >> BLOCK_SHIFT
+            folio.set_uptodate(first - folio.index, last - first + 1)
+            folio.mark_dirty(first - folio.index, last - first + 1)
+            folio.unlock()
+            pos = stop
+        del mapping
+        return pos
+
+    async def iomap_truncate(self, inode: VInode, size: int, fs_truncate) -> None:
+        """Change i_size.  Shrinking zeroes the tail of the new last block,
+        drops the cache beyond it and lets the filesystem free the blocks
+        (``fs_truncate(size)``: delalloc punched, extents freed through the
+        journal).  Growing zeroes the old partial last block so the bytes
+        past the old EOF read as zeros."""
+        if DEBUG_LOCKS:
+            inode.i_rwsem.assert_held("exclusive")
+        mapping = inode.mapping
+        old = inode.size
+        async with mapping.invalidate_lock.exclusive():
+            await POINTS.hit("truncate_locked")
+            # An ioend in flight over the EOF block carries the bytes it had
+            # when it was queued: zeroing the cached tail now would be
+            # undone at its completion, and an UNWRITTEN block it holds is
+            # skipped by the zeroing.  Wait for it first, as
+            # truncate_pagecache and XFS's setattr do.
+            await mapping.wait_writeback_range(min(size, old) >> BLOCK_SHIFT)
+            if size < old:
+                if size & (BLOCK_SIZE - 1):
+                    await self.iomap_zero_range(inode, size, round_up(size) - size)
+                inode.size = size
+                await mapping.truncate_range(round_up(size), max(round_up(old), round_up(size)) + (1 << 40))
+                await fs_truncate(size)
+            elif size > old:
+                if old & (BLOCK_SIZE - 1):
+                    await self.iomap_zero_range(inode, old, round_up(old) - old)
+                inode.size = size
+                # Speculative preallocation the new EOF now covers is no
+                # longer post-EOF: nothing would ever write it back or trim
+                # it, so it would hold its reservation forever.  Nothing past
+                # the old EOF is dirty: every delalloc block there goes.
+                if round_up(size) > round_up(old):
+                    await self.ops.punch(inode, round_up(old), round_up(size) - round_up(old))
+                await fs_truncate(size)
+        if TRACE.on:
+            TRACE.emit("iomap_truncate", ino=inode.ino, old=old, new=size)
+
+    # ==================================================================
+    # SEEK_DATA / SEEK_HOLE over page cache + extent map
+    # ==================================================================
+
+    async def iomap_seek(self, inode: VInode, pos: int, whence_data: bool) -> int:
+        """lseek SEEK_DATA (whence_data) or SEEK_HOLE: unwritten and
+        delalloc extents count as data only where the page cache holds
+        uptodate blocks (iomap_seek_data's page-cache lookup)."""
+        size = inode.size
+        if pos >= size:
+            raise FsError(errno.ENXIO, "offset beyond EOF")
+        mapping = inode.mapping
+        cur = pos
+        while cur < size:
+            iomap = await self.ops.iomap_begin(inode, cur, size - cur, IOMAP_REPORT)
+            stop = min(size, iomap.end)
+            if iomap.type == IomapType.MAPPED:
+                if whence_data:
+                    return cur
+            elif iomap.type == IomapType.HOLE:
+                if not whence_data:
+                    return cur
+            else:
+                d = mapping.seek_data(cur, stop)
+                if whence_data and d < stop:
+                    return d
+                if not whence_data:
+                    h = mapping.seek_hole(cur, stop)
+                    if h < stop:
+                        return h
+            cur = stop
+        if whence_data:
+            raise FsError(errno.ENXIO, "no data after offset")
+        return size

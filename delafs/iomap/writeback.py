@@ -1,0 +1,149 @@
+"""Writeback (fs/iomap/buffered-io.c's writeback half, seed 003).
+
+``writepages`` walks a file's dirty folios in file order.  Each folio is
+locked (never i_rwsem, never invalidate_lock), its dirty bits are taken
+for I/O and it is put under writeback; every dirty block range inside EOF
+goes to the filesystem's ``writeback_range``, which maps a prefix,
+queues it on an ioend and returns the bytes it handled, the caller looping
+over the rest.  Adjacent ranges merge into one ioend, written with one
+vectored write.  ``writeback_submit`` writes the ioends, flushes, and
+completes them: only then are UNWRITTEN extents converted and the on-disk
+size moved, so a crash never exposes stale blocks.
+
+A failed ``writeback_range`` has already discarded the folio's delalloc
+(under the folio lock alone); the error is recorded in the mapping's
+errseq and reported by the next fsync of every open description that
+existed when it happened.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from ..lib.errors import FsError
+from ..lib.trace import TRACE
+from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
+from .types import POINTS, VInode, WritebackCtx
+
+log = logging.getLogger("delafs")
+
+
+async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
+                     end: int | None = None, expired_before: float | None = None) -> int:
+    """Write back the dirty folios of [start, end); with ``sync`` wait for
+    folios already under writeback (WB_SYNC_ALL) instead of skipping them.
+    ``expired_before`` limits a background pass to folios dirtied earlier.
+    Returns the number of folios written."""
+    mapping = inode.mapping
+    ops = engine.ops
+    wpc = WritebackCtx(inode, sync)
+    first = start >> BLOCK_SHIFT
+    last = None if end is None else (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+    under_io = []
+    written = 0
+    if TRACE.on:
+        TRACE.emit("iomap_writepages", ino=inode.ino, sync=sync)
+    try:
+        for folio in mapping.dirty_folios(first, last):
+            if expired_before is not None:
+                # The list was taken before any await: a folio cleaned since
+                # has no dirtied_when any more.
+                when = folio.dirtied_when
+                if when is None or when > expired_before:
+                    continue
+            await POINTS.hit("writepages_folio")
+            await folio.lock()
+            if folio.mapping is not mapping or not folio.test_dirty():
+                folio.unlock()
+                continue
+            if folio.writeback:
+                if not sync:
+                    folio.unlock()
+                    continue
+                await folio.wait_writeback()
+            try:
+                if await writeback_folio(engine, wpc, folio):
+                    under_io.append(folio)
+            except BaseException:
+                if folio.writeback:         # started by us: end it below
+                    under_io.append(folio)
+                raise
+            written += 1
+    finally:
+        # Whatever was queued reaches the disk even if the walk failed:
+        # those folios are already clean, so skipping the submit would
+        # end their writeback with their data written nowhere.
+        try:
+            await POINTS.hit("writeback_submit")
+            await ops.writeback_submit(wpc)
+        finally:
+            for folio in under_io:
+                folio.end_writeback()
+    return written
+
+
+async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
+    """Hand one locked, dirty folio's blocks to writeback_range; unlock it.
+    Returns True if the folio was put under writeback."""
+    inode = wpc.inode
+    isize = inode.size
+    if folio.pos >= isize:
+        # Wholly past EOF (truncate raced the scan): nothing to write.
+        folio.clear_dirty(0, folio.nblocks)
+        folio.unlock()
+        return False
+    if folio.end > isize:
+        # The tail past EOF is zeroed: writeback never writes stale bytes
+        # past i_size into the block that straddles it.
+        folio.data[isize - folio.pos:] = bytes(folio.end - isize)
+    mask = folio.clear_dirty_for_io()
+    eof_blocks = (isize + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+    folio.start_writeback()
+    try:
+        for first, n in _segments(mask):
+            b0 = folio.index + first
+            b1 = min(b0 + n, eof_blocks)
+            pos = b0 << BLOCK_SHIFT
+            length = max(0, (b1 - b0) << BLOCK_SHIFT)
+            while length > 0:
+                # Allocation in writeback_range may sleep (the folio stays locked).
+                await POINTS.hit("writeback_range")
+                try:
+                    done = await engine.ops.writeback_range(wpc, folio, pos, length, isize)
+                except Exception as e:
+                    # The filesystem discarded this folio's delalloc; the
+                    # data is lost and fsync will say so.  The rest of the
+                    # folio is abandoned too (its delalloc is gone: mapping
+                    # it would only fail again, with a misleading EIO).
+                    # Anything but an FsError (a corrupt node, a bug) is an
+                    # EIO too: the folio must still end writeback.
+                    err = e.errno if isinstance(e, FsError) else errno.EIO
+                    if not isinstance(e, FsError):
+                        log.error("writeback_range of inode %d at %d: %r", inode.ino, pos, e)
+                    inode.mapping.wb_err.set(err)
+                    wpc.error = wpc.error or err
+                    return True
+                wpc.nr_ranges += 1
+                pos += done
+                length -= done
+    finally:
+        folio.unlock()
+    return True
+
+
+def _segments(mask: int):
+    """(first, count) runs of set bits in a folio's block mask."""
+    i = 0
+    while mask:
+        if mask & 1:
+            n = 0
+            while mask & 1:
+                mask >>= 1
+                n += 1
+            yield i, n
+            i += n
+        else:
+            tz = (mask & -mask).bit_length() - 1
+            mask >>= tz
+            i += tz

@@ -1,0 +1,232 @@
+"""The metadata buffer cache and the running transaction.
+
+Metadata (btree nodes, bitmap blocks, fsinfo) is read lazily, one block at a
+time, decoded and verified once, and kept in an LRU cache.  Changing a block
+makes it *dirty*: it joins the running transaction and is pinned in memory
+until that transaction is committed.  A commit turns every dirty block into
+its on-disk image (the snapshot, taken atomically between metadata
+operations) and writes the images to the journal.  Images then wait in the
+checkpoint list until a checkpoint writes them home, so a block evicted from
+the cache is re-read from the newest image, never from a stale home location:
+
+    dirty/cache  ->  committing (in flight)  ->  pending (durable)  ->  device
+
+Locking.  ``meta_lock`` (a trio.Lock owned by the filesystem, passed in)
+serializes every metadata operation; an operation holds it across its awaits
+(cache misses), so tasks see each other's changes only whole.  ``commit_lock``
+serializes journal writes.  Order: meta_lock -> commit_lock; the holder of
+commit_lock never takes meta_lock, so a commit can snapshot under meta_lock
+and write the journal after dropping it while new operations go on.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import trio
+
+from ..lib.errors import FsError
+from .journal import Journal, log_blocks_needed
+
+
+class MetaBlock(Protocol):
+    blocknr: int
+
+    def encode(self, seq: int) -> bytes: ...
+
+
+@dataclass
+class _Frozen:
+    seq: int
+    images: dict[int, bytes]
+    revokes: set[int]
+
+
+class MetaStore:
+    """Attributes:
+      cache      OrderedDict blocknr -> decoded block, LRU order (meta_lock)
+      dirty      blocknr -> block changed in the running transaction (meta_lock)
+      revokes    blocks freed in the running transaction (meta_lock)
+      committing images frozen but not yet durable (set under meta_lock,
+                 drained under commit_lock)
+      pending    durable images not yet written home (commit_lock)
+      running_seq  sequence number the running transaction will commit as
+      durable_seq  newest transaction known to be on stable storage
+    """
+
+    def __init__(self, dev, journal: Journal | None, meta_lock: trio.Lock, *,
+                 cache_blocks: int = 8192,
+                 on_durable: Callable[[int], None] | None = None,
+                 overlay: dict[int, bytes] | None = None):
+        self.dev = dev
+        self.journal = journal          # None: read-only, nothing is ever written
+        self.meta_lock = meta_lock
+        self.commit_lock = trio.Lock()
+        self.cache: OrderedDict[int, MetaBlock] = OrderedDict()
+        self.cache_blocks = cache_blocks
+        self.dirty: dict[int, MetaBlock] = {}
+        self.revokes: set[int] = set()
+        self.committing: dict[int, bytes] = {}
+        self.pending: dict[int, bytes] = dict(overlay or {})
+        self.running_seq = journal.next_seq if journal else 1
+        self.durable_seq = self.running_seq - 1
+        self.on_durable = on_durable
+        # Bumped by every change: lets an operation tell whether it has
+        # modified anything (and so must shut down if it then fails).
+        self.changes = 0
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "commits": 0,
+                      "blocks_committed": 0}
+
+    @property
+    def readonly(self) -> bool:
+        return self.journal is None
+
+    # -- reading ----------------------------------------------------------------
+
+    async def get(self, blk: int, decode: Callable[[bytes, int], MetaBlock]) -> MetaBlock:
+        obj = self.cache.get(blk)
+        if obj is not None:
+            self.cache.move_to_end(blk)
+            self.stats["hits"] += 1
+            return obj
+        self.stats["misses"] += 1
+        img = self.committing.get(blk) or self.pending.get(blk)
+        if img is None:
+            img = await self.dev.read(blk, 1)
+            # Another task may have loaded it while we waited for the device.
+            obj = self.cache.get(blk)
+            if obj is not None:
+                return obj
+        obj = decode(img, blk)
+        self.cache[blk] = obj
+        return obj
+
+    # -- changing -----------------------------------------------------------------
+
+    def add(self, obj: MetaBlock) -> None:
+        """A freshly allocated block: cached and dirty, never read."""
+        self.changes += 1
+        self.revokes.discard(obj.blocknr)
+        self.cache[obj.blocknr] = obj
+        self.dirty[obj.blocknr] = obj
+
+    def mark_dirty(self, obj: MetaBlock) -> None:
+        if self.readonly:
+            raise FsError(errno.EROFS, "filesystem is read-only")
+        self.changes += 1
+        self.dirty[obj.blocknr] = obj
+
+    def forget(self, blk: int) -> None:
+        """The block was freed: drop it and revoke its journaled images."""
+        self.changes += 1
+        self.cache.pop(blk, None)
+        self.dirty.pop(blk, None)
+        self.revokes.add(blk)
+
+    def evict(self) -> None:
+        """Trim clean blocks to the cache limit (call between operations)."""
+        excess = len(self.cache) - self.cache_blocks
+        if excess <= 0:
+            return
+        for blk in list(self.cache):
+            if excess <= 0:
+                break
+            if blk in self.dirty:
+                continue
+            del self.cache[blk]
+            excess -= 1
+            self.stats["evictions"] += 1
+
+    # -- committing -----------------------------------------------------------------
+
+    @property
+    def roll_threshold(self) -> int:
+        """Dirty blocks at which an operation should roll to a new
+        transaction: an eighth of the log, so a transaction always fits."""
+        return max(8, self.journal.L // 8) if self.journal else 1 << 30
+
+    def has_changes(self) -> bool:
+        return bool(self.dirty or self.revokes)
+
+    def _snapshot(self) -> _Frozen | None:
+        """Freeze the running transaction (meta_lock held, no await inside)."""
+        if not self.has_changes():
+            return None
+        seq = self.running_seq
+        self.running_seq += 1
+        images = {blk: obj.encode(seq) for blk, obj in self.dirty.items()}
+        frozen = _Frozen(seq, images, self.revokes)
+        # Visible to readers from now on: the cache may evict these blocks
+        # as soon as they are clean, long before the write completes.
+        self.committing.update(images)
+        self.dirty = {}
+        self.revokes = set()
+        return frozen
+
+    async def _write(self, frozen: _Frozen) -> None:
+        """Write a frozen transaction (commit_lock held)."""
+        j = self.journal
+        need = log_blocks_needed(len(frozen.images), len(frozen.revokes))
+        if need > j.L // 2:
+            raise FsError(errno.EFBIG, f"metadata transaction of {need} log blocks exceeds half the journal ({j.L} blocks)")
+        if j.free() < need + j.L // 4:
+            await self._checkpoint()
+        j.next_seq = frozen.seq + 1
+        await j.write_transaction(frozen.seq, frozen.images, frozen.revokes)
+        self.pending.update(frozen.images)
+        for blk, img in frozen.images.items():
+            if self.committing.get(blk) is img:
+                del self.committing[blk]
+        for blk in frozen.revokes:
+            if blk not in frozen.images:
+                self.pending.pop(blk, None)
+        self.durable_seq = frozen.seq
+        self.stats["commits"] += 1
+        self.stats["blocks_committed"] += len(frozen.images)
+        if self.on_durable:
+            self.on_durable(frozen.seq)
+
+    async def commit(self) -> int:
+        """Make every change made so far durable; return its sequence number."""
+        if self.readonly:
+            return self.durable_seq
+        async with self.meta_lock:
+            frozen = self._snapshot()
+            await self.commit_lock.acquire()
+        try:
+            if frozen is not None:
+                await self._write(frozen)
+            return self.durable_seq
+        finally:
+            self.commit_lock.release()
+
+    async def commit_locked(self) -> int:
+        """Commit from inside a metadata operation (meta_lock already held):
+        how a long operation rolls its transaction so none grows unbounded."""
+        frozen = self._snapshot()
+        async with self.commit_lock:
+            if frozen is not None:
+                await self._write(frozen)
+        return self.durable_seq
+
+    async def _checkpoint(self) -> None:
+        await self.journal.checkpoint(self.pending)
+        self.pending = {}
+
+    async def checkpoint(self) -> None:
+        """Commit, then write every image home and empty the log."""
+        if self.readonly:
+            return
+        await self.commit()
+        async with self.commit_lock:
+            await self._checkpoint()
+
+    def statistics(self) -> dict:
+        return dict(self.stats, cached=len(self.cache), dirty=len(self.dirty),
+                    pending=len(self.pending), running_seq=self.running_seq,
+                    durable_seq=self.durable_seq,
+                    log_used=self.journal.used() if self.journal else 0,
+                    log_blocks=self.journal.L if self.journal else 0)
