@@ -38,10 +38,10 @@ from ..lib.trace import TRACE
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
 from .btree import worst_case_nodes
 from .extent_map import Extent, ExtState
+from .items import EXTENT_ITEM_SIZE
 
 log = logging.getLogger("delafs")
 
-_EXTENT_ITEM = 13
 _TYPES = {ExtState.HOLE: IomapType.HOLE, ExtState.DELALLOC: IomapType.DELALLOC,
           ExtState.UNWRITTEN: IomapType.UNWRITTEN, ExtState.WRITTEN: IomapType.MAPPED}
 # Below this share of free space, writes allocate UNWRITTEN blocks at once
@@ -143,13 +143,13 @@ class FsIomapOps:
         holes = [e for e in emap.lookup_range(fblock, nblocks) if e.state == ExtState.HOLE]
         if not holes:
             return False
-        total = sum(e.length + worst_case_nodes(e.length, _EXTENT_ITEM, self.fs.tree.levels)
+        total = sum(e.length + worst_case_nodes(e.length, EXTENT_ITEM_SIZE, self.fs.tree.levels)
                     for e in holes)
         if self.errortags.fires("alloc_enospc"):
             raise FsError(errno.ENOSPC, "injected ENOSPC (alloc_enospc)")
         self.fs.space.alloc.reserve(total)      # all or nothing
         for e in holes:
-            indlen = worst_case_nodes(e.length, _EXTENT_ITEM, self.fs.tree.levels)
+            indlen = worst_case_nodes(e.length, EXTENT_ITEM_SIZE, self.fs.tree.levels)
             total -= e.length + indlen
             self._settle(emap.set(Extent(e.fblock, e.length, ExtState.DELALLOC, indlen=indlen)))
             self._trim_indlen(emap, e.fblock)
@@ -160,7 +160,7 @@ class FsIomapOps:
     def _reserve_delalloc(self, emap, fblock: int, n: int) -> None:
         if self.errortags.fires("alloc_enospc"):
             raise FsError(errno.ENOSPC, "injected ENOSPC (alloc_enospc)")
-        indlen = worst_case_nodes(n, _EXTENT_ITEM, self.fs.tree.levels)
+        indlen = worst_case_nodes(n, EXTENT_ITEM_SIZE, self.fs.tree.levels)
         self.fs.space.alloc.reserve(n + indlen)
         self._settle(emap.set(Extent(fblock, n, ExtState.DELALLOC, indlen=indlen)))
         self._trim_indlen(emap, fblock)
@@ -173,7 +173,7 @@ class FsIomapOps:
     def _trim_indlen(self, emap, fblock: int) -> None:
         """After a merge, give back indlen beyond the merged extent's worst case."""
         ext = emap.extent_at(fblock)
-        want = worst_case_nodes(ext.length, _EXTENT_ITEM, self.fs.tree.levels)
+        want = worst_case_nodes(ext.length, EXTENT_ITEM_SIZE, self.fs.tree.levels)
         if ext.indlen > want:
             excess = ext.indlen - want
             emap.set_indlen(ext.fblock, want)
@@ -184,7 +184,7 @@ class FsIomapOps:
         transaction, instead of a reservation that might not be honoured.
         One contiguous run from ``fblock``; returns its length."""
         fs = self.fs
-        need = n + worst_case_nodes(n, _EXTENT_ITEM, fs.tree.levels)
+        need = n + worst_case_nodes(n, EXTENT_ITEM_SIZE, fs.tree.levels)
         fs.space.alloc.reserve(need)
         fs.space.begin_op(need, "available")
         try:
@@ -392,7 +392,7 @@ class FsIomapOps:
     async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:
         """The data is on stable storage: make it visible to recovery."""
         fs = self.fs
-        async with fs._op(items=2 * len(ioends) + 1, item_size=_EXTENT_ITEM, pool=True):
+        async with fs._op(items=2 * len(ioends) + 1, item_size=EXTENT_ITEM_SIZE, pool=True):
             emap = await fs.extent_map(inode.ino)
             fsinode = await fs._iget(inode.ino)
             end = 0

@@ -150,6 +150,7 @@ def decode_dirent(val: bytes, where: int | None = None) -> tuple[int, int, bytes
 # ---------------------------------------------------------------------------
 
 _EXTENT = struct.Struct("<QIB")
+EXTENT_ITEM_SIZE = _EXTENT.size        # what an operation reserves per extent item
 EXT_UNWRITTEN = 2
 EXT_WRITTEN = 3
 MAX_EXTENT_LEN = 2**32 - 1

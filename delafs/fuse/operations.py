@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 from ..fs.acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_create, acl_entries, acl_mode
-from ..fs.filesystem import RENAME_WHITEOUT
+from ..fs.dir import RENAME_WHITEOUT
 from ..fs.items import Inode
 from ..lib.errors import CorruptionError, DelafsError, FsError
 from ..ondisk import BLOCK_SIZE, ROOT_INO

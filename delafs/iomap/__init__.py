@@ -10,18 +10,18 @@ IomapOps and WritebackOps.
 
 from .buffered_io import Engine, IovIter
 from .types import (
-                    IOMAP_F_NEW,
-                    IOMAP_FAULT,
-                    IOMAP_REPORT,
-                    IOMAP_WRITE,
-                    IOMAP_ZERO,
-                    Ioend,
-                    Iomap,
-                    IomapOps,
-                    IomapType,
-                    VInode,
-                    WritebackCtx,
-                    WritebackOps,
+    IOMAP_F_NEW,
+    IOMAP_FAULT,
+    IOMAP_REPORT,
+    IOMAP_WRITE,
+    IOMAP_ZERO,
+    Ioend,
+    Iomap,
+    IomapOps,
+    IomapType,
+    VInode,
+    WritebackCtx,
+    WritebackOps,
 )
 from .writeback import writepages
 

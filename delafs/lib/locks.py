@@ -5,7 +5,7 @@ list while holding one further up, never the reverse)::
 
     i_rwsem            per inode, RWSemaphore          -- VFS adapter / engine
       invalidate_lock  per mapping, RWSemaphore        -- engine, page cache
-        folio lock     per folio (pagecache.Folio)     -- page cache
+        folio lock     per folio (mm/folio.Folio)     -- page cache
           meta_lock    the filesystem's trio.Lock: the punch callback and
                        every extent-map change           -- fs.py
             commit_lock  the journal's trio.Lock       -- metabuf.py
@@ -39,7 +39,7 @@ writeback completion never needs the folio lock).
 
 ``DEBUG_LOCKS`` (environment ``DELAFS_DEBUG_LOCKS``, on unless set to 0/off/
 false/no) turns on the ownership assertions (``assert_held``, the
-folio-lock checks in pagecache.py).  It is read at call time, so a process
+folio-lock checks in mm/folio.py).  It is read at call time, so a process
 may flip it; the bookkeeping that makes releases safe is always on.
 """
 

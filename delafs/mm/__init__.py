@@ -1,9 +1,14 @@
-"""The page cache (layer 3), mm/ in the kernel: folios with per-block
-uptodate and dirty state and their locks, the per-inode address space
-(filemap: lookup, truncate, SEEK_DATA/HOLE, the invalidate lock, errseq),
-the cache's memory limit, LRU and dirty throttling, and the flusher.
+"""The page cache (layer 3), mm/ in the kernel.
+
+    folio       Folio: blocks with per-block uptodate/dirty bits, the folio lock
+    filemap     AddressSpace: one inode's folios, invalidate_lock, writeback
+                waits, SEEK_DATA/HOLE over the cache, truncate, errseq
+    pagecache   PageCache: the memory limit, LRU of clean folios, dirty
+                accounting and throttling, the flusher
 """
 
-from .pagecache import AddressSpace, ErrSeq, ErrSeqCursor, Folio, PageCache
+from .filemap import AddressSpace
+from .folio import MAX_FOLIO_BLOCKS, Folio
+from .pagecache import PageCache
 
-__all__ = ["AddressSpace", "ErrSeq", "ErrSeqCursor", "Folio", "PageCache"]
+__all__ = ["MAX_FOLIO_BLOCKS", "AddressSpace", "Folio", "PageCache"]

@@ -23,8 +23,9 @@ from ..iomap.types import POINTS, VInode
 from ..iomap.writeback import writepages
 from ..lib.errors import FsError
 from ..lib.errortag import ErrorTags
+from ..lib.errseq import ErrSeqCursor
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
-from ..mm.pagecache import ErrSeqCursor, PageCache
+from ..mm.pagecache import PageCache
 
 log = logging.getLogger("delafs")
 

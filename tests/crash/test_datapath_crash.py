@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from delafs.mm.pagecache import AddressSpace
+from delafs.mm.filemap import AddressSpace
 
 from .datapath import Harness, check_run
 
@@ -64,7 +64,7 @@ async def test_injected_writeback_errors_are_reported_and_break_no_promise(tmp_p
 async def test_mutant_lost_writeback_error_is_caught(tmp_path, monkeypatch):
     """Writeback that drops a write error instead of recording it in
     errseq: fsync then succeeds over data that never reached the disk."""
-    from delafs.mm.pagecache import ErrSeq
+    from delafs.lib.errseq import ErrSeq
     monkeypatch.setattr(ErrSeq, "set", lambda self, err: None)
     run, v = await record_and_check(tmp_path, seed=4, writeback_eio=6, delay_writeback=2,
                                     stop_at_first=True)

@@ -11,15 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delafs.lib import locks
-from delafs.mm.pagecache import (
-    MAX_FOLIO_BLOCKS,
-    ErrSeq,
-    ErrSeqCursor,
-    Folio,
-    PageCache,
-    assert_no_folio_locks_held,
-    folio_locks_held,
-)
+from delafs.lib.errseq import ErrSeq, ErrSeqCursor
+from delafs.mm import PageCache
+from delafs.mm.folio import MAX_FOLIO_BLOCKS, Folio, assert_no_folio_locks_held, folio_locks_held
 from delafs.ondisk import BLOCK_SIZE
 
 B = BLOCK_SIZE

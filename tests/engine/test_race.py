@@ -20,6 +20,7 @@ from delafs.iomap.buffered_io import IovIter
 from delafs.lib.errors import FsError
 from delafs.ondisk import BLOCK_SIZE as BS
 from delafs.testing import race
+from delafs.testing.race.scheduler import _Guard
 
 from .conftest import check_invariants
 
@@ -150,7 +151,7 @@ def _run_scheduler(bodies, choose_last=True):
             sched.cancelling = True
             n.cancel_scope.cancel()
 
-    trio.run(main, clock=trio.testing.MockClock(), instruments=[race._Guard(sched)])
+    trio.run(main, clock=trio.testing.MockClock(), instruments=[_Guard(sched)])
     return sched
 
 

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from delafs.block import BlockDevice
-from delafs.fs.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
+from delafs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
 from delafs.fs.fsck import check
 from delafs.lib.errors import FsError
 
@@ -300,7 +300,7 @@ async def test_readdir_cookies_stable_under_changes(image):
 
 
 async def test_rename_whiteout(image):
-    from delafs.fs.filesystem import RENAME_WHITEOUT
+    from delafs.fs import RENAME_WHITEOUT
     dev, fs = await fresh(image)
     d = await fs.mkdir(ROOT, b"d", 0o755)
     f = await fs.create(d.ino, b"f", 0o644)

@@ -64,7 +64,7 @@ async def test_out_of_range_times_are_clamped_and_change_nothing_else(ops):
 
 
 async def test_link_count_limit_is_emlink_not_a_shutdown(ops, monkeypatch):
-    import delafs.fs.filesystem as fsmod
+    import delafs.fs.dir as fsmod
     e = await ops.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, CTX)
     ino = e[1].st_ino
     monkeypatch.setattr(fsmod, "LINK_MAX", 3, raising=False)

@@ -1,0 +1,183 @@
+"""Extent maps and the tree: load, sync, allocate, convert, punch
+(xfs_bmap.c).
+
+A mixin of :class:`~delafs.fs.filesystem.Filesystem`: every method runs
+on the Filesystem and keeps its locking rules (public methods are whole
+metadata operations under ``meta_lock``)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from ..lib.errors import FsError
+from ..ondisk import (
+    BLOCK_SHIFT,
+)
+from .extent_map import Extent, ExtentMap, ExtState
+from .items import (
+    EXT_UNWRITTEN,
+    EXT_WRITTEN,
+    EXTENT_ITEM_SIZE,
+    MAX_EXTENT_LEN,
+    T_EXTENT,
+    Inode,
+    decode_extent,
+    encode_extent,
+)
+
+log = logging.getLogger("delafs")
+
+_STATE_TO_DISK = {ExtState.UNWRITTEN: EXT_UNWRITTEN, ExtState.WRITTEN: EXT_WRITTEN}
+_DISK_TO_STATE = {EXT_UNWRITTEN: ExtState.UNWRITTEN, EXT_WRITTEN: ExtState.WRITTEN}
+
+
+class BmapOps:
+
+    async def extent_map(self, ino: int) -> ExtentMap:
+        """The inode's in-memory extent map, loaded from the tree on first use.
+        Caller holds meta_lock."""
+        emap = self.emaps.get(ino)
+        if emap is None:
+            emap = ExtentMap()
+            # A mapping taken from an earlier copy of this map (since
+            # evicted) must look stale: each load starts the cookie in a
+            # range of its own, above every value an earlier copy reached.
+            self._emap_loads += 1
+            emap.cookie = self._emap_loads << 40
+            for key, val, blk in await self.tree.scan((ino, T_EXTENT, 0), (ino, T_EXTENT + 1, 0),
+                                                      with_block=True):
+                pblock, length, state = decode_extent(val, blk)
+                emap.set(Extent(key[2], length, _DISK_TO_STATE[state], pblock))
+            self.emaps[ino] = emap
+        return emap
+
+    async def _sync_extents(self, ino: int, emap: ExtentMap, lo: int, hi: int) -> None:
+        """Make the tree's extent items agree with the map after the map
+        changed in [lo, hi).  The items touching the edges are rewritten too,
+        since the map may have split or merged them."""
+        r0, r1 = lo, hi
+        if lo > 0:
+            prev = await self.tree.lookup_le((ino, T_EXTENT, lo - 1))
+            if prev and prev[0][:2] == (ino, T_EXTENT):
+                r0 = min(r0, prev[0][2])
+            m = emap.extent_at(lo - 1)
+            if m is not None:
+                r0 = min(r0, m.fblock)
+        last = await self.tree.lookup_le((ino, T_EXTENT, hi))
+        if last and last[0][:2] == (ino, T_EXTENT):
+            r1 = max(r1, last[0][2] + decode_extent(last[1])[1])
+        m = emap.extent_at(hi)
+        if m is not None:
+            r1 = max(r1, m.end)
+        for key, _ in await self.tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, r1)):
+            await self.tree.delete(key)
+        for ext in emap.iter_extents(r0, r1):
+            if ext.state not in _STATE_TO_DISK:
+                continue
+            f, p, n = ext.fblock, ext.pblock, ext.length
+            while n:
+                k = min(n, MAX_EXTENT_LEN)
+                await self.tree.insert((ino, T_EXTENT, f), encode_extent(p, k, _STATE_TO_DISK[ext.state]))
+                f, p, n = f + k, p + k, n - k
+
+    async def _allocate_range(self, inode: Inode, emap: ExtentMap, fblock: int, count: int,
+                              *, one_run: bool = False) -> int:
+        """Allocate UNWRITTEN blocks over the holes of [fblock, fblock+count)
+        and return how many.  The caller reserved ``count`` blocks in the
+        operation.  ``one_run`` stops after the first contiguous run, which
+        must start at ``fblock`` (a hole): xfs_bmapi_write hands iomap one
+        mapping, and a caller that may have to free what it allocated
+        (iomap_end of a failed write) is only ever told of that one."""
+        done = 0
+        for piece in emap.lookup_range(fblock, count):
+            if piece.state != ExtState.HOLE:
+                continue
+            f, n = piece.fblock, piece.length
+            while n:
+                goal = self._goal(emap, f)
+                start, got = self.space.take(n, goal)
+                emap.set(Extent(f, got, ExtState.UNWRITTEN, start))
+                inode.blocks += got
+                f, n, done = f + got, n - got, done + got
+                if one_run:
+                    break
+            if one_run:
+                break
+        await self._sync_extents(inode.ino, emap, fblock, fblock + count)
+        return done
+
+    @staticmethod
+    def _goal(emap: ExtentMap, fblock: int) -> int | None:
+        """Where the previous extent's disk blocks end: allocate next to them."""
+        if fblock == 0:
+            return None
+        prev = emap.lookup(fblock - 1)
+        if prev.state in _STATE_TO_DISK:
+            return prev.pblock + 1
+        return None
+
+    async def _convert(self, ino: int, emap: ExtentMap, fblock: int, count: int) -> None:
+        """UNWRITTEN -> WRITTEN over the range (the data is on stable storage)."""
+        for piece in emap.lookup_range(fblock, count):
+            if piece.state == ExtState.UNWRITTEN:
+                emap.set(Extent(piece.fblock, piece.length, ExtState.WRITTEN, piece.pblock))
+        await self._sync_extents(ino, emap, fblock, fblock + count)
+
+    async def _punch(self, inode: Inode, fblock: int, count: int) -> None:
+        """Free the UNWRITTEN/WRITTEN blocks of the range, rolling the
+        transaction every few hundred changed blocks so that punching a
+        file with a million extents never needs a huge transaction."""
+        emap = await self.extent_map(inode.ino)
+        end = fblock + count
+        while fblock < end:
+            batch_end = fblock
+            n = 0
+            for ext in emap.iter_extents(fblock, end):
+                batch_end = ext.end
+                n += 1
+                if n >= 64:
+                    break
+            else:
+                batch_end = end
+            removed = emap.remove(fblock, batch_end - fblock,
+                                  (ExtState.UNWRITTEN, ExtState.WRITTEN))
+            for ext in removed:
+                self.space.free(ext.pblock, ext.length)
+                inode.blocks -= ext.length
+            await self._sync_extents(inode.ino, emap, fblock, batch_end)
+            await self._iwrite(inode)
+            fblock = batch_end
+            if len(self.store.dirty) > self.store.roll_threshold and fblock < end:
+                self.stats["rolls"] += 1
+                await self.store.commit_locked()
+
+    async def allocate(self, ino: int, fblock: int, count: int) -> None:
+        """fallocate's allocation: UNWRITTEN blocks over the holes of the
+        range (delalloc and existing extents are left as they are)."""
+        if (fblock + count) << BLOCK_SHIFT > self.sb.max_file_size:
+            raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
+        async with self._op(items=2 * count + 2, item_size=EXTENT_ITEM_SIZE, data=count):
+            inode = await self._iget(ino)
+            if not inode.is_reg:
+                raise FsError(errno.ENODEV, f"inode {ino} is not a regular file")
+            emap = await self.extent_map(ino)
+            holes = sum(e.length for e in emap.lookup_range(fblock, count) if e.state == ExtState.HOLE)
+            if holes:
+                await self._allocate_range(inode, emap, fblock, count)
+                await self._iwrite(inode)
+
+    async def punch_hole(self, ino: int, fblock: int, count: int) -> None:
+        """Free every block of the range: delalloc (its reservation returns)
+        and allocated extents (through the journal)."""
+        async with self._op(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
+            inode = await self._iget(ino)
+            emap = await self.extent_map(ino)
+            gone = emap.remove(fblock, count, (ExtState.DELALLOC,))
+            if gone:
+                self.space.alloc.unreserve(sum(e.length + e.indlen for e in gone))
+            await self._punch(inode, fblock, count)
+
+    async def map_blocks(self, ino: int, fblock: int, count: int) -> list[Extent]:
+        async with self._op(write=False):
+            return (await self.extent_map(ino)).lookup_range(fblock, count)
