@@ -10,32 +10,11 @@ import shutil
 import subprocess
 import sys
 
+from ..fuse.control import NotMounted, control_command
 from ..fuse.daemon import daemonize_and_run, parse_options, wait_gone
-from ..fuse.operations import CONTROL_NAME
 from ..lib.errortag import TAGS, ErrorTags
 
 HELPER_PATH = "/sbin/mount.fuse.delafs"
-
-
-def _control(mountpoint: str) -> str:
-    path = os.path.join(mountpoint, CONTROL_NAME.decode())
-    if not os.path.exists(path):
-        raise SystemExit(f"delafs: {mountpoint} is not a mounted delafs (no control file)")
-    return path
-
-
-def control_command(mountpoint: str, command: str) -> str:
-    """Write a command to the control file and read the reply back on the
-    same open file description."""
-    fd = os.open(_control(mountpoint), os.O_RDWR)
-    try:
-        os.write(fd, command.encode())
-        out = b""
-        while chunk := os.pread(fd, 65536, len(out)):
-            out += chunk
-        return out.decode()
-    finally:
-        os.close(fd)
 
 
 def _command(args, command: str) -> str:
@@ -44,6 +23,8 @@ def _command(args, command: str) -> str:
     mnt = os.path.abspath(args.mountpoint)
     try:
         return control_command(mnt, command)
+    except NotMounted as e:
+        raise SystemExit(f"delafs {args.cmd}: {e}") from None
     except OSError as e:
         raise SystemExit(f"delafs {args.cmd}: {mnt}: {e.strerror or e} (see the daemon's log)")
 
@@ -73,7 +54,7 @@ def cmd_umount(args) -> int:
     mnt = os.path.abspath(args.mountpoint)
     try:
         info = json.loads(control_command(mnt, "stat"))["daemon"]
-    except (OSError, ValueError, KeyError) as e:
+    except (NotMounted, OSError, ValueError, KeyError) as e:
         print(f"delafs umount: {mnt}: {e}", file=sys.stderr)
         return 1
     status = 0

@@ -31,6 +31,7 @@ from ..lib.errors import DelafsError, FsError, NotDelafsError
 from ..lib.errortag import TAGS, ErrorTags
 from ..lib.units import parse_size
 from ..vfs.mount import Mount
+from .control import ControlHandler
 from .operations import Operations
 
 log = logging.getLogger("delafs")
@@ -157,7 +158,7 @@ class Daemon:
                        writeback_cache=bool(self.opts.get("writeback_cache")),
                        atime=atime_policy(self.opts), diratime=not self.opts.get("nodiratime"), **kw)
         timeouts = {k: self.opts[k] for k in ("entry_timeout", "attr_timeout") if k in self.opts}
-        self.ops = Operations(self.m, control=self.control, **timeouts)
+        self.ops = Operations(self.m, control=ControlHandler(self), **timeouts)
         self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))
         # POSIX ACLs: the kernel enforces the system.posix_acl_* xattrs we
         # store (FUSE_POSIX_ACL); it needs default_permissions, always on.
@@ -168,37 +169,6 @@ class Daemon:
         if "ro" not in fuse_opts and self.readonly:
             fuse_opts.add("ro")
         pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
-
-    # -- the control channel ---------------------------------------------------------
-
-    async def control(self, data: bytes) -> bytes:
-        """Commands written to MOUNTPOINT/.delafs-control: ``sync``,
-        ``inject TAG=N ...``, ``stat``, ``mark LABEL`` (with -o log_writes).
-        The reply is read back."""
-        words = data.decode(errors="replace").split()
-        if not words:
-            raise FsError(errno.EINVAL, "empty control command")
-        cmd, args = words[0], words[1:]
-        if cmd == "sync":
-            await self.m.syncfs()
-            await self.m.fs.sync()
-            return b"ok\n"
-        if cmd == "inject":
-            for a in args:
-                try:
-                    self.m.errortags.parse(a)
-                except ValueError as e:
-                    raise FsError(errno.EINVAL, str(e))
-            return json.dumps(self.m.errortags.statistics()).encode() + b"\n"
-        if cmd == "mark":
-            if not isinstance(self.dev.recorder, WriteLog):
-                raise FsError(errno.EINVAL, "mark needs a mount with -o log_writes=FILE")
-            if len(args) != 1:
-                raise FsError(errno.EINVAL, "mark takes one label (no spaces)")
-            return b"%d\n" % self.dev.recorder.mark(args[0])
-        if cmd == "stat":
-            return json.dumps(self.statistics(), indent=1).encode() + b"\n"
-        raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")
 
     def statistics(self) -> dict:
         stats = self.ops.m_statistics()

@@ -8,9 +8,10 @@ traceback and answered with EIO instead of killing the daemon.
 What pyfuse3 3.5 lets a daemon see (see docs/engine.md): page faults are
 handled by the kernel and arrive here only as READs and later WRITEs; there
 is no fallocate, lseek (SEEK_DATA/HOLE), ioctl or syncfs handler, setxattr
-carries no XATTR_CREATE/REPLACE flags, and sync(1) never reaches us.  So the
-control file below is how ``delafs sync``, ``stat`` and ``inject`` talk to
-a mounted filesystem.
+carries no XATTR_CREATE/REPLACE flags, and sync(1) never reaches us.  So a
+hidden control file (the protocol is in control.py; this adapter only
+serves the file) is how ``delafs sync``, ``stat`` and ``inject`` talk to a
+mounted filesystem.
 
 Inode numbers are the format's persistent ones (the root is 1, as FUSE
 wants) with their generation, so they are stable across remounts.  The
@@ -37,11 +38,10 @@ from ..fs.items import Inode
 from ..lib.errors import CorruptionError, DelafsError, FsError
 from ..ondisk import BLOCK_SIZE, ROOT_INO
 from ..vfs.mount import Mount, OpenFile
+from .control import CONTROL_INO, CONTROL_NAME
 
 log = logging.getLogger("delafs")
 
-CONTROL_NAME = b".delafs-control"
-CONTROL_INO = 2**63 - 2          # never allocated: inode numbers grow from 2
 ENTRY_TIMEOUT = 300.0            # we are the only writer of the image
 ATTR_TIMEOUT = 300.0
 # How long a direct WRITE's reply waits for the kernel to drop its cached

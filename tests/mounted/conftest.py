@@ -154,7 +154,7 @@ class DelafsMount:
         assert is_mounted(self.mnt), "delafs mount returned 0 but nothing is mounted"
         # The same JSON as `delafs stat --json`, read in-process (saves a
         # Python start per mount).
-        from delafs.cli.mount import control_command
+        from delafs.fuse.control import control_command
         self.pid = json.loads(control_command(self.mnt, "stat"))["daemon"]["pid"]
         self.pids.append(self.pid)
         self.conns.append(os.minor(os.stat(self.mnt).st_dev))

@@ -64,7 +64,7 @@ class Workload:
         self.lock = threading.Lock()
 
     def mark(self, label: str) -> None:
-        from delafs.cli.mount import control_command
+        from delafs.fuse.control import control_command
         with self.lock:
             control_command(self.m.mnt, f"mark {label}")
 
@@ -259,7 +259,7 @@ async def test_the_oracle_sees_a_commit_that_was_never_synced(delafs_mount, tmp_
 
 
 def test_mark_without_a_write_log_is_refused(delafs_mount):
-    from delafs.cli.mount import control_command
+    from delafs.fuse.control import control_command
     m = delafs_mount(size="32M")
     with pytest.raises(OSError) as e:
         control_command(m.mnt, "mark x")

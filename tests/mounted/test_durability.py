@@ -122,7 +122,7 @@ def test_host_filesystem_full_is_reported_and_loses_no_metadata(delafs_mount, tm
         assert "warning" in r.stderr and "MiB free" in r.stderr, r.stderr
         import json
 
-        from delafs.cli.mount import control_command
+        from delafs.fuse.control import control_command
         m.pid = json.loads(control_command(m.mnt, "stat"))["daemon"]["pid"]
         m.pids.append(m.pid)
         m.tracebacks_ok = True
@@ -298,3 +298,11 @@ def test_inject_refuses_a_bad_setting_with_a_clear_error(delafs_mount):
         r = run([DELAFS, "inject", m.mnt, bad], check=False)
         assert r.returncode == 2, (r.returncode, r.stderr)
         assert "Traceback" not in r.stderr and "errortag" in r.stderr, r.stderr
+
+
+def test_control_commands_on_a_path_that_is_not_a_mount(tmp_path):
+    for cmd in (["sync"], ["stat"], ["umount"], ["inject", None]):
+        argv = [DELAFS, *[c for c in cmd if c], str(tmp_path)] + (["short_copy=1"] if "inject" in cmd else [])
+        r = run(argv, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (cmd, r.stderr)
+        assert "not a mounted delafs" in r.stderr, (cmd, r.stderr)

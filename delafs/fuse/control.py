@@ -1,0 +1,101 @@
+"""The control channel: how ``delafs sync``, ``stat``, ``inject``, ``umount``
+and tests talk to a running daemon.
+
+A hidden file, ``MOUNTPOINT/.delafs-control``, in the root of every mount.
+A client opens it read-write, writes one command and reads the reply back
+on the same open file description (the adapter keeps the reply per file
+handle).  Reading without writing returns the ``stat`` JSON.  A command
+that fails is answered with its errno on the write (EINVAL for bad input,
+EIO from a shut-down filesystem).
+
+Commands:
+
+    sync              write everything back and commit (syncfs + journal)
+    stat              counters of every layer, as JSON
+    inject TAG=N ...  set errortags; replies with their hit counters (JSON)
+    mark LABEL        with -o log_writes: record LABEL in the write log and
+                      reply with the number of device events before it
+
+Both sides are here: :class:`ControlHandler` runs in the daemon,
+:func:`control_command` is the client.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from ..block.logwrites import WriteLog
+from ..lib.errors import FsError
+
+CONTROL_NAME = b".delafs-control"
+CONTROL_INO = 2**63 - 2          # never allocated: inode numbers grow from 2
+
+
+class ControlHandler:
+    """The daemon's side: ``await handler(data)`` runs one command."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    async def __call__(self, data: bytes) -> bytes:
+        words = data.decode(errors="replace").split()
+        if not words:
+            raise FsError(errno.EINVAL, "empty control command")
+        cmd, args = words[0], words[1:]
+        handler = getattr(self, f"cmd_{cmd}", None)
+        if handler is None:
+            raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")
+        return await handler(args)
+
+    async def cmd_sync(self, args: list[str]) -> bytes:
+        m = self.daemon.m
+        await m.syncfs()
+        await m.fs.sync()
+        return b"ok\n"
+
+    async def cmd_inject(self, args: list[str]) -> bytes:
+        tags = self.daemon.m.errortags
+        for a in args:
+            try:
+                tags.parse(a)
+            except ValueError as e:
+                raise FsError(errno.EINVAL, str(e)) from None
+        return json.dumps(tags.statistics()).encode() + b"\n"
+
+    async def cmd_mark(self, args: list[str]) -> bytes:
+        recorder = self.daemon.dev.recorder
+        if not isinstance(recorder, WriteLog):
+            raise FsError(errno.EINVAL, "mark needs a mount with -o log_writes=FILE")
+        if len(args) != 1:
+            raise FsError(errno.EINVAL, "mark takes one label (no spaces)")
+        return b"%d\n" % recorder.mark(args[0])
+
+    async def cmd_stat(self, args: list[str]) -> bytes:
+        return json.dumps(self.daemon.statistics(), indent=1).encode() + b"\n"
+
+
+class NotMounted(Exception):
+    """The path is not the root of a mounted delafs."""
+
+
+def control_path(mountpoint: str) -> str:
+    path = os.path.join(mountpoint, CONTROL_NAME.decode())
+    if not os.path.exists(path):
+        raise NotMounted(f"{mountpoint} is not a mounted delafs (no control file)")
+    return path
+
+
+def control_command(mountpoint: str, command: str) -> str:
+    """Send one command and return the reply.  OSError carries the errno
+    the daemon answered; NotMounted if there is no control file."""
+    fd = os.open(control_path(mountpoint), os.O_RDWR)
+    try:
+        os.write(fd, command.encode())
+        out = b""
+        while chunk := os.pread(fd, 65536, len(out)):
+            out += chunk
+        return out.decode()
+    finally:
+        os.close(fd)
