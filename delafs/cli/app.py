@@ -18,6 +18,7 @@ from ..fs.fsck import EXIT_OPERATIONAL, check, summary
 from ..lib import units
 from ..lib.errors import DelafsError, FsError, NotDelafsError
 from ..ondisk import BLOCK_SIZE, MIN_BLOCKS, SB_MAGIC, make_geometry
+from .fail import fail
 from .mount import add_commands
 
 
@@ -73,17 +74,17 @@ def cmd_mkfs(args) -> int:
     except FileNotFoundError:
         st = None
     if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        return fail(f"{path} is neither a regular file nor a block device")
+        return fail("mkfs", f"{path} is neither a regular file nor a block device")
     if st is not None and stat.S_ISBLK(st.st_mode) and args.size is not None:
-        return fail("--size cannot be used with a block device (its size is the device's)")
+        return fail("mkfs", "--size cannot be used with a block device (its size is the device's)")
     if st is None or stat.S_ISREG(st.st_mode):
         if args.size is None and (st is None or st.st_size == 0):
-            return fail(f"{path} does not exist (or is empty): give --size to create it")
+            return fail("mkfs", f"{path} does not exist (or is empty): give --size to create it")
         if args.size is not None and st is not None and st.st_size > 0 \
                 and args.size != st.st_size and not args.force:
-            return fail(f"{path} is {st.st_size} bytes; refusing to resize it to {args.size} without --force")
+            return fail("mkfs", f"{path} is {st.st_size} bytes; refusing to resize it to {args.size} without --force")
         if args.size is not None and args.size < MIN_BLOCKS * BLOCK_SIZE:
-            return fail(f"size {args.size} is too small (minimum {MIN_BLOCKS * BLOCK_SIZE} bytes)")
+            return fail("mkfs", f"size {args.size} is too small (minimum {MIN_BLOCKS * BLOCK_SIZE} bytes)")
         if st is None:
             BlockDevice.create_file(path, args.size)
     with BlockDevice.open(path) as dev:
@@ -96,10 +97,10 @@ def cmd_mkfs(args) -> int:
         try:
             make_geometry(dev.nblocks, log_blocks=args.journal_blocks)
         except ValueError as e:
-            return fail(str(e))
+            return fail("mkfs", str(e))
         sig = existing_signature(path, dev)
         if sig and not args.force:
-            return fail(f"{path} contains {sig}; use --force to overwrite it")
+            return fail("mkfs", f"{path} contains {sig}; use --force to overwrite it")
         sb = trio.run(lambda: Filesystem.format(dev, log_blocks=args.journal_blocks,
                                                 label=args.label.encode()))
     if not args.quiet:
@@ -116,13 +117,13 @@ def cmd_fsck(args) -> int:
     try:
         dev = BlockDevice.open(args.image, readonly=args.no)
     except DelafsError as e:
-        print(f"delafs fsck: {e}", file=sys.stderr)
+        fail("fsck", str(e))
         return EXIT_OPERATIONAL
     with dev:
         try:
             dev.lock(wait=args.wait)
         except FsError as e:
-            print(f"delafs fsck: {e}", file=sys.stderr)
+            fail("fsck", str(e))
             return EXIT_OPERATIONAL
         progress = args.progress or (sys.stdout.isatty() and dev.nblocks > 1 << 20)
         report = trio.run(lambda: check(dev, repair=repair, progress=progress))
@@ -130,11 +131,6 @@ def cmd_fsck(args) -> int:
         print(f"note: {note}")
     print(f"delafs fsck {args.image}: {summary(report)}")
     return report.exit_code
-
-
-def fail(msg: str, code: int = 1) -> int:
-    print(f"delafs: {msg}", file=sys.stderr)
-    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +219,7 @@ def _add_race_command(sub) -> None:
 def cmd_race(args) -> int:
     from ..testing.race import main as race_main  # test machinery: loaded by this command only
     if args.schedules < 1:
-        return fail("--schedules must be at least 1", 2)
+        return fail("race", "--schedules must be at least 1", 2)
     return race_main(args)
 
 
@@ -232,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NotDelafsError as e:
-        return fail(str(e), 8 if args.cmd == "fsck" else 1)
+        return fail(args.cmd, str(e), 8 if args.cmd == "fsck" else 1)
     except DelafsError as e:
-        return fail(str(e), 8 if args.cmd == "fsck" else 1)
+        return fail(args.cmd, str(e), 8 if args.cmd == "fsck" else 1)
     except KeyboardInterrupt:
         return 130
 

@@ -13,6 +13,7 @@ import sys
 from ..fuse.control import NotMounted, control_command
 from ..fuse.daemon import daemonize_and_run, parse_options, wait_gone
 from ..lib.errortag import TAGS, ErrorTags
+from .fail import fail
 
 HELPER_PATH = "/sbin/mount.fuse.delafs"
 
@@ -24,27 +25,22 @@ def _command(args, command: str) -> str:
     try:
         return control_command(mnt, command)
     except NotMounted as e:
-        raise SystemExit(f"delafs {args.cmd}: {e}") from None
+        raise SystemExit(fail(args.cmd, str(e))) from None
     except OSError as e:
-        raise SystemExit(f"delafs {args.cmd}: {mnt}: {e.strerror or e} (see the daemon's log)")
+        raise SystemExit(fail(args.cmd, f"{mnt}: {e.strerror or e} (see the daemon's log)")) from None
 
 
 def cmd_mount(args) -> int:
     try:
         opts = parse_options(",".join(args.options or []))
     except (ValueError, argparse.ArgumentTypeError) as e:
-        print(f"delafs mount: {e}", file=sys.stderr)
-        return 1
+        return fail("mount", f"{e}")
     if not os.path.isdir(args.mountpoint):
-        print(f"delafs mount: mount point {args.mountpoint} is not a directory", file=sys.stderr)
-        return 1
+        return fail("mount", f"mount point {args.mountpoint} is not a directory")
     if not os.path.exists(args.image) and not opts.get("mkfs"):
-        print(f"delafs mount: {args.image} does not exist", file=sys.stderr)
-        return 1
+        return fail("mount", f"{args.image} does not exist")
     if not os.path.exists("/dev/fuse"):
-        print("delafs mount: /dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)",
-              file=sys.stderr)
-        return 1
+        return fail("mount", "/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)")
     return daemonize_and_run(args.image, args.mountpoint, opts, foreground=args.foreground)
 
 
@@ -54,27 +50,25 @@ def cmd_umount(args) -> int:
     mnt = os.path.abspath(args.mountpoint)
     try:
         info = json.loads(control_command(mnt, "stat"))["daemon"]
-    except (NotMounted, OSError, ValueError, KeyError) as e:
-        print(f"delafs umount: {mnt}: {e}", file=sys.stderr)
-        return 1
+    except NotMounted as e:
+        return fail("umount", str(e))
+    except (OSError, ValueError, KeyError) as e:
+        return fail("umount", f"{mnt}: {e}")
     status = 0
     try:
         control_command(mnt, "sync")
     except OSError as e:
         # A filesystem that has shut down (or cannot write) still gets
         # unmounted: what the journal committed survives, the rest is lost.
-        print(f"delafs umount: {mnt}: could not write everything back ({e.strerror or e}); "
-              f"unmounting anyway: see the daemon's log", file=sys.stderr)
-        status = 1
+        status = fail("umount", f"{mnt}: could not write everything back ({e.strerror or e}); "
+                                f"unmounting anyway: see the daemon's log")
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         r = subprocess.run(["umount", mnt], capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"delafs umount: {r.stderr.strip()}", file=sys.stderr)
-        return 1
+        return fail("umount", f"{r.stderr.strip()}")
     if not wait_gone(info["pid"], args.timeout):
-        print(f"delafs umount: daemon {info['pid']} still running after {args.timeout}s", file=sys.stderr)
-        return 1
+        return fail("umount", f"daemon {info['pid']} still running after {args.timeout}s")
     return status
 
 
