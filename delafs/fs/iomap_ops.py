@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from ..iomap.ioend import add_to_ioend
 from ..iomap.types import (
     IOMAP_F_NEW,
     IOMAP_FAULT,
@@ -49,7 +50,6 @@ _TYPES = {ExtState.HOLE: IomapType.HOLE, ExtState.DELALLOC: IomapType.DELALLOC,
 NONDA_FREE_FRACTION = 0.02
 # Speculative post-EOF preallocation for extending writes, in blocks.
 PREALLOC_MAX_BLOCKS = 256
-MAX_IOEND_BYTES = 8 << 20
 
 
 class FsIomapOps:
@@ -292,7 +292,7 @@ class FsIomapOps:
         n = min(length, (ext.end << BLOCK_SHIFT) - pos)
         addr = (ext.pblock << BLOCK_SHIFT) + (pos - (ext.fblock << BLOCK_SHIFT))
         typ = _TYPES[ext.state]
-        self._add_to_ioend(wpc, folio, pos, n, addr, typ)
+        add_to_ioend(wpc, folio, pos, n, addr, typ)
         if TRACE.on:
             TRACE.emit("iomap_writeback_range", ino=inode.ino, pos=pos, length=n, type=typ.name)
         return n
@@ -333,22 +333,6 @@ class FsIomapOps:
             fs.space.end_op()
         self.stats["delalloc_converted"] += got
         return emap.lookup(fblock)
-
-    def _add_to_ioend(self, wpc: WritebackCtx, folio, pos: int, n: int, addr: int,
-                      typ: IomapType) -> None:
-        off = pos - folio.pos
-        # One copy (a memoryview slice, then bytes): the ioend must not see
-        # stores that land in the folio after it was cleaned for I/O.
-        data = bytes(memoryview(folio.data)[off:off + n])
-        io = wpc.ioend
-        if io is None or not io.contiguous(wpc.inode.ino, pos, addr, typ) or io.size >= MAX_IOEND_BYTES:
-            if io is not None:
-                wpc.ready.append(io)
-            io = wpc.ioend = Ioend(wpc.inode.ino, pos, addr, typ)
-        io.bufs.append(data)
-        io.size += n
-        if not io.folios or io.folios[-1] is not folio:
-            io.folios.append(folio)
 
     async def writeback_submit(self, wpc: WritebackCtx) -> None:
         """Write every ioend, flush once, then complete: convert UNWRITTEN

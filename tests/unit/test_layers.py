@@ -29,8 +29,9 @@ LAYERS: dict[str, set[str]] = {
     "log": {"lib", "ondisk"},
     "mm": {"lib"},
     "iomap": {"lib", "mm"},
-    # The filesystem implements the iomap ops: it needs their types only.
-    "fs": {"lib", "ondisk", "log", "iomap.types"},
+    # The filesystem implements the iomap ops: it needs their types, and
+    # its writeback_range queues what it mapped with iomap_add_to_ioend.
+    "fs": {"lib", "ondisk", "log", "iomap.types", "iomap.ioend"},
     "vfs": {"lib", "fs", "iomap", "mm"},
     # The adapter calls the filesystem's inode operations (lookup, create,
     # rename, xattrs) as the kernel's VFS calls i_op, data through vfs; the
