@@ -52,7 +52,7 @@ class BmapOps:
             self.emaps[ino] = emap
         return emap
 
-    async def _sync_extents(self, ino: int, emap: ExtentMap, lo: int, hi: int) -> None:
+    async def sync_extents(self, ino: int, emap: ExtentMap, lo: int, hi: int) -> None:
         """Make the tree's extent items agree with the map after the map
         changed in [lo, hi).  The items touching the edges are rewritten too,
         since the map may have split or merged them."""
@@ -81,7 +81,7 @@ class BmapOps:
                 await self.tree.insert((ino, T_EXTENT, f), encode_extent(p, k, _STATE_TO_DISK[ext.state]))
                 f, p, n = f + k, p + k, n - k
 
-    async def _allocate_range(self, inode: Inode, emap: ExtentMap, fblock: int, count: int,
+    async def allocate_unwritten(self, inode: Inode, emap: ExtentMap, fblock: int, count: int,
                               *, one_run: bool = False) -> int:
         """Allocate UNWRITTEN blocks over the holes of [fblock, fblock+count)
         and return how many.  The caller reserved ``count`` blocks in the
@@ -95,7 +95,7 @@ class BmapOps:
                 continue
             f, n = piece.fblock, piece.length
             while n:
-                goal = self._goal(emap, f)
+                goal = self.alloc_goal(emap, f)
                 start, got = self.space.take(n, goal)
                 emap.set(Extent(f, got, ExtState.UNWRITTEN, start))
                 inode.blocks += got
@@ -104,11 +104,11 @@ class BmapOps:
                     break
             if one_run:
                 break
-        await self._sync_extents(inode.ino, emap, fblock, fblock + count)
+        await self.sync_extents(inode.ino, emap, fblock, fblock + count)
         return done
 
     @staticmethod
-    def _goal(emap: ExtentMap, fblock: int) -> int | None:
+    def alloc_goal(emap: ExtentMap, fblock: int) -> int | None:
         """Where the previous extent's disk blocks end: allocate next to them."""
         if fblock == 0:
             return None
@@ -117,12 +117,12 @@ class BmapOps:
             return prev.pblock + 1
         return None
 
-    async def _convert(self, ino: int, emap: ExtentMap, fblock: int, count: int) -> None:
+    async def convert_unwritten(self, ino: int, emap: ExtentMap, fblock: int, count: int) -> None:
         """UNWRITTEN -> WRITTEN over the range (the data is on stable storage)."""
         for piece in emap.lookup_range(fblock, count):
             if piece.state == ExtState.UNWRITTEN:
                 emap.set(Extent(piece.fblock, piece.length, ExtState.WRITTEN, piece.pblock))
-        await self._sync_extents(ino, emap, fblock, fblock + count)
+        await self.sync_extents(ino, emap, fblock, fblock + count)
 
     async def _punch(self, inode: Inode, fblock: int, count: int) -> None:
         """Free the UNWRITTEN/WRITTEN blocks of the range, rolling the
@@ -145,8 +145,8 @@ class BmapOps:
             for ext in removed:
                 self.space.free(ext.pblock, ext.length)
                 inode.blocks -= ext.length
-            await self._sync_extents(inode.ino, emap, fblock, batch_end)
-            await self._iwrite(inode)
+            await self.sync_extents(inode.ino, emap, fblock, batch_end)
+            await self.log_inode(inode)
             fblock = batch_end
             if len(self.store.dirty) > self.store.roll_threshold and fblock < end:
                 self.stats["rolls"] += 1
@@ -157,21 +157,21 @@ class BmapOps:
         range (delalloc and existing extents are left as they are)."""
         if (fblock + count) << BLOCK_SHIFT > self.sb.max_file_size:
             raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
-        async with self._op(items=2 * count + 2, item_size=EXTENT_ITEM_SIZE, data=count):
-            inode = await self._iget(ino)
+        async with self.transaction(items=2 * count + 2, item_size=EXTENT_ITEM_SIZE, data=count):
+            inode = await self.iget(ino)
             if not inode.is_reg:
                 raise FsError(errno.ENODEV, f"inode {ino} is not a regular file")
             emap = await self.extent_map(ino)
             holes = sum(e.length for e in emap.lookup_range(fblock, count) if e.state == ExtState.HOLE)
             if holes:
-                await self._allocate_range(inode, emap, fblock, count)
-                await self._iwrite(inode)
+                await self.allocate_unwritten(inode, emap, fblock, count)
+                await self.log_inode(inode)
 
     async def punch_hole(self, ino: int, fblock: int, count: int) -> None:
         """Free every block of the range: delalloc (its reservation returns)
         and allocated extents (through the journal)."""
-        async with self._op(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
-            inode = await self._iget(ino)
+        async with self.transaction(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
+            inode = await self.iget(ino)
             emap = await self.extent_map(ino)
             gone = emap.remove(fblock, count, (ExtState.DELALLOC,))
             if gone:
@@ -179,5 +179,5 @@ class BmapOps:
             await self._punch(inode, fblock, count)
 
     async def map_blocks(self, ino: int, fblock: int, count: int) -> list[Extent]:
-        async with self._op(write=False):
+        async with self.transaction(write=False):
             return (await self.extent_map(ino)).lookup_range(fblock, count)

@@ -45,8 +45,8 @@ class DataOps:
         b0 = offset >> BLOCK_SHIFT
         b1 = (offset + len(data) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
         count = b1 - b0
-        async with self._op(items=2 * count + 2, item_size=EXTENT_ITEM_SIZE, data=count):
-            inode = await self._iget(ino)
+        async with self.transaction(items=2 * count + 2, item_size=EXTENT_ITEM_SIZE, data=count):
+            inode = await self.iget(ino)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
             emap = await self.extent_map(ino)
@@ -59,20 +59,20 @@ class DataOps:
             if tail and (count > 1 or not head):
                 buf[-BLOCK_SIZE:] = await self._read_blocks(emap, b1 - 1, 1)
             buf[head:head + len(data)] = data
-            await self._allocate_range(inode, emap, b0, count)
+            await self.allocate_unwritten(inode, emap, b0, count)
             for piece in emap.lookup_range(b0, count):
                 off = (piece.fblock - b0) * BLOCK_SIZE
                 await self.dev.write(piece.pblock, [memoryview(buf)[off:off + piece.length * BLOCK_SIZE]])
             await self.dev.flush()
-            await self._convert(ino, emap, b0, count)
+            await self.convert_unwritten(ino, emap, b0, count)
             inode.size = max(inode.size, offset + len(data))
             inode.mtime = inode.ctime = now_ns()
-            await self._iwrite(inode)
+            await self.log_inode(inode)
             return len(data)
 
     async def pread(self, ino: int, offset: int, size: int) -> bytes:
-        async with self._op(write=False):
-            inode = await self._iget(ino)
+        async with self.transaction(write=False):
+            inode = await self.iget(ino)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
             end = min(inode.size, offset + size)
@@ -96,8 +96,8 @@ class DataOps:
             raise FsError(errno.EINVAL, "negative size")
         if size > self.sb.max_file_size:
             raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
-        async with self._op(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
-            inode = await self._iget(ino)
+        async with self.transaction(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
+            inode = await self.iget(ino)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL if not inode.is_dir else errno.EISDIR,
                               f"inode {ino} is not a regular file")
@@ -116,7 +116,7 @@ class DataOps:
                         await self.dev.flush()
                 first = (size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
                 inode.size = size
-                await self._iwrite(inode)
+                await self.log_inode(inode)
                 # Delalloc past the new EOF only exists in memory: drop it
                 # and its reservation.
                 gone = emap.remove(first, (1 << 52) - first, (ExtState.DELALLOC,))
@@ -127,4 +127,4 @@ class DataOps:
                     await self._punch(inode, first, end - first)
             inode.size = size
             inode.mtime = inode.ctime = now_ns()
-            await self._iwrite(inode)
+            await self.log_inode(inode)

@@ -66,7 +66,7 @@ def check_name(name: bytes) -> None:
 
 class DirOps:
 
-    async def _find(self, dir_ino: int, name: bytes) -> tuple[tuple, int, int] | None:
+    async def find_entry(self, dir_ino: int, name: bytes) -> tuple[tuple, int, int] | None:
         """(key, child ino, dtype) of ``name`` in the directory, or None."""
         lo, hi = dirent_range(name_hash(name, self.salt))
         for key, val, blk in await self.tree.scan((dir_ino, T_DIRENT, lo), (dir_ino, T_DIRENT, hi),
@@ -77,14 +77,14 @@ class DirOps:
         return None
 
     async def _dir(self, ino: int) -> Inode:
-        inode = await self._iget(ino)
+        inode = await self.iget(ino)
         if not inode.is_dir:
             raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
         if inode.nlink == 0:
             raise FsError(errno.ENOENT, f"directory {ino} has been removed")
         return inode
 
-    async def _add_entry(self, dir_inode: Inode, name: bytes, child: Inode) -> None:
+    async def add_entry(self, dir_inode: Inode, name: bytes, child: Inode) -> None:
         lo, hi = dirent_range(name_hash(name, self.salt))
         used = {k[2] for k, _ in await self.tree.scan((dir_inode.ino, T_DIRENT, lo),
                                                       (dir_inode.ino, T_DIRENT, hi))}
@@ -97,17 +97,17 @@ class DirOps:
         dir_inode.mtime = dir_inode.ctime = now_ns()
 
     async def lookup(self, dir_ino: int, name: bytes) -> Inode:
-        async with self._op(write=False):
+        async with self.transaction(write=False):
             await self._dir(dir_ino)
-            found = await self._find(dir_ino, name)
+            found = await self.find_entry(dir_ino, name)
             if found is None:
                 raise FsError(errno.ENOENT)
-            return (await self._iget(found[1])).copy()
+            return (await self.iget(found[1])).copy()
 
     async def _check_new_name(self, dir_ino: int, name: bytes) -> Inode:
         check_name(name)
         d = await self._dir(dir_ino)
-        if await self._find(dir_ino, name) is not None:
+        if await self.find_entry(dir_ino, name) is not None:
             raise FsError(errno.EEXIST, f"{name!r} exists")
         return d
 
@@ -132,7 +132,7 @@ class DirOps:
         for k, v in xattrs.items():
             check_xattr(k, v)
         is_dir = stat.S_ISDIR(mode)
-        async with self._op(items=2 + len(xattrs), data=sum(map(xattr_blocks, xattrs.values()))):
+        async with self.transaction(items=2 + len(xattrs), data=sum(map(xattr_blocks, xattrs.values()))):
             d = await self._check_new_name(dir_ino, name)
             if is_dir:
                 _check_nlink(d)
@@ -140,11 +140,11 @@ class DirOps:
             for k, v in xattrs.items():
                 await self._set_xattr(inode, k, v)
             if xattrs:
-                await self._iwrite(inode)       # out-of-line values count in its blocks
-            await self._add_entry(d, name, inode)
+                await self.log_inode(inode)       # out-of-line values count in its blocks
+            await self.add_entry(d, name, inode)
             if is_dir:
                 d.nlink += 1
-            await self._iwrite(d)
+            await self.log_inode(d)
             return inode.copy()
 
     async def symlink(self, dir_ino: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Inode:
@@ -152,7 +152,7 @@ class DirOps:
             raise FsError(errno.ENAMETOOLONG if len(target) > SYMLINK_MAX else errno.EINVAL,
                           "invalid symlink target")
         nblocks = 0 if len(target) <= SYMLINK_INLINE_MAX else -(-len(target) // BLOCK_SIZE)
-        async with self._op(items=3, data=nblocks):
+        async with self.transaction(items=3, data=nblocks):
             d = await self._check_new_name(dir_ino, name)
             inode = await self._new_inode(stat.S_IFLNK | 0o777, uid, gid)
             inode.size = len(target)
@@ -160,14 +160,14 @@ class DirOps:
             if nblocks:
                 value = await self._write_out_of_line(inode, target)
             await self.tree.insert((inode.ino, T_SYMLINK, 0), encode_symlink(value))
-            await self._iwrite(inode)
-            await self._add_entry(d, name, inode)
-            await self._iwrite(d)
+            await self.log_inode(inode)
+            await self.add_entry(d, name, inode)
+            await self.log_inode(d)
             return inode.copy()
 
     async def readlink(self, ino: int) -> bytes:
-        async with self._op(write=False):
-            inode = await self._iget(ino)
+        async with self.transaction(write=False):
+            inode = await self.iget(ino)
             if not inode.is_symlink:
                 raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
             val = await self.tree.lookup((ino, T_SYMLINK, 0))
@@ -179,9 +179,9 @@ class DirOps:
             return target
 
     async def link(self, ino: int, dir_ino: int, name: bytes) -> Inode:
-        async with self._op(items=1):
+        async with self.transaction(items=1):
             d = await self._check_new_name(dir_ino, name)
-            inode = await self._iget(ino)
+            inode = await self.iget(ino)
             if inode.is_dir:
                 raise FsError(errno.EPERM, "hard links to directories are not allowed")
             if inode.nlink == 0:
@@ -189,9 +189,9 @@ class DirOps:
             _check_nlink(inode)
             inode.nlink += 1
             inode.ctime = now_ns()
-            await self._iwrite(inode)
-            await self._add_entry(d, name, inode)
-            await self._iwrite(d)
+            await self.log_inode(inode)
+            await self.add_entry(d, name, inode)
+            await self.log_inode(d)
             return inode.copy()
 
     async def _remove_entry(self, d: Inode, key: tuple) -> None:
@@ -203,7 +203,7 @@ class DirOps:
         """One name of ``inode`` is gone: free it or make it an orphan."""
         inode.nlink -= 1
         inode.ctime = now_ns()
-        await self._iwrite(inode)
+        await self.log_inode(inode)
         if inode.nlink > 0:
             return
         # On the orphan list in the same transaction as the last name goes:
@@ -216,22 +216,22 @@ class DirOps:
     async def _lookup_entry(self, dir_ino: int, name: bytes) -> tuple[Inode, tuple, Inode]:
         """(directory, entry key, inode) of an existing name."""
         d = await self._dir(dir_ino)
-        found = await self._find(dir_ino, name)
+        found = await self.find_entry(dir_ino, name)
         if found is None:
             raise FsError(errno.ENOENT)
-        return d, found[0], await self._iget(found[1])
+        return d, found[0], await self.iget(found[1])
 
     async def unlink(self, dir_ino: int, name: bytes) -> None:
-        async with self._op(items=1, pool=True):
+        async with self.transaction(items=1, pool=True):
             d, key, inode = await self._lookup_entry(dir_ino, name)
             if inode.is_dir:
                 raise FsError(errno.EISDIR, f"{name!r} is a directory")
             await self._remove_entry(d, key)
-            await self._iwrite(d)
+            await self.log_inode(d)
             await self._drop_link(inode)
 
     async def rmdir(self, dir_ino: int, name: bytes) -> None:
-        async with self._op(items=1, pool=True):
+        async with self.transaction(items=1, pool=True):
             d, key, inode = await self._lookup_entry(dir_ino, name)
             if not inode.is_dir:
                 raise FsError(errno.ENOTDIR, f"{name!r} is not a directory")
@@ -239,7 +239,7 @@ class DirOps:
                 raise FsError(errno.ENOTEMPTY, f"{name!r} is not empty")
             await self._remove_entry(d, key)
             d.nlink -= 1
-            await self._iwrite(d)
+            await self.log_inode(d)
             inode.nlink = 1
             await self._drop_link(inode)
 
@@ -249,7 +249,7 @@ class DirOps:
                 return True
             if ino == ROOT_INO:
                 return False
-            ino = (await self._iget(ino)).parent
+            ino = (await self.iget(ino)).parent
 
     async def rename(self, odir: int, oname: bytes, ndir: int, nname: bytes, flags: int = 0,
                      *, uid: int = 0, gid: int = 0) -> None:
@@ -259,16 +259,16 @@ class DirOps:
             raise FsError(errno.EINVAL, f"bad rename flags {flags:#x}")
         check_name(nname)
         whiteout = bool(flags & RENAME_WHITEOUT)
-        async with self._op(items=4 if whiteout else 2, pool=True):
+        async with self.transaction(items=4 if whiteout else 2, pool=True):
             od = await self._dir(odir)
             nd = await self._dir(ndir)
-            src = await self._find(odir, oname)
+            src = await self.find_entry(odir, oname)
             if src is None:
                 raise FsError(errno.ENOENT)
-            dst = await self._find(ndir, nname)
+            dst = await self.find_entry(ndir, nname)
             if src == dst or (odir == ndir and oname == nname):
                 return
-            sinode = await self._iget(src[1])
+            sinode = await self.iget(src[1])
             if flags & RENAME_EXCHANGE:
                 if dst is None:
                     raise FsError(errno.ENOENT)
@@ -282,7 +282,7 @@ class DirOps:
                 _check_nlink(nd)
             dinode = None
             if dst is not None:
-                dinode = await self._iget(dst[1])
+                dinode = await self.iget(dst[1])
                 if sinode.ino == dinode.ino:
                     # Two names of one file: POSIX says do nothing.
                     return
@@ -294,30 +294,30 @@ class DirOps:
                     raise FsError(errno.ENOTEMPTY)
                 await self._remove_entry(nd, dst[0])
             await self._remove_entry(od, src[0])
-            await self._add_entry(nd, nname, sinode)
+            await self.add_entry(nd, nname, sinode)
             if whiteout:
                 # What overlayfs reads as "deleted here": created in the
                 # same transaction, so no one ever sees the name missing.
                 wo = await self._new_inode(stat.S_IFCHR, uid, gid, rdev=0)
-                await self._add_entry(od, oname, wo)
+                await self.add_entry(od, oname, wo)
             if sinode.is_dir and odir != ndir:
                 od.nlink -= 1
                 nd.nlink += 1
                 sinode.parent = ndir
             sinode.ctime = now_ns()
-            await self._iwrite(sinode)
-            await self._iwrite(od)
+            await self.log_inode(sinode)
+            await self.log_inode(od)
             if nd is not od:
-                await self._iwrite(nd)
+                await self.log_inode(nd)
             if dinode is not None:
                 if dinode.is_dir:
                     nd.nlink -= 1
-                    await self._iwrite(nd)
+                    await self.log_inode(nd)
                     dinode.nlink = 1
                 await self._drop_link(dinode)
 
     async def _exchange(self, od, src, sinode, nd, dst, oname, nname) -> None:
-        dinode = await self._iget(dst[1])
+        dinode = await self.iget(dst[1])
         for inode, other in ((sinode, nd), (dinode, od)):
             if inode.is_dir and other.ino != inode.parent and await self._is_ancestor(inode.ino, other.ino):
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
@@ -334,7 +334,7 @@ class DirOps:
         now = now_ns()
         for inode in {id(x): x for x in (sinode, dinode, od, nd)}.values():
             inode.ctime = now
-            await self._iwrite(inode)
+            await self.log_inode(inode)
 
     async def readdir(self, dir_ino: int, cookie: int = 0, limit: int = 1024) -> list[tuple[bytes, int, int, int]]:
         """Entries after ``cookie`` as (name, ino, dtype, next cookie).
@@ -342,7 +342,7 @@ class DirOps:
         Cookies are the entries' key offsets + 1: stable across inserts and
         deletes of other names.  "." and ".." are the VFS adapter's business.
         """
-        async with self._op(write=False):
+        async with self.transaction(write=False):
             await self._dir(dir_ino)
             out = []
             for key, val, blk in await self.tree.scan((dir_ino, T_DIRENT, cookie),

@@ -238,24 +238,24 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
 
     async def commit(self) -> int:
         """Make every completed operation durable (the journal's fsync)."""
-        self._check_alive()
+        self.check_alive()
         await self._write_dirty_times()
         try:
             seq = await self.store.commit()
         except BaseException as e:
-            self._shut_down(f"journal commit failed: {e}")
+            self.shut_down(f"journal commit failed: {e}")
             raise
         await self._discard()
         return seq
 
     async def sync(self) -> None:
         """Commit and checkpoint: everything home, the log empty."""
-        self._check_alive()
+        self.check_alive()
         await self._write_dirty_times()
         try:
             await self.store.checkpoint()
         except BaseException as e:
-            self._shut_down(f"checkpoint failed: {e}")
+            self.shut_down(f"checkpoint failed: {e}")
             raise
         await self._discard()
 
@@ -293,18 +293,18 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
     # Operation framing: locking, reservation, shutdown
     # ======================================================================
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         if self.shutdown:
             raise FsError(errno.EIO, f"filesystem is shut down: {self.shutdown}")
 
-    def _shut_down(self, why: str) -> None:
+    def shut_down(self, why: str) -> None:
         if not self.shutdown:
             self.shutdown = why
             log.error("filesystem shut down: %s; every later change fails with EIO, "
                       "the journal keeps what was committed (replayed at the next mount)", why)
 
     @contextlib.asynccontextmanager
-    async def _op(self, *, items: int = 0, item_size: int = 128, data: int = 0,
+    async def transaction(self, *, items: int = 0, item_size: int = 128, data: int = 0,
                   write: bool = True, pool: bool = False):
         """Frame one metadata operation.
 
@@ -315,7 +315,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         filesystem is full.
         """
         async with self.meta_lock:
-            self._check_alive()
+            self.check_alive()
             if write and self.readonly:
                 raise FsError(errno.EROFS, "filesystem is mounted read-only")
             need = data + (worst_case_nodes(items, item_size, self.tree.levels) if items else 0)
@@ -333,7 +333,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
                 yield
             except BaseException as e:
                 if self.store.changes != before:
-                    self._shut_down(f"{type(e).__name__} in the middle of an update: {e}")
+                    self.shut_down(f"{type(e).__name__} in the middle of an update: {e}")
                 raise
             finally:
                 self.space.end_op()

@@ -500,26 +500,26 @@ class Checker:
         try:
             fs.info.inode_count = len(self.inodes)
             fs.store.mark_dirty(fs.info)
-            async with fs._op(items=8, pool=True):
+            async with fs.transaction(items=8, pool=True):
                 for d, key in self.fix_dangling:
                     await fs.tree.delete(key)
                 for ino in self.fix_orphans:
                     await fs.tree.delete((ORPHAN_OID, T_ORPHAN, ino))
                 for ino, n in self.fix_blocks.items():
-                    inode = await fs._iget(ino)
+                    inode = await fs.iget(ino)
                     inode.blocks = n
-                    await fs._iwrite(inode)
+                    await fs.log_inode(inode)
             if self.fix_unreachable:
                 await self._to_lost_found(fs)
-            async with fs._op(pool=True):
+            async with fs.transaction(pool=True):
                 for ino, n in self.fix_nlink.items():
-                    inode = await fs._iget(ino)
+                    inode = await fs.iget(ino)
                     inode.nlink = n
-                    await fs._iwrite(inode)
+                    await fs.log_inode(inode)
                 for ino, n in self.fix_dirsize.items():
-                    inode = await fs._iget(ino)
+                    inode = await fs.iget(ino)
                     inode.size = n
-                    await fs._iwrite(inode)
+                    await fs.log_inode(inode)
                 fs.store.mark_dirty(fs.info)
             await fs.close()
         except BaseException:
@@ -534,18 +534,18 @@ class Checker:
         except FsError:
             lf = await fs.mkdir(ROOT_INO, b"lost+found", 0o700)
         for ino in self.fix_unreachable:
-            async with fs._op(items=2):
-                inode = await fs._iget(ino)
-                d = await fs._iget(lf.ino)
-                await fs._add_entry(d, b"#%d" % ino, inode)
+            async with fs.transaction(items=2):
+                inode = await fs.iget(ino)
+                d = await fs.iget(lf.ino)
+                await fs.add_entry(d, b"#%d" % ino, inode)
                 if inode.is_dir:
                     d.nlink += 1
                     inode.parent = lf.ino
                     inode.nlink = 2 + self.subdirs[ino]
                 else:
                     inode.nlink = self.links[ino] + 1
-                await fs._iwrite(inode)
-                await fs._iwrite(d)
+                await fs.log_inode(inode)
+                await fs.log_inode(d)
             self.fix_nlink.pop(ino, None)
 
     async def _write_bitmap(self) -> None:

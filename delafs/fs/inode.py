@@ -35,7 +35,7 @@ def now_ns() -> int:
 
 class InodeOps:
 
-    async def _iget(self, ino: int) -> Inode:
+    async def iget(self, ino: int) -> Inode:
         inode = self.inodes.get(ino)
         if inode is not None:
             self.inodes.move_to_end(ino)
@@ -47,7 +47,7 @@ class InodeOps:
         self.inodes[ino] = inode
         return inode
 
-    async def _iwrite(self, inode: Inode) -> None:
+    async def log_inode(self, inode: Inode) -> None:
         await self.tree.update((inode.ino, T_INODE, 0), inode.encode())
         self.dirty_times.discard(inode.ino)
 
@@ -76,7 +76,7 @@ class InodeOps:
         if inode is None:
             await self.getattr(ino)             # loads it into the cache
             inode = self.inodes[ino]
-        self._check_alive()
+        self.check_alive()
         inode.mtime = inode.ctime = now_ns()
         self.dirty_times.add(ino)
 
@@ -93,7 +93,7 @@ class InodeOps:
         if not strict and inode.atime > inode.mtime and inode.atime > inode.ctime \
                 and now - inode.atime < RELATIME_NS:
             return
-        self._check_alive()
+        self.check_alive()
         inode.atime = now
         self.dirty_times.add(ino)
 
@@ -104,13 +104,13 @@ class InodeOps:
     async def _write_dirty_times(self) -> None:
         if not self.dirty_times or self.readonly:
             return
-        async with self._op():
+        async with self.transaction():
             for ino in list(self.dirty_times):
                 inode = self.inodes.get(ino)
                 if inode is None:               # destroyed since
                     self.dirty_times.discard(ino)
                     continue
-                await self._iwrite(inode)
+                await self.log_inode(inode)
 
     async def _new_inode(self, mode: int, uid: int, gid: int, *, rdev: int = 0,
                          parent: int = 0) -> Inode:
@@ -149,8 +149,8 @@ class InodeOps:
         return inode.blocks + (emap.count_state(ExtState.DELALLOC) if emap else 0)
 
     async def getattr(self, ino: int) -> Inode:
-        async with self._op(write=False):
-            return (await self._iget(ino)).copy()
+        async with self.transaction(write=False):
+            return (await self.iget(ino)).copy()
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None,
@@ -158,8 +158,8 @@ class InodeOps:
                       ctime: int | None = None) -> Inode:
         if size is not None:
             await self.truncate(ino, size)
-        async with self._op():
-            inode = await self._iget(ino)
+        async with self.transaction():
+            inode = await self.iget(ino)
             if mode is not None:
                 inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
             if uid is not None:
@@ -173,5 +173,5 @@ class InodeOps:
             if mtime is not None:
                 inode.mtime = clamp_time(mtime)
             inode.ctime = clamp_time(ctime) if ctime is not None else now_ns()
-            await self._iwrite(inode)
+            await self.log_inode(inode)
             return inode.copy()

@@ -79,7 +79,7 @@ class FsIomapOps:
         fs = self.fs
         fblock = pos >> BLOCK_SHIFT
         nblocks = ((pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - fblock
-        async with fs._op(write=bool(flags & (IOMAP_WRITE | IOMAP_ZERO)) and not flags & IOMAP_REPORT,
+        async with fs.transaction(write=bool(flags & (IOMAP_WRITE | IOMAP_ZERO)) and not flags & IOMAP_REPORT,
                           items=0):
             emap = await fs.extent_map(inode.ino)
             if flags & IOMAP_WRITE and not flags & IOMAP_REPORT:
@@ -188,9 +188,9 @@ class FsIomapOps:
         fs.space.alloc.reserve(need)
         fs.space.begin_op(need, "available")
         try:
-            fsinode = await fs._iget(inode.ino)
-            got = await fs._allocate_range(fsinode, emap, fblock, n, one_run=True)
-            await fs._iwrite(fsinode)
+            fsinode = await fs.iget(inode.ino)
+            got = await fs.allocate_unwritten(fsinode, emap, fblock, n, one_run=True)
+            await fs.log_inode(fsinode)
         finally:
             fs.space.end_op()
         self.stats["nonda_allocations"] += 1
@@ -275,7 +275,7 @@ class FsIomapOps:
         self.stats["writeback_ranges"] += 1
         async with fs.meta_lock:
             try:
-                fs._check_alive()
+                fs.check_alive()
                 emap = await fs.extent_map(inode.ino)
                 fblock = pos >> BLOCK_SHIFT
                 ext = emap.lookup(fblock, limit=(length + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
@@ -311,7 +311,7 @@ class FsIomapOps:
         ext = emap.extent_at(fblock)
         eof = (end_pos + BLOCK_SIZE - 1) >> BLOCK_SHIFT
         n = min(ext.end, max(eof, fblock + 1)) - fblock
-        start, got = fs.space.allocate(n, fs._goal(emap, fblock), source="reserved")
+        start, got = fs.space.allocate(n, fs.alloc_goal(emap, fblock), source="reserved")
         replaced = emap.set(Extent(fblock, got, ExtState.UNWRITTEN, start))
         indlen = sum(e.indlen for e in replaced)
         # The converted piece's indlen pays for the btree nodes its item
@@ -319,15 +319,15 @@ class FsIomapOps:
         # shortfall (indlen was split by proportion, not by need).
         fs.space.begin_op(indlen, "metadata_reserve")
         try:
-            fsinode = await fs._iget(inode.ino)
+            fsinode = await fs.iget(inode.ino)
             fsinode.blocks += got
-            await fs._sync_extents(inode.ino, emap, fblock, fblock + got)
-            await fs._iwrite(fsinode)
+            await fs.sync_extents(inode.ino, emap, fblock, fblock + got)
+            await fs.log_inode(fsinode)
         except BaseException as e:
             # The allocator and the extent map have changed and the tree
             # may have, in the running transaction: nothing may commit it
             # (XFS shuts down when a dirty transaction is cancelled).
-            fs._shut_down(f"delalloc conversion of inode {inode.ino} failed halfway: {e!r}")
+            fs.shut_down(f"delalloc conversion of inode {inode.ino} failed halfway: {e!r}")
             raise
         finally:
             fs.space.end_op()
@@ -376,19 +376,19 @@ class FsIomapOps:
     async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:
         """The data is on stable storage: make it visible to recovery."""
         fs = self.fs
-        async with fs._op(items=2 * len(ioends) + 1, item_size=EXTENT_ITEM_SIZE, pool=True):
+        async with fs.transaction(items=2 * len(ioends) + 1, item_size=EXTENT_ITEM_SIZE, pool=True):
             emap = await fs.extent_map(inode.ino)
-            fsinode = await fs._iget(inode.ino)
+            fsinode = await fs.iget(inode.ino)
             end = 0
             for io in ioends:
                 first = io.offset >> BLOCK_SHIFT
                 count = (io.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
                 if io.type == IomapType.UNWRITTEN:
-                    await fs._convert(inode.ino, emap, first, count)
+                    await fs.convert_unwritten(inode.ino, emap, first, count)
                 end = max(end, io.offset + io.size)
                 if TRACE.on:
                     TRACE.emit("iomap_ioend_completion", ino=io.ino, offset=io.offset, size=io.size)
             new_size = min(inode.size, end)
             if new_size > fsinode.size:
                 fsinode.size = new_size
-            await fs._iwrite(fsinode)
+            await fs.log_inode(fsinode)

@@ -39,9 +39,9 @@ class OrphanOps:
             self.open_counts[ino] = n
             return
         self.open_counts.pop(ino, None)
-        async with self._op(pool=True):
+        async with self.transaction(pool=True):
             try:
-                inode = await self._iget(ino)
+                inode = await self.iget(ino)
             except FsError:
                 return
             if inode.nlink == 0:
@@ -81,14 +81,14 @@ class OrphanOps:
 
     async def _reap_orphans(self) -> None:
         """At mount nothing is open: free every inode left on the orphan list."""
-        async with self._op(pool=True):
+        async with self.transaction(pool=True):
             while True:
                 items = await self.tree.scan((ORPHAN_OID, T_ORPHAN, 0), (ORPHAN_OID, T_ORPHAN + 1, 0), 64)
                 if not items:
                     break
                 for key, _ in items:
                     try:
-                        inode = await self._iget(key[2])
+                        inode = await self.iget(key[2])
                     except FsError:
                         await self.tree.delete(key)
                         continue

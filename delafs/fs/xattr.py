@@ -55,8 +55,8 @@ class XattrOps:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         check_xattr(name, value)
-        async with self._op(items=1, data=xattr_blocks(value)):
-            inode = await self._iget(ino)
+        async with self.transaction(items=1, data=xattr_blocks(value)):
+            inode = await self.iget(ino)
             found = await self._find_xattr(ino, name)
             if found and flags & XATTR_CREATE:
                 raise FsError(errno.EEXIST)
@@ -64,7 +64,7 @@ class XattrOps:
                 raise FsError(errno.ENODATA)
             await self._set_xattr(inode, name, value, found)
             inode.ctime = now_ns()
-            await self._iwrite(inode)
+            await self.log_inode(inode)
 
     async def _set_xattr(self, inode: Inode, name: bytes, value: bytes, found=None) -> None:
         """Store one xattr item; ``found`` is the existing one (_find_xattr).
@@ -87,8 +87,8 @@ class XattrOps:
         await self.tree.insert((ino, T_XATTR, off), item)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        async with self._op(write=False):
-            await self._iget(ino)
+        async with self.transaction(write=False):
+            await self.iget(ino)
             found = await self._find_xattr(ino, name)
             if found is None:
                 raise FsError(errno.ENODATA)
@@ -98,14 +98,14 @@ class XattrOps:
             return value
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        async with self._op(write=False):
-            await self._iget(ino)
+        async with self.transaction(write=False):
+            await self.iget(ino)
             items = await self.tree.scan((ino, T_XATTR, 0), (ino, T_XATTR + 1, 0))
             return [decode_xattr(v)[0] for _, v in items]
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        async with self._op(pool=True):
-            inode = await self._iget(ino)
+        async with self.transaction(pool=True):
+            inode = await self.iget(ino)
             found = await self._find_xattr(ino, name)
             if found is None:
                 raise FsError(errno.ENODATA)
@@ -113,7 +113,7 @@ class XattrOps:
             if isinstance(found[1], OutOfLine):
                 self._free_out_of_line(inode, found[1])
             inode.ctime = now_ns()
-            await self._iwrite(inode)
+            await self.log_inode(inode)
 
     async def _write_out_of_line(self, inode: Inode, value: bytes) -> OutOfLine:
         """Store a large value in whole blocks of its own.  The blocks are

@@ -92,7 +92,7 @@ async def test_conversion_failing_halfway_shuts_the_filesystem_down(rig, monkeyp
 
     async def fail(*_a, **_k):
         raise CorruptionError("btree node", 99, "injected")
-    monkeypatch.setattr(m.fs, "_sync_extents", fail)
+    monkeypatch.setattr(m.fs, "sync_extents", fail)
     try:
         with pytest.raises(Exception):
             await m.fsync(f)

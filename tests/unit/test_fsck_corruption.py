@@ -733,10 +733,10 @@ async def test_wrong_link_count_is_corrected(img):
     ino = exp["names"][b"n007"]
     with BlockDevice.open(path) as dev:
         fs = await Filesystem.open(dev)
-        async with fs._op():
-            inode = await fs._iget(ino)
+        async with fs.transaction():
+            inode = await fs.iget(ino)
             inode.nlink = 5
-            await fs._iwrite(inode)
+            await fs.log_inode(inode)
         await fs.close()
 
     r = delafs("fsck", "-n", path)
@@ -756,12 +756,12 @@ async def _unlink_name_keep_inode(path: str, dir_ino: int, name: bytes) -> int:
     """Remove a directory entry but keep its inode: an unreachable inode."""
     with BlockDevice.open(path) as dev:
         fs = await Filesystem.open(dev)
-        async with fs._op():
-            d = await fs._iget(dir_ino)
-            key, ino, _ = await fs._find(dir_ino, name)
+        async with fs.transaction():
+            d = await fs.iget(dir_ino)
+            key, ino, _ = await fs.find_entry(dir_ino, name)
             await fs.tree.delete(key)
             d.size -= 1
-            await fs._iwrite(d)
+            await fs.log_inode(d)
         await fs.close()
     return ino
 
@@ -810,13 +810,13 @@ async def test_unreachable_directory_goes_to_lost_found(img):
         await fs.close()
     with BlockDevice.open(path) as dev:
         fs = await Filesystem.open(dev)
-        async with fs._op():
-            d = await fs._iget(exp["dir"])
-            key, _, _ = await fs._find(exp["dir"], b"sub")
+        async with fs.transaction():
+            d = await fs.iget(exp["dir"])
+            key, _, _ = await fs.find_entry(exp["dir"], b"sub")
             await fs.tree.delete(key)
             d.size -= 1
             d.nlink -= 1
-            await fs._iwrite(d)
+            await fs.log_inode(d)
         await fs.close()
     r = delafs("fsck", "-y", path)
     assert r.returncode == 1, output(r)
@@ -854,7 +854,7 @@ async def _drop_inode_item(path: str, exp: dict, name: bytes) -> int:
     ino = exp["names"][name]
     with BlockDevice.open(path) as dev:
         fs = await Filesystem.open(dev)
-        async with fs._op():
+        async with fs.transaction():
             await fs.tree.delete((ino, T_INODE, 0))
             fs.info.inode_count -= 1
             fs.store.mark_dirty(fs.info)
