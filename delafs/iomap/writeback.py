@@ -101,7 +101,7 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
     eof_blocks = (isize + BLOCK_SIZE - 1) >> BLOCK_SHIFT
     folio.start_writeback()
     try:
-        for first, n in _segments(mask):
+        for first, n in folio.mask_segments(mask):
             b0 = folio.index + first
             b1 = min(b0 + n, eof_blocks)
             pos = b0 << BLOCK_SHIFT
@@ -130,20 +130,3 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
     finally:
         folio.unlock()
     return True
-
-
-def _segments(mask: int):
-    """(first, count) runs of set bits in a folio's block mask."""
-    i = 0
-    while mask:
-        if mask & 1:
-            n = 0
-            while mask & 1:
-                mask >>= 1
-                n += 1
-            yield i, n
-            i += n
-        else:
-            tz = (mask & -mask).bit_length() - 1
-            mask >>= tz
-            i += tz
