@@ -11,6 +11,7 @@ import errno
 import logging
 
 from ..lib.errors import FsError
+from ..lib.locks import assert_owned
 from ..ondisk import (
     BLOCK_SHIFT,
 )
@@ -37,6 +38,7 @@ class BmapOps:
     async def extent_map(self, ino: int) -> ExtentMap:
         """The inode's in-memory extent map, loaded from the tree on first use.
         Caller holds meta_lock."""
+        assert_owned(self.meta_lock, "extent_map")
         emap = self.emaps.get(ino)
         if emap is None:
             emap = ExtentMap()

@@ -35,6 +35,7 @@ from ..iomap.types import (
     WritebackCtx,
 )
 from ..lib.errors import FsError
+from ..lib.locks import assert_owned
 from ..lib.trace import TRACE
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
 from .btree import worst_case_nodes
@@ -301,6 +302,8 @@ class FsIomapOps:
         """xfs_discard_folio: drop the folio's delalloc after writeback
         failed to map it, under the folio lock alone (meta_lock is held by
         the caller): no transaction, so it works even at ENOSPC."""
+        assert_owned(self.fs.meta_lock, "discard_folio")
+        folio.assert_locked()
         self._punch_locked(ino, folio.pos, folio.end - folio.pos)
         self.stats["discards"] += 1
 

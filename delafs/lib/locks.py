@@ -7,8 +7,8 @@ list while holding one further up, never the reverse)::
       invalidate_lock  per mapping, RWSemaphore        -- engine, page cache
         folio lock     per folio (mm/folio.Folio)     -- page cache
           meta_lock    the filesystem's trio.Lock: the punch callback and
-                       every extent-map change           -- fs.py
-            commit_lock  the journal's trio.Lock       -- metabuf.py
+                       every extent-map change           -- fs/filesystem.py
+            commit_lock  the journal's trio.Lock       -- log/metabuf.py
 
 Who takes what:
 
@@ -50,7 +50,7 @@ from collections import deque
 
 import trio
 
-__all__ = ["DEBUG_LOCKS", "RWSemaphore"]
+__all__ = ["DEBUG_LOCKS", "RWSemaphore", "assert_owned"]
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -63,6 +63,13 @@ def _env_flag(name: str, default: bool) -> bool:
 DEBUG_LOCKS: bool = _env_flag("DELAFS_DEBUG_LOCKS", True)
 
 _current_task = trio.lowlevel.current_task
+
+
+def assert_owned(lock: trio.Lock, what: str) -> None:
+    """Precondition check for a plain trio.Lock (meta_lock): the current
+    task holds it.  A no-op unless DEBUG_LOCKS."""
+    if DEBUG_LOCKS and lock.statistics().owner is not _current_task():
+        raise AssertionError(f"{what} called without holding its lock")
 
 
 class _Waiter:

@@ -297,3 +297,21 @@ def test_debug_flag_env(monkeypatch):
         assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is False
     monkeypatch.setenv("DELAFS_DEBUG_LOCKS", "1")
     assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is True
+
+
+async def test_meta_lock_preconditions_are_asserted(tmp_path):
+    """extent_map and the writeback discard say "caller holds meta_lock":
+    with DEBUG_LOCKS a call without it fails at once instead of racing."""
+    from delafs.block import BlockDevice
+    from delafs.fs import Filesystem
+    path = str(tmp_path / "img")
+    BlockDevice.create_file(path, 16 << 20)
+    with BlockDevice.open(path) as dev:
+        await Filesystem.format(dev)
+        fs = await Filesystem.open(dev)
+        ino = (await fs.create(1, b"f", 0o644)).ino
+        with pytest.raises(AssertionError, match="extent_map called without holding its lock"):
+            await fs.extent_map(ino)
+        async with fs.meta_lock:
+            await fs.extent_map(ino)
+        await fs.close()

@@ -115,7 +115,8 @@ async def test_validity_cookie_never_repeats_across_eviction(rig):
     await m.fsync(f)
     old = m.fs.emaps[ino].cookie
     del m.fs.emaps[ino]                     # evicted (no delalloc left)
-    emap = await m.fs.extent_map(ino)
+    async with m.fs.meta_lock:
+        emap = await m.fs.extent_map(ino)
     assert emap.cookie > old, (old, emap.cookie)
 
 

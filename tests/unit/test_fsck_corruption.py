@@ -154,7 +154,8 @@ async def _populate(path: str) -> dict:
         for i in range(NMANY):
             name = b"n%03d" % i
             names[name] = (await fs.create(many.ino, name, 0o644)).ino
-        emap = await fs.extent_map(fa.ino)
+        async with fs.meta_lock:
+            emap = await fs.extent_map(fa.ino)
         assert len(list(emap.iter_extents(0))) == NFRAG
         await fs.close()
     exp.update(dir=d.ino, file=f.ino, many=many.ino, fa=fa.ino, fb=fb.ino,
