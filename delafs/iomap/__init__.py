@@ -6,12 +6,15 @@ IomapOps and WritebackOps.
     buffered_io   buffered-io.c: the write loop, the delalloc punch, page_mkwrite,
                   read_folio/readahead, zeroing and truncate of partial blocks
     writeback     writepages -> writeback_folio -> writeback_range -> submit
+    iter          IomapIter: the begin -> work -> end -> advance driver the write,
+                  zero, page_mkwrite and seek loops share (fs/iomap/iter.c)
     ioend         add_to_ioend: the merge rules and size cap of ioends, which the
                   filesystem's writeback_range calls (fs/iomap/ioend.c)
 """
 
 from .buffered_io import Engine, IovIter
 from .ioend import MAX_IOEND_BYTES, add_to_ioend
+from .iter import IomapIter
 from .types import (
     IOMAP_F_NEW,
     IOMAP_FAULT,
@@ -28,6 +31,6 @@ from .types import (
 )
 from .writeback import writepages
 
-__all__ = ["MAX_IOEND_BYTES", "add_to_ioend", "IOMAP_FAULT", "IOMAP_F_NEW", "IOMAP_REPORT", "IOMAP_WRITE", "IOMAP_ZERO", "Engine",
+__all__ = ["MAX_IOEND_BYTES", "IomapIter", "add_to_ioend", "IOMAP_FAULT", "IOMAP_F_NEW", "IOMAP_REPORT", "IOMAP_WRITE", "IOMAP_ZERO", "Engine",
            "Iomap", "IomapOps", "IomapType", "Ioend", "IovIter", "VInode", "WritebackCtx",
            "WritebackOps", "writepages"]

@@ -40,6 +40,7 @@ from ..lib.errortag import ErrorTags
 from ..lib.locks import DEBUG_LOCKS
 from ..lib.trace import TRACE
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE, round_down, round_up
+from .iter import IomapIter
 from .types import (
     IOMAP_F_NEW,
     IOMAP_FAULT,
@@ -149,18 +150,17 @@ class Engine:
             # the old EOF is dirty, so all delalloc in the gap goes (XFS
             # zeroes the gap through the cache instead, xfs_file_write_zero_eof).
             await self.ops.punch(inode, round_up(inode.size), gap)
-        while written < total:
-            length = total - written
-            # The filesystem's iomap_begin takes its inode lock (it may sleep).
-            await POINTS.hit("iomap_begin")
+        it = IomapIter(self.ops, inode, pos, total, IOMAP_WRITE, yield_point="iomap_begin")
+        while True:
             try:
-                iomap = await self.ops.iomap_begin(inode, pos, length, IOMAP_WRITE)
+                if not await it.next():
+                    break
             except FsError:
                 if written:
                     break
                 raise
+            iomap, pos, mapped = it.iomap, it.pos, it.length
             self.stats["iomap_iters"] += 1
-            mapped = min(length, iomap.end - pos)
             if TRACE.on:
                 TRACE.emit("iomap_iter", ino=inode.ino, pos=pos, length=mapped,
                            type=iomap.type.name, new=bool(iomap.flags & IOMAP_F_NEW))
@@ -172,12 +172,15 @@ class Engine:
                 # copy ended in holds data and stays.
                 start = round_up(pos + processed) if processed else round_down(pos)
                 await self.punch_delalloc(inode, start, round_up(pos + mapped))
-            await self.ops.iomap_end(inode, pos, mapped, processed, IOMAP_WRITE, iomap)
-            pos += processed
+            it.processed = processed
             written += processed
             if why == "fault":
                 self.stats["short_writes"] += 1
-                break
+                it.stop = True
+            elif why in ("stale", "short"):
+                # Map again: the mapping changed, or a short copy (which may
+                # have copied nothing) ended this iteration early.
+                it.stale = True
         self.stats["bytes_written"] += written
         if not written and total:
             raise FsError(errno.EFAULT, "the source buffer could not be faulted in")
@@ -382,9 +385,9 @@ class Engine:
             end = min(folio.end, round_up(inode.size))
             pos = folio.pos
             try:
-                while pos < end:
-                    iomap = await self.ops.iomap_begin(inode, pos, end - pos, IOMAP_WRITE | IOMAP_FAULT)
-                    pos = min(iomap.end, end)
+                it = IomapIter(self.ops, inode, pos, end - pos, IOMAP_WRITE | IOMAP_FAULT)
+                while await it.next():
+                    it.processed = it.length        # reserved all of it, or raised
                 nblocks = (end - folio.pos) >> BLOCK_SHIFT
                 if not folio.is_uptodate(0, nblocks):
                     await self.read_folio(inode, folio)
@@ -503,18 +506,20 @@ class Engine:
     async def iomap_zero_range(self, inode: VInode, pos: int, length: int) -> None:
         """Zero [pos, pos+length) of cached or written data (holes and
         unwritten extents already read as zeros and are left alone)."""
-        end = pos + length
-        while pos < end:
-            iomap = await self.ops.iomap_begin(inode, pos, end - pos, IOMAP_ZERO)
-            stop = min(end, iomap.end)
-            if iomap.type in (IomapType.HOLE, IomapType.UNWRITTEN):
+        it = IomapIter(self.ops, inode, pos, length, IOMAP_ZERO)
+        while await it.next():
+            start, stop = it.pos, it.pos + it.length
+            if it.iomap.type in (IomapType.HOLE, IomapType.UNWRITTEN):
                 # Nothing on disk to hide; only cached bytes need zeroing.
-                await self._zero_cached(inode, pos, stop)
-                pos = stop
+                await self._zero_cached(inode, start, stop)
+                it.processed = it.length
             else:
                 # Returns early if the mapping went stale: map again here,
                 # it may have become a hole (writeback discarded it).
-                pos = await self._zero_through_cache(inode, iomap, pos, stop)
+                done = await self._zero_through_cache(inode, it.iomap, start, stop)
+                it.processed = done - start
+                it.stale = done < stop
+        pos = it.pos
         if TRACE.on:
             TRACE.emit("iomap_zero_range", ino=inode.ino, pos=pos, length=length)
 
@@ -598,25 +603,28 @@ class Engine:
         if pos >= size:
             raise FsError(errno.ENXIO, "offset beyond EOF")
         mapping = inode.mapping
-        cur = pos
-        while cur < size:
-            iomap = await self.ops.iomap_begin(inode, cur, size - cur, IOMAP_REPORT)
-            stop = min(size, iomap.end)
-            if iomap.type == IomapType.MAPPED:
+        found = None
+        it = IomapIter(self.ops, inode, pos, size - pos, IOMAP_REPORT)
+        while await it.next():
+            cur, stop = it.pos, it.pos + it.length
+            it.processed = it.length
+            if it.iomap.type == IomapType.MAPPED:
                 if whence_data:
-                    return cur
-            elif iomap.type == IomapType.HOLE:
+                    found = cur
+            elif it.iomap.type == IomapType.HOLE:
                 if not whence_data:
-                    return cur
+                    found = cur
             else:
                 d = mapping.seek_data(cur, stop)
                 if whence_data and d < stop:
-                    return d
+                    found = d
                 if not whence_data:
                     h = mapping.seek_hole(cur, stop)
                     if h < stop:
-                        return h
-            cur = stop
+                        found = h
+            it.stop = found is not None
+        if found is not None:
+            return found
         if whence_data:
             raise FsError(errno.ENXIO, "no data after offset")
         return size
