@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 from ..fuse.control import NotMounted, control_command
-from ..fuse.daemon import daemonize_and_run, parse_options, wait_gone
+from ..fuse.daemon import daemonize_and_run, wait_gone
+from ..fuse.options import MountOptions
 from ..lib.errortag import TAGS, ErrorTags
 from .fail import fail
 
@@ -32,12 +33,12 @@ def _command(args, command: str) -> str:
 
 def cmd_mount(args) -> int:
     try:
-        opts = parse_options(",".join(args.options or []))
+        opts = MountOptions.parse(",".join(args.options or []))
     except (ValueError, argparse.ArgumentTypeError) as e:
         return fail("mount", f"{e}")
     if not os.path.isdir(args.mountpoint):
         return fail("mount", f"mount point {args.mountpoint} is not a directory")
-    if not os.path.exists(args.image) and not opts.get("mkfs"):
+    if not os.path.exists(args.image) and not opts.mkfs:
         return fail("mount", f"{args.image} does not exist")
     if not os.path.exists("/dev/fuse"):
         return fail("mount", "/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)")
@@ -140,7 +141,7 @@ def cmd_mount_helper(args) -> int:
         if "no" + flag not in keep and flag not in keep:
             keep.append(flag)
     try:
-        parsed = parse_options(",".join(keep))
+        parsed = MountOptions.parse(",".join(keep))
     except ValueError as e:
         print(f"mount.fuse.delafs: {e}", file=sys.stderr)
         return 1

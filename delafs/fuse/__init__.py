@@ -3,5 +3,7 @@ filesystem and vfs calls, and the daemon that mounts an image and serves
 it (options, signals, the control file).
 
     operations   Operations: the pyfuse3.Operations subclass
-    daemon       Daemon: bring-up, the control channel, serve, shutdown
+    daemon       Daemon: bring-up, serve, signals, shutdown
+    options      MountOptions: -o parsed once into a typed record
+    control      the control file's protocol, both sides
 """

@@ -28,70 +28,22 @@ from ..block.device import BlockDevice
 from ..block.logwrites import WriteLog
 from ..fs.filesystem import Filesystem
 from ..lib.errors import DelafsError, FsError, NotDelafsError
-from ..lib.errortag import TAGS, ErrorTags
-from ..lib.units import parse_size
+from ..lib.errortag import ErrorTags
 from ..vfs.mount import Mount
 from .control import ControlHandler
 from .operations import Operations
+from .options import MountOptions
 
 log = logging.getLogger("delafs")
-
-# Options delafs itself understands; anything else is refused, so a typo
-# never silently does nothing.
-_SIZE_OPTS = {"cache_size", "dirty_limit"}
-_FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait",
-               "entry_timeout", "attr_timeout"}
-_FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
-               "ro", "rw", "noatime", "atime", "exec", "noexec"}
-# What a FUSE mount does anyway: accepted and dropped (libfuse 3 refuses
-# them by name).  Other atime flags (strictatime, lazytime, nodiratime)
-# cannot be passed through libfuse 3 and are refused like any unknown option.
-_DEFAULT_FLAGS = {"rw", "relatime"}
-_OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
-              # atime is the daemon's (the kernel only invalidates its cached
-              # atime after a READ or READDIR); libfuse 3 cannot pass these
-              "strictatime", "nodiratime"}
-
-
-def parse_options(text: str | None) -> dict:
-    opts: dict = {"fuse": {"default_permissions"}, "tags": {}}
-    for item in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, val = item.partition("=")
-        if key in _SIZE_OPTS and sep:
-            opts[key] = parse_size(val)
-        elif key in _FLOAT_OPTS and sep:
-            opts[key] = float(val)
-        elif key == "punch" and val in ("scan", "legacy"):
-            opts["punch"] = val
-        elif key in ("log", "log_writes") and sep and val:
-            opts[key] = os.path.abspath(val)
-        elif key in TAGS and sep and val.isdigit():
-            opts["tags"][key] = int(val)
-        elif key in _DEFAULT_FLAGS and not sep:
-            continue
-        elif key in _FUSE_FLAGS and not sep:
-            opts["fuse"].add(key)
-        elif key in _OWN_FLAGS and not sep:
-            opts[key] = True
-        else:
-            raise ValueError(f"unknown or malformed mount option {item!r}")
-    if opts.get("strictatime") and "noatime" in opts["fuse"]:
-        raise ValueError("noatime and strictatime contradict each other")
-    return opts
-
-
-def atime_policy(opts: dict) -> str:
-    return "strict" if opts.get("strictatime") else "none" if "noatime" in opts["fuse"] else "relative"
-
 
 class Daemon:
     """One mounted image."""
 
-    def __init__(self, image: str, mountpoint: str, opts: dict):
+    def __init__(self, image: str, mountpoint: str, opts: MountOptions):
         self.image = image
         self.mountpoint = os.path.abspath(mountpoint)
         self.opts = opts
-        self.readonly = "ro" in opts["fuse"]
+        self.readonly = opts.readonly
         self.ops = None
         self.m: Mount | None = None
         self.dev: BlockDevice | None = None
@@ -100,7 +52,7 @@ class Daemon:
     # -- bring-up ------------------------------------------------------------------
 
     def open_image(self) -> BlockDevice:
-        if self.opts.get("mkfs") and not os.path.exists(self.image):
+        if self.opts.mkfs and not os.path.exists(self.image):
             raise FsError(errno.ENOENT, f"{self.image} does not exist (mkfs cannot guess a size)")
         try:
             dev = BlockDevice.open(self.image, readonly=self.readonly)
@@ -108,12 +60,10 @@ class Daemon:
             if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and not self.readonly:
                 log.warning("%s is not writable: mounting read-only", self.image)
                 self.readonly = True
-                self.opts["fuse"].add("ro")
                 dev = BlockDevice.open(self.image, readonly=True)
             else:
                 raise
-        wait = self.opts.get("lock_wait", 30.0)
-        dev.lock(wait=wait)
+        dev.lock(wait=self.opts.lock_wait)
         if not self.readonly:
             self._check_host_space()
         return dev
@@ -140,31 +90,27 @@ class Daemon:
 
     async def start(self) -> None:
         self.dev = dev = self.open_image()
-        if self.opts.get("log_writes"):
-            dev.recorder = WriteLog(self.opts["log_writes"])
-        if self.opts.get("mkfs") and not self.readonly and not any(dev.read_sync(0, 1)):
+        if self.opts.log_writes:
+            dev.recorder = WriteLog(self.opts.log_writes)
+        if self.opts.mkfs and not self.readonly and not any(dev.read_sync(0, 1)):
             log.info("formatting blank image %s", self.image)
             await Filesystem.format(dev)
         fs = await Filesystem.open(dev, readonly=self.readonly)
         if fs.readonly:
             self.readonly = True
-            self.opts["fuse"].add("ro")
         tags = ErrorTags()
-        for tag, val in self.opts["tags"].items():
+        for tag, val in self.opts.tags.items():
             tags.set(tag, val)
-        kw = {k: self.opts[k] for k in ("cache_size", "dirty_limit", "dirty_expire",
-                                        "writeback_interval", "commit_interval") if k in self.opts}
-        self.m = Mount(fs, punch_mode=self.opts.get("punch", "scan"), errortags=tags,
-                       writeback_cache=bool(self.opts.get("writeback_cache")),
-                       atime=atime_policy(self.opts), diratime=not self.opts.get("nodiratime"), **kw)
-        timeouts = {k: self.opts[k] for k in ("entry_timeout", "attr_timeout") if k in self.opts}
-        self.ops = Operations(self.m, control=ControlHandler(self), **timeouts)
-        self.ops.enable_writeback_cache = bool(self.opts.get("writeback_cache"))
+        self.m = Mount(fs, punch_mode=self.opts.punch, errortags=tags,
+                       writeback_cache=self.opts.writeback_cache, atime=self.opts.atime,
+                       diratime=not self.opts.nodiratime, **self.opts.mount_kwargs())
+        self.ops = Operations(self.m, control=ControlHandler(self), **self.opts.timeouts())
+        self.ops.enable_writeback_cache = self.opts.writeback_cache
         # POSIX ACLs: the kernel enforces the system.posix_acl_* xattrs we
         # store (FUSE_POSIX_ACL); it needs default_permissions, always on.
-        self.ops.enable_acl = bool(self.opts.get("acl"))
-        fuse_opts = set(self.opts["fuse"]) | {f"fsname={self.image}"}
-        if self.opts.get("debug"):
+        self.ops.enable_acl = self.opts.acl
+        fuse_opts = set(self.opts.fuse) | {f"fsname={self.image}"}
+        if self.opts.debug:
             fuse_opts.add("debug")
         if "ro" not in fuse_opts and self.readonly:
             fuse_opts.add("ro")
@@ -228,7 +174,7 @@ class Daemon:
                     self.dev.recorder.close()
 
 
-def run(image: str, mountpoint: str, opts: dict, *, ready=None) -> int:
+def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
     """Mount and serve until unmounted.  ``ready(msg)`` is called once the
     mount is live ("ok") or has failed (the error text)."""
     d = Daemon(image, mountpoint, opts)
@@ -257,12 +203,12 @@ def run(image: str, mountpoint: str, opts: dict, *, ready=None) -> int:
     return trio.run(main)
 
 
-def daemonize_and_run(image: str, mountpoint: str, opts: dict, *, foreground: bool) -> int:
+def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool) -> int:
     """Fork (unless foreground), report the outcome of the mount to the
     parent through a pipe, and serve in the child."""
-    logfile = opts.get("log")
+    logfile = opts.log
     if foreground:
-        logging.basicConfig(level=logging.DEBUG if opts.get("debug") else logging.INFO,
+        logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
                             format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
                             stream=sys.stderr)
         def say(msg: str) -> None:
@@ -296,7 +242,7 @@ def daemonize_and_run(image: str, mountpoint: str, opts: dict, *, foreground: bo
     out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if logfile else null
     os.dup2(out, 1)
     os.dup2(out, 2)
-    logging.basicConfig(level=logging.DEBUG if opts.get("debug") else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
                         format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
 

@@ -322,10 +322,10 @@ def test_mkfs_on_a_locked_image_does_not_resize_it(image, size):
 
 
 def test_mount_options_atime_policies_and_unknown_ones_are_refused():
-    from delafs.fuse.daemon import parse_options
-    opts = parse_options("relatime,rw,noatime,acl")
-    assert opts["fuse"] == {"default_permissions", "noatime"} and opts["acl"]
-    assert parse_options("strictatime,nodiratime")["strictatime"]
+    from delafs.fuse.options import MountOptions
+    opts = MountOptions.parse("relatime,rw,noatime,acl")
+    assert opts.fuse == {"default_permissions", "noatime"} and opts.acl
+    assert MountOptions.parse("strictatime,nodiratime").strictatime
     for bad in ("lazytime", "bogus", "cache_size", "noatime,strictatime"):
         with pytest.raises(ValueError):
-            parse_options(bad)
+            MountOptions.parse(bad)

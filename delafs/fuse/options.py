@@ -1,0 +1,113 @@
+"""Mount options (``delafs mount -o ...``), parsed once into a typed record.
+
+Options delafs itself understands are fields; the few that go to the
+kernel unchanged are collected in ``fuse``.  Anything else is refused, so
+a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from ..lib.errortag import TAGS
+from ..lib.units import parse_size
+
+_SIZE_OPTS = {"cache_size", "dirty_limit"}
+_FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait",
+               "entry_timeout", "attr_timeout"}
+_PATH_OPTS = {"log", "log_writes"}
+_FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
+               "ro", "rw", "noatime", "atime", "exec", "noexec"}
+# What a FUSE mount does anyway: accepted and dropped (libfuse 3 refuses
+# them by name).  Other atime flags (strictatime, lazytime, nodiratime)
+# cannot be passed through libfuse 3 and are refused like any unknown option.
+_DEFAULT_FLAGS = {"rw", "relatime"}
+_OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
+              # atime is the daemon's (the kernel only invalidates its cached
+              # atime after a READ or READDIR); libfuse 3 cannot pass these
+              "strictatime", "nodiratime"}
+# Passed to Mount when given; Mount's defaults otherwise.
+_MOUNT_KW = ("cache_size", "dirty_limit", "dirty_expire", "writeback_interval", "commit_interval")
+
+
+@dataclass
+class MountOptions:
+    """Everything ``-o`` can say.  None means "the component's default"."""
+
+    cache_size: int | None = None
+    dirty_limit: int | None = None
+    dirty_expire: float | None = None
+    writeback_interval: float | None = None
+    commit_interval: float | None = None
+    lock_wait: float = 30.0
+    entry_timeout: float | None = None
+    attr_timeout: float | None = None
+    punch: str = "scan"
+    log: str | None = None
+    log_writes: str | None = None
+    tags: dict[str, int] = field(default_factory=dict)
+    fuse: frozenset[str] = frozenset({"default_permissions"})
+    writeback_cache: bool = False
+    mkfs: bool = False
+    acl: bool = False
+    debug: bool = False
+    strictatime: bool = False
+    nodiratime: bool = False
+
+    @classmethod
+    def parse(cls, text: str | None) -> "MountOptions":
+        """``a=1,b,c=x`` -> MountOptions; ValueError names what is wrong."""
+        kw: dict = {}
+        tags: dict[str, int] = {}
+        fuse = {"default_permissions"}
+        for item in filter(None, (p.strip() for p in (text or "").split(","))):
+            key, sep, val = item.partition("=")
+            if key in _SIZE_OPTS and sep:
+                kw[key] = parse_size(val)
+            elif key in _FLOAT_OPTS and sep:
+                kw[key] = float(val)
+            elif key == "punch" and val in ("scan", "legacy"):
+                kw["punch"] = val
+            elif key in _PATH_OPTS and sep and val:
+                kw[key] = os.path.abspath(val)
+            elif key in TAGS and sep and val.isdigit():
+                tags[key] = int(val)
+            elif key in _DEFAULT_FLAGS and not sep:
+                continue
+            elif key in _FUSE_FLAGS and not sep:
+                fuse.add(key)
+            elif key in _OWN_FLAGS and not sep:
+                kw[key] = True
+            else:
+                raise ValueError(f"unknown or malformed mount option {item!r}")
+        opts = cls(tags=tags, fuse=frozenset(fuse), **kw)
+        if opts.strictatime and "noatime" in opts.fuse:
+            raise ValueError("noatime and strictatime contradict each other")
+        return opts
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.fuse
+
+    @property
+    def atime(self) -> str:
+        """The daemon's atime policy: strict, none or relative (relatime)."""
+        return "strict" if self.strictatime else "none" if "noatime" in self.fuse else "relative"
+
+    def mount_kwargs(self) -> dict:
+        """The keyword arguments of :class:`~delafs.vfs.mount.Mount` these set."""
+        return {k: getattr(self, k) for k in _MOUNT_KW if getattr(self, k) is not None}
+
+    def timeouts(self) -> dict:
+        """entry_timeout/attr_timeout for the adapter, where given."""
+        return {k: getattr(self, k) for k in ("entry_timeout", "attr_timeout")
+                if getattr(self, k) is not None}
+
+    def __str__(self) -> str:
+        out = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v != f.default and not (f.name in ("tags", "fuse") and not v):
+                out.append(f"{f.name}={v}")
+        return ", ".join(out) or "defaults"
