@@ -15,8 +15,8 @@
     space        Space: the allocator kept in step with the on-disk bitmap
     extent_map   ExtentMap: per-inode extents, HOLE/DELALLOC/UNWRITTEN/WRITTEN
     acl          POSIX ACL xattrs (posix_acl_create, chmod)
-    iomap_ops    its iomap_begin/iomap_end, punch and writeback_range, ioend
-                 completion (xfs_iomap.c and xfs_aops.c)
+    iomap_ops    its iomap_begin/iomap_end, the punch, preallocation (xfs_iomap.c)
+    aops         its writeback_range, submit and completion (xfs_aops.c)
     fsck         the offline checker and repairer
 """
 

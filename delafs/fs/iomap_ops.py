@@ -1,6 +1,8 @@
-"""The filesystem's side of iomap (xfs_iomap.c and xfs_aops.c in spirit):
-iomap_begin with delalloc reservation, the delalloc punch, writeback_range
-with delalloc conversion, ioend completion with unwritten conversion.
+"""The filesystem's iomap ops (xfs_iomap.c in spirit): iomap_begin with
+delalloc reservation (or direct UNWRITTEN allocation when space is short),
+iomap_end, the validity cookie, the delalloc punch and post-EOF
+preallocation.  Its writeback ops (xfs_aops.c) are in aops.py;
+FsIomapOps is both.
 
 Every entry takes the filesystem's ``meta_lock`` (below the folio lock in
 the lock order), so extent-map changes are atomic with respect to each
@@ -21,31 +23,26 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..iomap.ioend import add_to_ioend
 from ..iomap.types import (
     IOMAP_F_NEW,
     IOMAP_FAULT,
     IOMAP_REPORT,
     IOMAP_WRITE,
     IOMAP_ZERO,
-    Ioend,
     Iomap,
     IomapType,
     VInode,
-    WritebackCtx,
 )
 from ..lib.errors import FsError
-from ..lib.locks import assert_owned
 from ..lib.trace import TRACE
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
+from .aops import EXT_TO_IOMAP, FsWritebackOps
 from .btree import worst_case_nodes
 from .extent_map import Extent, ExtState
 from .items import EXTENT_ITEM_SIZE
 
 log = logging.getLogger("delafs")
 
-_TYPES = {ExtState.HOLE: IomapType.HOLE, ExtState.DELALLOC: IomapType.DELALLOC,
-          ExtState.UNWRITTEN: IomapType.UNWRITTEN, ExtState.WRITTEN: IomapType.MAPPED}
 # Below this share of free space, writes allocate UNWRITTEN blocks at once
 # instead of reserving delalloc (ext4's "nonda" fallback, seeds 002/004).
 NONDA_FREE_FRACTION = 0.02
@@ -53,7 +50,7 @@ NONDA_FREE_FRACTION = 0.02
 PREALLOC_MAX_BLOCKS = 256
 
 
-class FsIomapOps:
+class FsIomapOps(FsWritebackOps):
     """IomapOps + WritebackOps of a :class:`delafs.fs.Filesystem`.
 
     Attributes:
@@ -98,7 +95,7 @@ class FsIomapOps:
     @staticmethod
     def _iomap(ext: Extent, cookie: int, flags: int) -> Iomap:
         addr = ext.pblock << BLOCK_SHIFT if ext.pblock is not None else None
-        return Iomap(ext.fblock << BLOCK_SHIFT, ext.length << BLOCK_SHIFT, _TYPES[ext.state],
+        return Iomap(ext.fblock << BLOCK_SHIFT, ext.length << BLOCK_SHIFT, EXT_TO_IOMAP[ext.state],
                      addr, flags, cookie)
 
     def _low_space(self) -> bool:
@@ -263,135 +260,3 @@ class FsIomapOps:
 
     async def read_blocks(self, addr: int, nblocks: int) -> bytes:
         return await self.fs.dev.read(addr >> BLOCK_SHIFT, nblocks)
-
-    # ------------------------------------------------------------------
-    # Writeback
-    # ------------------------------------------------------------------
-
-    async def writeback_range(self, wpc: WritebackCtx, folio, pos: int, length: int,
-                              end_pos: int) -> int:
-        """Map a prefix of [pos, pos+length) and queue it on an ioend."""
-        fs = self.fs
-        inode = wpc.inode
-        self.stats["writeback_ranges"] += 1
-        async with fs.meta_lock:
-            try:
-                fs.check_alive()
-                emap = await fs.extent_map(inode.ino)
-                fblock = pos >> BLOCK_SHIFT
-                ext = emap.lookup(fblock, limit=(length + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
-                if ext.state == ExtState.DELALLOC:
-                    if self.errortags.fires("alloc_enospc"):
-                        raise FsError(errno.ENOSPC, "injected allocation failure in writeback")
-                    ext = await self._convert_delalloc(inode, emap, fblock, end_pos)
-                elif ext.state == ExtState.HOLE:
-                    raise FsError(errno.EIO, f"inode {inode.ino}: dirty block {fblock} has no mapping")
-            except BaseException:
-                self.discard_folio(inode.ino, folio)
-                self.stats["writeback_errors"] += 1
-                raise
-        n = min(length, (ext.end << BLOCK_SHIFT) - pos)
-        addr = (ext.pblock << BLOCK_SHIFT) + (pos - (ext.fblock << BLOCK_SHIFT))
-        typ = _TYPES[ext.state]
-        add_to_ioend(wpc, folio, pos, n, addr, typ)
-        if TRACE.on:
-            TRACE.emit("iomap_writeback_range", ino=inode.ino, pos=pos, length=n, type=typ.name)
-        return n
-
-    def discard_folio(self, ino: int, folio) -> None:
-        """xfs_discard_folio: drop the folio's delalloc after writeback
-        failed to map it, under the folio lock alone (meta_lock is held by
-        the caller): no transaction, so it works even at ENOSPC."""
-        assert_owned(self.fs.meta_lock, "discard_folio")
-        folio.assert_locked()
-        self._punch_locked(ino, folio.pos, folio.end - folio.pos)
-        self.stats["discards"] += 1
-
-    async def _convert_delalloc(self, inode: VInode, emap, fblock: int, end_pos: int) -> Extent:
-        """Allocate real blocks for the delalloc extent at ``fblock`` (as much
-        of it as is contiguous on disk, never past EOF) as UNWRITTEN."""
-        fs = self.fs
-        ext = emap.extent_at(fblock)
-        eof = (end_pos + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        n = min(ext.end, max(eof, fblock + 1)) - fblock
-        start, got = fs.space.allocate(n, fs.alloc_goal(emap, fblock), source="reserved")
-        replaced = emap.set(Extent(fblock, got, ExtState.UNWRITTEN, start))
-        indlen = sum(e.indlen for e in replaced)
-        # The converted piece's indlen pays for the btree nodes its item
-        # needs; what is left goes back, and the metadata reserve covers a
-        # shortfall (indlen was split by proportion, not by need).
-        fs.space.begin_op(indlen, "metadata_reserve")
-        try:
-            fsinode = await fs.iget(inode.ino)
-            fsinode.blocks += got
-            await fs.sync_extents(inode.ino, emap, fblock, fblock + got)
-            await fs.log_inode(fsinode)
-        except BaseException as e:
-            # The allocator and the extent map have changed and the tree
-            # may have, in the running transaction: nothing may commit it
-            # (XFS shuts down when a dirty transaction is cancelled).
-            fs.shut_down(f"delalloc conversion of inode {inode.ino} failed halfway: {e!r}")
-            raise
-        finally:
-            fs.space.end_op()
-        self.stats["delalloc_converted"] += got
-        return emap.lookup(fblock)
-
-    async def writeback_submit(self, wpc: WritebackCtx) -> None:
-        """Write every ioend, flush once, then complete: convert UNWRITTEN
-        to WRITTEN and move the on-disk size, in one metadata operation."""
-        if wpc.ioend is not None:
-            wpc.ready.append(wpc.ioend)
-            wpc.ioend = None
-        ioends, wpc.ready = wpc.ready, []
-        if not ioends:
-            return
-        fs = self.fs
-        done = []
-        for io in ioends:
-            self.stats["ioends"] += 1
-            self.stats["ioend_bytes"] += io.size
-            await self.errortags.delay("delay_writeback")
-            try:
-                if self.errortags.fires("writeback_eio"):
-                    raise FsError(errno.EIO, "injected writeback I/O error")
-                await fs.dev.write(io.addr >> BLOCK_SHIFT, io.bufs)
-                done.append(io)
-            except Exception as e:
-                err = e.errno if isinstance(e, FsError) else errno.EIO
-                if not isinstance(e, FsError):
-                    log.error("writeback of inode %d at %d: %r", io.ino, io.offset, e)
-                wpc.error = wpc.error or err
-                wpc.inode.mapping.wb_err.set(err)
-                self.stats["writeback_errors"] += 1
-            if TRACE.on:
-                TRACE.emit("iomap_ioend_submit", ino=io.ino, offset=io.offset, size=io.size)
-        if done:
-            try:
-                await fs.dev.flush()
-            except FsError as e:
-                wpc.inode.mapping.wb_err.set(e.errno)
-                self.stats["writeback_errors"] += 1
-                done = []
-        if done:
-            await self._complete(wpc.inode, done)
-
-    async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:
-        """The data is on stable storage: make it visible to recovery."""
-        fs = self.fs
-        async with fs.transaction(items=2 * len(ioends) + 1, item_size=EXTENT_ITEM_SIZE, pool=True):
-            emap = await fs.extent_map(inode.ino)
-            fsinode = await fs.iget(inode.ino)
-            end = 0
-            for io in ioends:
-                first = io.offset >> BLOCK_SHIFT
-                count = (io.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-                if io.type == IomapType.UNWRITTEN:
-                    await fs.convert_unwritten(inode.ino, emap, first, count)
-                end = max(end, io.offset + io.size)
-                if TRACE.on:
-                    TRACE.emit("iomap_ioend_completion", ino=io.ino, offset=io.offset, size=io.size)
-            new_size = min(inode.size, end)
-            if new_size > fsinode.size:
-                fsinode.size = new_size
-            await fs.log_inode(fsinode)

@@ -112,7 +112,7 @@ class Engine:
 
     Attributes:
       cache       the PageCache (layer 3)
-      ops         the filesystem's IomapOps/WritebackOps (fs_iomap.FsIomapOps)
+      ops         the filesystem's IomapOps/WritebackOps (delafs.fs.FsIomapOps)
       errortags   shared fault-injection table
       punch_mode  "scan" (seed 000) or "legacy" (truncate, then punch all)
       stats       counters for ``delafs stat``

@@ -95,8 +95,8 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
     """Completion (UNWRITTEN -> WRITTEN, the on-disk size) made durable
     before the ioend's data is written: a crash in between exposes
     whatever the reused blocks held -- another block's, another file's."""
-    from delafs.fs.iomap_ops import FsIomapOps
-    real = FsIomapOps.writeback_submit
+    from delafs.fs.aops import FsWritebackOps
+    real = FsWritebackOps.writeback_submit
 
     async def complete_first(self, wpc):
         ioends = wpc.ready + ([wpc.ioend] if wpc.ioend is not None else [])
@@ -104,7 +104,7 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
             await self._complete(wpc.inode, ioends)
             await self.fs.commit()
         await real(self, wpc)
-    monkeypatch.setattr(FsIomapOps, "writeback_submit", complete_first)
+    monkeypatch.setattr(FsWritebackOps, "writeback_submit", complete_first)
     checked = 0
     for seed in (6, 7, 9, 11):          # the stale block must be a reused one: a few workloads
         work = tmp_path / str(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ...fs.aops import FsWritebackOps
 from ...fs.extent_map import ExtState
 from ...fs.iomap_ops import FsIomapOps
 from ...iomap.buffered_io import Engine
@@ -90,7 +91,7 @@ def _m_iomap_valid_always(self: FsIomapOps, inode, iomap) -> bool:
     return True                          # MUTANT: no validity cookie check
 
 
-def _m_discard_folio_noop(self: FsIomapOps, ino: int, folio) -> None:
+def _m_discard_folio_noop(self: FsWritebackOps, ino: int, folio) -> None:
     pass                                 # MUTANT: no discard of the folio's delalloc
 
 
@@ -123,7 +124,7 @@ _MUTANT_PATCHES = {
     "mkwrite_punches": [(Engine, "_page_mkwrite_failed", _m_page_mkwrite_failed_punches)],
     "punch_unwritten": [(FsIomapOps, "_punch_locked", _m_punch_locked_unwritten)],
     "no_cookie_check": [(FsIomapOps, "iomap_valid", _m_iomap_valid_always)],
-    "no_writeback_discard": [(FsIomapOps, "discard_folio", _m_discard_folio_noop)],
+    "no_writeback_discard": [(FsWritebackOps, "discard_folio", _m_discard_folio_noop)],
     "per_folio_punch": [(Engine, "_delalloc_scan", _m_delalloc_scan_per_folio)],
 }
 assert set(_MUTANT_PATCHES) == set(MUTANTS)
