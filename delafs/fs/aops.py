@@ -76,7 +76,7 @@ class FsWritebackOps:
         the caller): no transaction, so it works even at ENOSPC."""
         assert_owned(self.fs.meta_lock, "discard_folio")
         folio.assert_locked()
-        self._punch_locked(ino, folio.pos, folio.end - folio.pos)
+        self.punch_locked(ino, folio.pos, folio.end - folio.pos)
         self.stats["discards"] += 1
 
     async def _convert_delalloc(self, inode: VInode, emap, fblock: int, end_pos: int) -> Extent:

@@ -60,6 +60,10 @@ class FsIomapOps(FsWritebackOps):
       stats       counters shown by ``delafs stat``
     """
 
+    # The punch removes delalloc and nothing else: UNWRITTEN and WRITTEN
+    # blocks hold data on disk (xfs_buffered_write_delalloc_punch).
+    PUNCH_STATES = (ExtState.DELALLOC,)
+
     def __init__(self, fs, errortags):
         self.fs = fs
         self.errortags = errortags
@@ -227,15 +231,17 @@ class FsIomapOps(FsWritebackOps):
         """Remove only DELALLOC from [pos, pos+length), atomically, and
         return its reservation (data and indlen)."""
         async with self.fs.meta_lock:
-            self._punch_locked(inode.ino, pos, length)
+            self.punch_locked(inode.ino, pos, length)
 
-    def _punch_locked(self, ino: int, pos: int, length: int) -> int:
+    def punch_locked(self, ino: int, pos: int, length: int) -> int:
+        """punch, meta_lock held by the caller; returns the blocks punched."""
         emap = self.fs.emaps.get(ino)
         if emap is None:
             return 0
         first = pos >> BLOCK_SHIFT
         last = (pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        removed = emap.remove(first, last - first, (ExtState.DELALLOC,))
+        removed = emap.remove(first, last - first, self.PUNCH_STATES)
+        removed = [e for e in removed if e.state == ExtState.DELALLOC]
         n = sum(e.length for e in removed)
         if removed:
             self.fs.space.alloc.unreserve(n + sum(e.indlen for e in removed))
@@ -252,7 +258,7 @@ class FsIomapOps(FsWritebackOps):
         eof = (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
         first = max(start, eof)
         async with self.fs.meta_lock:
-            n = self._punch_locked(inode.ino, first << BLOCK_SHIFT, (1 << 62) - (first << BLOCK_SHIFT))
+            n = self.punch_locked(inode.ino, first << BLOCK_SHIFT, (1 << 62) - (first << BLOCK_SHIFT))
         self.stats["prealloc_trimmed"] += n
 
     def prealloc_start(self, ino: int) -> int | None:

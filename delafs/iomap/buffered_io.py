@@ -317,24 +317,30 @@ class Engine:
         The cache scan stops at EOF: cached data beyond it (a fault that
         straddled EOF) must not keep delalloc alive, because writeback never
         writes past EOF and would never convert it."""
-        mapping = inode.mapping
         if DEBUG_LOCKS:
-            mapping.invalidate_lock.assert_held("exclusive")
+            inode.mapping.invalidate_lock.assert_held("exclusive")
+        await self.delalloc_release_range(inode, start, min(round_up(inode.size), end), end)
+
+    async def delalloc_release_range(self, inode: VInode, start: int, scan_end: int,
+                                     end: int) -> None:
+        """The body of delalloc_release: scan the cached data ranges of
+        [start, scan_end) (SEEK_DATA to SEEK_HOLE), keeping delalloc under
+        dirty blocks, and punch everything else up to ``end``."""
+        mapping = inode.mapping
         punch_start = start
-        scan_end = min(round_up(inode.size), end)
         pos = start
         while pos < scan_end:
             pos = mapping.seek_data(pos, scan_end)
             if pos >= scan_end:
                 break
             data_end = mapping.seek_hole(pos, scan_end)
-            punch_start = await self._delalloc_scan(inode, punch_start, pos, data_end)
+            punch_start = await self.delalloc_scan(inode, punch_start, pos, data_end)
             pos = data_end
         if punch_start < end:
             await self._punch(inode, punch_start, end)
 
-    async def _delalloc_scan(self, inode: VInode, punch_start: int, start: int, end: int) -> int:
-        """Walk the folios of the cached range [start, end): punch up to each
+    async def delalloc_scan(self, inode: VInode, punch_start: int, start: int, end: int) -> int:
+        """iomap_write_delalloc_scan: walk the folios of the cached range [start, end): punch up to each
         dirty block run, skip past it.  Returns the new punch start."""
         mapping = inode.mapping
         while start < end:
@@ -349,9 +355,7 @@ class Engine:
             await POINTS.hit("delalloc_scan_folio")
             lo = max(start, folio.pos)
             hi = min(end, folio.end)
-            # Block granularity: inside a dirty large folio, clean blocks
-            # hold stale delalloc too and are punched.
-            for first, n in folio.dirty_segments():
+            for first, n in self.dirty_runs(folio):
                 d0 = max(lo, (folio.index + first) << BLOCK_SHIFT)
                 d1 = min(hi, (folio.index + first + n) << BLOCK_SHIFT)
                 if d0 >= d1:
@@ -362,6 +366,13 @@ class Engine:
             start = folio.end
             folio.unlock()
         return punch_start
+
+    @staticmethod
+    def dirty_runs(folio) -> list[tuple[int, int]]:
+        """The runs of a folio the punch must keep (iomap_write_delalloc_ifs_punch):
+        block granularity, since inside a dirty large folio clean blocks
+        hold stale delalloc too and are punched."""
+        return folio.dirty_segments()
 
     # ==================================================================
     # Page faults

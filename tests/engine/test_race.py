@@ -346,7 +346,7 @@ async def test_zero_range_remaps_a_stale_mapping_that_became_a_hole(rig):
             fired.append(1)
             folio = inode.mapping.lookup(1)
             folio.clear_dirty()
-            m.ops._punch_locked(ino, folio.pos, folio.end - folio.pos)
+            m.ops.punch_locked(ino, folio.pos, folio.end - folio.pos)
             return False
         return orig(vinode, iomap)
 
@@ -378,7 +378,7 @@ async def test_failed_writeback_range_abandons_the_rest_of_the_folio(rig):
     async def writeback_range(wpc, folio, pos, length, end_pos):
         calls.append(pos)
         if pos == 0:                           # an allocation failure: discard, as fs_iomap does
-            m.ops._punch_locked(ino, folio.pos, folio.end - folio.pos)
+            m.ops.punch_locked(ino, folio.pos, folio.end - folio.pos)
             raise FsError(errno.ENOSPC, "injected")
         return await orig(wpc, folio, pos, length, end_pos)
 

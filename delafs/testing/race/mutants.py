@@ -1,5 +1,7 @@
-"""Mutants: deliberately broken engines the explorer must catch, each a
-replacement of one engine or filesystem method."""
+"""Mutants: deliberately broken engines the explorer must catch.  Each
+replaces one public seam of the engine or the filesystem (a method, or the
+punch's state set) and calls the real code for the rest: no copies of
+engine functions here."""
 
 from __future__ import annotations
 
@@ -27,28 +29,16 @@ MUTANTS = {
 _mutant_stats = {"scans": 0, "scans_with_dirty_past_eof": 0}
 
 
-async def _release_body(self: Engine, inode, start: int, end: int, *, clamp: bool) -> None:
-    """Engine.delalloc_release without its lock assertion, EOF clamp optional."""
-    mapping = inode.mapping
-    punch_start = start
-    scan_end = min(round_up(inode.size), end) if clamp else end
+def _count_dirty_past_eof(inode, start: int, end: int) -> None:
+    """For no_eof_clamp's equivalence: did this scan meet a dirty block
+    past EOF (the only thing the clamp could change)?"""
     _mutant_stats["scans"] += 1
     eof = round_up(inode.size)
-    for folio in mapping.iter_folios(eof >> BLOCK_SHIFT, (end + BS - 1) >> BLOCK_SHIFT):
+    for folio in inode.mapping.iter_folios(eof >> BLOCK_SHIFT, (end + BS - 1) >> BLOCK_SHIFT):
         if any(max(eof, start) <= ((folio.index + f) << BLOCK_SHIFT) < end
                for f, _ in folio.dirty_segments()):
             _mutant_stats["scans_with_dirty_past_eof"] += 1
-            break
-    pos = start
-    while pos < scan_end:
-        pos = mapping.seek_data(pos, scan_end)
-        if pos >= scan_end:
-            break
-        data_end = mapping.seek_hole(pos, scan_end)
-        punch_start = await self._delalloc_scan(inode, punch_start, pos, data_end)
-        pos = data_end
-    if punch_start < end:
-        await self._punch(inode, punch_start, end)
+            return
 
 
 async def _m_punch_delalloc_nolock(self: Engine, inode, start: int, end: int) -> None:
@@ -58,33 +48,19 @@ async def _m_punch_delalloc_nolock(self: Engine, inode, start: int, end: int) ->
     # MUTANT: no invalidate_lock, so faults may instantiate and dirty folios
     # the scan has already passed.
     await POINTS.hit("punch_locked")
-    await _release_body(self, inode, start, end, clamp=True)
+    await self.delalloc_release_range(inode, start, min(round_up(inode.size), end), end)
 
 
 async def _m_release_noclamp(self: Engine, inode, start: int, end: int) -> None:
-    await _release_body(self, inode, start, end, clamp=False)
+    # MUTANT: the scan runs to the end of the range, past EOF.
+    _count_dirty_past_eof(inode, start, end)
+    await self.delalloc_release_range(inode, start, end, end)
 
 
 async def _m_page_mkwrite_failed_punches(self: Engine, inode, folio, end: int) -> None:
     # MUTANT: the old iomap_end error path of the fault punched the range it
     # was mapping, delalloc that others' dirty data needs.
     await self.ops.punch(inode, folio.pos, end - folio.pos)
-
-
-def _m_punch_locked_unwritten(self: FsIomapOps, ino: int, pos: int, length: int) -> int:
-    emap = self.fs.emaps.get(ino)
-    if emap is None:
-        return 0
-    first = pos >> BLOCK_SHIFT
-    last = (pos + length + BS - 1) >> BLOCK_SHIFT
-    # MUTANT: UNWRITTEN extents go too (their blocks are simply forgotten).
-    removed = emap.remove(first, last - first, (ExtState.DELALLOC, ExtState.UNWRITTEN))
-    dela = [e for e in removed if e.state == ExtState.DELALLOC]
-    n = sum(e.length for e in dela)
-    if dela:
-        self.fs.space.alloc.unreserve(n + sum(e.indlen for e in dela))
-        self.stats["delalloc_punched"] += n
-    return n
 
 
 def _m_iomap_valid_always(self: FsIomapOps, inode, iomap) -> bool:
@@ -95,37 +71,20 @@ def _m_discard_folio_noop(self: FsWritebackOps, ino: int, folio) -> None:
     pass                                 # MUTANT: no discard of the folio's delalloc
 
 
-async def _m_delalloc_scan_per_folio(self: Engine, inode, punch_start: int, start: int,
-                                     end: int) -> int:
-    mapping = inode.mapping
-    while start < end:
-        folio = mapping.lookup(start >> BLOCK_SHIFT)
-        if folio is None:
-            start = (start & ~(BS - 1)) + BS
-            continue
-        await folio.lock()
-        if folio.mapping is not mapping or not folio.contains(start >> BLOCK_SHIFT):
-            folio.unlock()
-            continue
-        await POINTS.hit("delalloc_scan_folio")
-        # MUTANT: a dirty folio protects all its blocks (folio_test_dirty).
-        if folio.test_dirty():
-            if start > punch_start:
-                await self._punch(inode, punch_start, start)
-            punch_start = min(end, folio.end)
-        start = folio.end
-        folio.unlock()
-    return punch_start
+def _m_dirty_runs_per_folio(folio) -> list[tuple[int, int]]:
+    # MUTANT: a dirty folio protects all its blocks (folio_test_dirty).
+    return [(0, folio.nblocks)] if folio.test_dirty() else []
 
 
 _MUTANT_PATCHES = {
     "no_invalidate_lock": [(Engine, "punch_delalloc", _m_punch_delalloc_nolock)],
     "no_eof_clamp": [(Engine, "delalloc_release", _m_release_noclamp)],
     "mkwrite_punches": [(Engine, "_page_mkwrite_failed", _m_page_mkwrite_failed_punches)],
-    "punch_unwritten": [(FsIomapOps, "_punch_locked", _m_punch_locked_unwritten)],
+    # MUTANT: UNWRITTEN extents go too (their blocks are simply forgotten).
+    "punch_unwritten": [(FsIomapOps, "PUNCH_STATES", (ExtState.DELALLOC, ExtState.UNWRITTEN))],
     "no_cookie_check": [(FsIomapOps, "iomap_valid", _m_iomap_valid_always)],
     "no_writeback_discard": [(FsWritebackOps, "discard_folio", _m_discard_folio_noop)],
-    "per_folio_punch": [(Engine, "_delalloc_scan", _m_delalloc_scan_per_folio)],
+    "per_folio_punch": [(Engine, "dirty_runs", staticmethod(_m_dirty_runs_per_folio))],
 }
 assert set(_MUTANT_PATCHES) == set(MUTANTS)
 
