@@ -340,8 +340,9 @@ class Engine:
             await self._punch(inode, punch_start, end)
 
     async def delalloc_scan(self, inode: VInode, punch_start: int, start: int, end: int) -> int:
-        """iomap_write_delalloc_scan: walk the folios of the cached range [start, end): punch up to each
-        dirty block run, skip past it.  Returns the new punch start."""
+        """iomap_write_delalloc_scan: walk the folios of the cached range
+        [start, end), punch up to each dirty block run and skip past it.
+        Returns the new punch start."""
         mapping = inode.mapping
         while start < end:
             folio = mapping.lookup(start >> BLOCK_SHIFT)
