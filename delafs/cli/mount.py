@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 from ..fuse.control import NotMounted, control_command
-from ..fuse.daemon import daemonize_and_run, wait_gone
+from ..fuse.daemon import run
 from ..fuse.options import MountOptions
 from ..lib.errortag import TAGS, ErrorTags
 from .fail import fail
@@ -211,3 +213,70 @@ def add_commands(sub) -> None:
     mh.add_argument("-v", action="store_true")
     mh.set_defaults(func=cmd_mount_helper)
 
+
+# -- the daemon process ------------------------------------------------------------
+
+def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool) -> int:
+    """Fork (unless foreground), report the outcome of the mount to the
+    parent through a pipe, and serve in the child."""
+    logfile = opts.log
+    if foreground:
+        logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
+                            format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
+                            stream=sys.stderr)
+        def say(msg: str) -> None:
+            for line in msg.splitlines():
+                if line != "ok":
+                    fail("mount", line.removeprefix("error: "))
+        return run(image, mountpoint, opts, ready=say)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode(errors="replace").strip()
+        first, *rest = msg.splitlines() or [""]
+        if first == "ok":
+            for line in rest:
+                fail("mount", line)
+            return 0
+        fail("mount", msg.removeprefix("error: ") or "the daemon died before mounting")
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        return 1
+    # Child: a daemon of its own session, stdio detached.
+    os.close(rfd)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if logfile else null
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
+                        format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+    def ready(msg: str) -> None:
+        try:
+            os.write(wfd, msg.encode() + b"\n")
+            os.close(wfd)
+        except OSError:
+            pass
+    code = 1
+    try:
+        code = run(image, mountpoint, opts, ready=ready)
+    finally:
+        os._exit(code)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -406,7 +406,7 @@ class Engine:
                 folio.mark_dirty(0, nblocks)
             except BaseException:
                 try:
-                    await self._page_mkwrite_failed(inode, folio, end)
+                    await self.page_mkwrite_error(inode, folio, end)
                 finally:
                     folio.unlock()
                 raise
@@ -414,8 +414,9 @@ class Engine:
                 TRACE.emit("iomap_page_mkwrite", ino=inode.ino, pos=folio.pos, length=end - folio.pos)
             return folio
 
-    async def _page_mkwrite_failed(self, inode: VInode, folio, end: int) -> None:
-        """A failed write fault has nothing to clean up: its reservation was
+    async def page_mkwrite_error(self, inode: VInode, folio, end: int) -> None:
+        """The error path of a write fault (iomap_page_mkwrite's).  It has
+        nothing to clean up: its reservation was
         all or nothing, and punching here would remove delalloc that other
         writers' dirty data in the folio still needs (seed 001)."""
 

@@ -79,7 +79,7 @@ def _m_dirty_runs_per_folio(folio) -> list[tuple[int, int]]:
 _MUTANT_PATCHES = {
     "no_invalidate_lock": [(Engine, "punch_delalloc", _m_punch_delalloc_nolock)],
     "no_eof_clamp": [(Engine, "delalloc_release", _m_release_noclamp)],
-    "mkwrite_punches": [(Engine, "_page_mkwrite_failed", _m_page_mkwrite_failed_punches)],
+    "mkwrite_punches": [(Engine, "page_mkwrite_error", _m_page_mkwrite_failed_punches)],
     # MUTANT: UNWRITTEN extents go too (their blocks are simply forgotten).
     "punch_unwritten": [(FsIomapOps, "PUNCH_STATES", (ExtState.DELALLOC, ExtState.UNWRITTEN))],
     "no_cookie_check": [(FsIomapOps, "iomap_valid", _m_iomap_valid_always)],
