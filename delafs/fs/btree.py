@@ -28,6 +28,7 @@ from bisect import bisect_left, bisect_right
 from typing import Callable, Protocol
 
 from ..lib.errors import CorruptionError
+from ..lib.locks import assert_owned
 from ..ondisk import BLOCK_SIZE, HDR_SIZE, MAGIC_NODE, seal, unseal
 
 Key = tuple[int, int, int]
@@ -157,6 +158,13 @@ class BTree:
         self.alloc_node = alloc_node
         self.free_node = free_node
 
+    def _assert_locked(self, what: str) -> None:
+        """Changing the tree is part of a metadata operation: the caller
+        holds the filesystem's meta_lock (a store without one is a test's)."""
+        lock = getattr(self.store, "meta_lock", None)
+        if lock is not None:
+            assert_owned(lock, f"BTree.{what}")
+
     async def node(self, blk: int) -> Node:
         return await self.store.get(blk, Node.decode)
 
@@ -254,6 +262,7 @@ class BTree:
     # -- changing -------------------------------------------------------------------
 
     async def insert(self, key: Key, value: bytes, *, replace: bool = False) -> None:
+        self._assert_locked("insert")
         if len(value) > MAX_VALUE:
             raise ValueError(f"btree value of {len(value)} bytes exceeds {MAX_VALUE}")
         path = await self._path(key, inserting=True)
@@ -273,6 +282,7 @@ class BTree:
 
     async def update(self, key: Key, value: bytes) -> None:
         """Replace the value of an existing item."""
+        self._assert_locked("update")
         path = await self._path(key)
         leaf, i = path[-1]
         if not (i < len(leaf.keys) and leaf.keys[i] == key):
@@ -286,6 +296,7 @@ class BTree:
             await self._split(path)
 
     async def delete(self, key: Key) -> bool:
+        self._assert_locked("delete")
         path = await self._path(key)
         leaf, i = path[-1]
         if not (i < len(leaf.keys) and leaf.keys[i] == key):

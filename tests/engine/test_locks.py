@@ -300,8 +300,9 @@ def test_debug_flag_env(monkeypatch):
 
 
 async def test_meta_lock_preconditions_are_asserted(tmp_path):
-    """extent_map and the writeback discard say "caller holds meta_lock":
-    with DEBUG_LOCKS a call without it fails at once instead of racing."""
+    """extent_map, the btree's changes and the writeback discard say
+    "caller holds meta_lock": with DEBUG_LOCKS a call without it fails at
+    once instead of racing."""
     from delafs.block import BlockDevice
     from delafs.fs import Filesystem
     path = str(tmp_path / "img")
@@ -314,4 +315,6 @@ async def test_meta_lock_preconditions_are_asserted(tmp_path):
             await fs.extent_map(ino)
         async with fs.meta_lock:
             await fs.extent_map(ino)
+        with pytest.raises(AssertionError, match="BTree.delete called without holding its lock"):
+            await fs.tree.delete((ino, 1, 0))
         await fs.close()
