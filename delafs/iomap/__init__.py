@@ -7,7 +7,7 @@ IomapOps and WritebackOps.
                   read_folio/readahead, zeroing and truncate of partial blocks
     writeback     writepages -> writeback_folio -> writeback_range -> submit
     iter          IomapIter: the begin -> work -> end -> advance driver the write,
-                  zero, page_mkwrite and seek loops share (fs/iomap/iter.c)
+                  zero, page_mkwrite, seek and read loops share (fs/iomap/iter.c)
     ioend         add_to_ioend: the merge rules and size cap of ioends, which the
                   filesystem's writeback_range calls (fs/iomap/ioend.c)
 """

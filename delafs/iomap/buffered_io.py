@@ -425,46 +425,54 @@ class Engine:
     # ==================================================================
 
     async def read_folio(self, inode: VInode, folio) -> None:
-        """Make every block of a locked folio uptodate (iomap_read_folio)."""
+        """Make every block of a locked folio uptodate (iomap_read_folio).
+
+        The blocks below EOF that are not uptodate are mapped with one
+        IomapIter over the span from the first to the last of them (as
+        iomap_adjust_read_range trims the range); inside each mapping only
+        those blocks are filled (cached data wins), one device read per run.
+        Blocks past EOF read as zeros without a mapping."""
         self.stats["read_folios"] += 1
-        b = folio.index
-        end_b = folio.index + folio.nblocks
-        eof_b = (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        while b < end_b:
-            i = b - folio.index
-            if folio.is_uptodate(i, 1):
-                b += 1
-                continue
-            if b >= eof_b:
-                n = end_b - b
-                folio.data[i << BLOCK_SHIFT:] = bytes(n << BLOCK_SHIFT)
-                folio.set_uptodate(i, n)
-                break
-            iomap = await self.ops.iomap_begin(inode, b << BLOCK_SHIFT,
-                                               (min(end_b, eof_b) - b) << BLOCK_SHIFT, 0)
-            n = min(end_b, eof_b, iomap.end >> BLOCK_SHIFT) - b
-            # Only blocks not yet uptodate are filled (cached data wins), and
-            # each run of them is one device read, not one per block.
-            j = 0
-            while j < n:
-                if folio.is_uptodate(i + j, 1):
-                    j += 1
-                    continue
-                k = j + 1
-                while k < n and not folio.is_uptodate(i + k, 1):
-                    k += 1
-                off = (i + j) << BLOCK_SHIFT
-                size = (k - j) << BLOCK_SHIFT
-                if iomap.type == IomapType.MAPPED:
-                    folio.data[off:off + size] = await self.ops.read_blocks(
-                        iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset, k - j)
-                else:
-                    folio.data[off:off + size] = bytes(size)
-                folio.set_uptodate(i + j, k - j)
-                j = k
-            b += n
+        nb = folio.nblocks
+        below = max(0, min(nb, ((inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - folio.index))
+        todo = [i for i in range(below) if not folio.is_uptodate(i, 1)]
+        if todo:
+            first, last = todo[0], todo[-1] + 1
+            it = IomapIter(self.ops, inode, (folio.index + first) << BLOCK_SHIFT,
+                           (last - first) << BLOCK_SHIFT, 0)
+            while await it.next():
+                await self._read_folio_iter(folio, it.iomap, it.pos, it.length)
+                it.processed = it.length
+        tail = next((i for i in range(below, nb) if not folio.is_uptodate(i, 1)), None)
+        if tail is not None:
+            folio.data[tail << BLOCK_SHIFT:] = bytes((nb - tail) << BLOCK_SHIFT)
+            folio.set_uptodate(tail, nb - tail)
         if TRACE.on:
             TRACE.emit("iomap_read_folio", ino=inode.ino, pos=folio.pos, length=folio.end - folio.pos)
+
+    async def _read_folio_iter(self, folio, iomap: Iomap, pos: int, length: int) -> None:
+        """iomap_readpage_iter: fill the blocks of [pos, pos+length) that are
+        not uptodate from one mapping, a device read per run of them."""
+        b = pos >> BLOCK_SHIFT
+        i = b - folio.index
+        n = length >> BLOCK_SHIFT
+        j = 0
+        while j < n:
+            if folio.is_uptodate(i + j, 1):
+                j += 1
+                continue
+            k = j + 1
+            while k < n and not folio.is_uptodate(i + k, 1):
+                k += 1
+            off = (i + j) << BLOCK_SHIFT
+            size = (k - j) << BLOCK_SHIFT
+            if iomap.type == IomapType.MAPPED:
+                folio.data[off:off + size] = await self.ops.read_blocks(
+                    iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset, k - j)
+            else:
+                folio.data[off:off + size] = bytes(size)
+            folio.set_uptodate(i + j, k - j)
+            j = k
 
     async def buffered_read(self, inode: VInode, pos: int, size: int) -> bytes:
         """Read through the page cache (filemap_read), with sequential readahead."""
