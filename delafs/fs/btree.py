@@ -147,8 +147,11 @@ def worst_case_nodes(nitems: int, item_size: int, levels: int) -> int:
 
 
 class BTree:
-    """Operations on the tree.  The caller holds the filesystem's meta_lock
-    for the whole of each call; block allocation and freeing go through the
+    """Operations on the tree.  A change (insert, update, delete) is part of
+    a metadata operation: the caller holds the filesystem's meta_lock for
+    the whole call, and it is asserted.  Reads need it only where changes
+    can run at the same time (a mounted filesystem); offline tools read a
+    tree nothing else touches.  Block allocation and freeing go through the
     two callbacks so the tree knows nothing of the allocator or the bitmap."""
 
     def __init__(self, store, holder: RootHolder,
