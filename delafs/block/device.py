@@ -100,10 +100,22 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def flush_errortag(dev) -> None:
-    """The ``flush_eio`` errortag of the filesystem using the device."""
-    tags = dev.errortags
-    if tags is not None and tags.fires("flush_eio"):
+def check_request(dev, op: str, blk: int = 0, count: int = 0) -> None:
+    """The checks every device makes before a request, in order: read-only
+    (discard), bounds (read, write, discard), injected faults, and for a
+    flush the ``flush_eio`` errortag of the filesystem using the device.
+    A failed check has changed nothing."""
+    if op == "discard" and dev.readonly:
+        raise FsError(errno.EROFS, f"image {dev.path} is open read-only")
+    if op != "flush":
+        if count < 0:
+            raise ValueError(f"{op} of a negative block count ({count})")
+        if blk < 0 or blk + count > dev.nblocks:
+            raise FsError(errno.EIO, f"{op} of {blocks_str(blk, count)} beyond end of device "
+                                     f"{dev.path} ({dev.nblocks} blocks)")
+    if dev.faults:
+        dev.faults.check(op, blk, count)
+    if op == "flush" and dev.errortags is not None and dev.errortags.fires("flush_eio"):
         raise FsError(errno.EIO, f"injected cache flush error on {dev.path} (flush_eio)")
 
 
@@ -119,9 +131,7 @@ def prepare_write(dev, blk: int, bufs) -> tuple[list[memoryview], int, int]:
             raise ValueError(f"write buffer of {len(v)} bytes is not a multiple of {BLOCK_SIZE}")
     nbytes = sum(len(v) for v in views)
     count = nbytes // BLOCK_SIZE
-    dev._check_range("write", blk, count)
-    if dev.faults:
-        dev.faults.check("write", blk, count)
+    check_request(dev, "write", blk, count)
     return views, nbytes, count
 
 
@@ -253,9 +263,7 @@ class BlockDevice:
         journal or btree block that silently reads as zeros would be
         misdiagnosed as corruption much later.
         """
-        self._check_range("read", blk, count)
-        if self.faults:
-            self.faults.check("read", blk, count)
+        check_request(self, "read", blk, count)
         if count == 0:
             return b""
         nbytes = count * BLOCK_SIZE
@@ -296,9 +304,7 @@ class BlockDevice:
         On a block device this also issues a cache flush to the hardware, which
         is what the log's commit records depend on.
         """
-        if self.faults:
-            self.faults.check("flush", 0, 0)
-        flush_errortag(self)
+        check_request(self, "flush")
         try:
             os.fdatasync(self._fd)
         except OSError as e:
@@ -317,11 +323,7 @@ class BlockDevice:
         no-op.  Callers must not expect discarded blocks to read as zeros (a
         block device may return old data).
         """
-        if self.readonly:
-            raise FsError(errno.EROFS, f"image {self.path} is open read-only")
-        self._check_range("discard", blk, count)
-        if self.faults:
-            self.faults.check("discard", blk, count)
+        check_request(self, "discard", blk, count)
         if count == 0:
             return
         offset, length = blk * BLOCK_SIZE, count * BLOCK_SIZE
@@ -408,16 +410,6 @@ class BlockDevice:
         return f"<BlockDevice {self.path} {self.kind} {mode}{' direct' if self.direct else ''} {self.nblocks} blocks>"
 
     # -- helpers ----------------------------------------------------------------
-
-    def _check_range(self, op: str, blk: int, count: int) -> None:
-        if count < 0:
-            raise ValueError(f"{op} of a negative block count ({count})")
-        if blk < 0 or blk + count > self.nblocks:
-            raise FsError(
-                errno.EIO,
-                f"{op} of {blocks_str(blk, count)} beyond end of device "
-                f"{self.path} ({self.nblocks} blocks)",
-            )
 
     def _io_error(self, op: str, blk: int, count: int, e: OSError) -> FsError:
         return FsError(

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ..lib.errors import FsError
 from ..lib.units import BLOCK_SIZE
-from .device import Buffer, blocks_str, flush_errortag, prepare_write
+from .device import Buffer, check_request, prepare_write
 from .faults import FaultTable
 from .recorder import Recorder
 
@@ -70,21 +70,9 @@ class MemoryDevice:
         if self.closed:
             raise FsError(errno.EBADF, f"{op} on closed memory device {self.path}")
 
-    def _check_range(self, op: str, blk: int, count: int) -> None:
-        if count < 0:
-            raise ValueError(f"{op} of a negative block count ({count})")
-        if blk < 0 or blk + count > self.nblocks:
-            raise FsError(
-                errno.EIO,
-                f"{op} of {blocks_str(blk, count)} beyond end of device "
-                f"{self.path} ({self.nblocks} blocks)",
-            )
-
     def read_sync(self, blk: int, count: int) -> bytes:
         self._check_open("read")
-        self._check_range("read", blk, count)
-        if self.faults:
-            self.faults.check("read", blk, count)
+        check_request(self, "read", blk, count)
         if count == 0:
             return b""
         self._stats["reads"] += 1
@@ -108,20 +96,14 @@ class MemoryDevice:
 
     def flush_sync(self) -> None:
         self._check_open("flush")
-        if self.faults:
-            self.faults.check("flush", 0, 0)
-        flush_errortag(self)
+        check_request(self, "flush")
         self._stats["flushes"] += 1
         if self.recorder is not None:
             self.recorder.events.append(("flush",))
 
     def discard_sync(self, blk: int, count: int) -> None:
         self._check_open("discard")
-        if self.readonly:
-            raise FsError(errno.EROFS, f"image {self.path} is open read-only")
-        self._check_range("discard", blk, count)
-        if self.faults:
-            self.faults.check("discard", blk, count)
+        check_request(self, "discard", blk, count)
         if count == 0:
             return
         off = blk * BLOCK_SIZE
