@@ -196,15 +196,15 @@ def test_kill_9_a_hundred_times(delafs_mount):
     kill_9_rounds(delafs_mount, 100)
 
 
-def test_journal_eio_shuts_down_with_a_log_line_and_recovers(delafs_mount):
-    m = delafs_mount(size="64M")
-    m.tracebacks_ok = True
-    with open(m.path("before"), "wb") as f:
-        f.write(b"committed before the fault")
+def write_fsynced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    m.inject(log_eio=1)
-    fd = os.open(m.path("during"), os.O_WRONLY | os.O_CREAT, 0o644)
+
+
+def assert_fsync_of_a_new_write_fails(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         os.write(fd, b"x" * 10000)
         with pytest.raises(OSError) as e:
@@ -212,15 +212,30 @@ def test_journal_eio_shuts_down_with_a_log_line_and_recovers(delafs_mount):
         assert e.value.errno == errno.EIO
     finally:
         os.close(fd)
+
+
+def umount_shut_down(m):
+    """delafs umount of a filesystem that shut down: exit 1, the daemon gone."""
+    r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert wait_until(lambda: not pid_alive(m.pid), 60)
+    m.pid = None
+    return r
+
+
+def test_journal_eio_shuts_down_with_a_log_line_and_recovers(delafs_mount):
+    m = delafs_mount(size="64M")
+    m.tracebacks_ok = True
+    write_fsynced(m.path("before"), b"committed before the fault")
+    m.inject(log_eio=1)
+    assert_fsync_of_a_new_write_fails(m.path("during"))
     assert "filesystem shut down: journal commit failed" in open(m.log).read()
     with pytest.raises(OSError) as e:
         open(m.path("after"), "w").close()
     assert e.value.errno == errno.EIO
-    r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
-    assert r.returncode == 1 and "unmounting anyway" in r.stderr, r.stderr
+    r = umount_shut_down(m)
+    assert "unmounting anyway" in r.stderr, r.stderr
     assert not is_mounted(m.mnt)
-    assert wait_until(lambda: not pid_alive(m.pid), 60)
-    m.pid = None
     m.fsck()
     m.mount()
     assert open(m.path("before"), "rb").read() == b"committed before the fault"
@@ -266,27 +281,14 @@ def test_flush_eio_fails_fsync_and_shuts_down_then_recovers(delafs_mount):
     was fsynced before is intact."""
     m = delafs_mount(size="64M")
     m.tracebacks_ok = True
-    with open(m.path("before"), "wb") as f:
-        f.write(b"fsynced before the fault")
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsynced(m.path("before"), b"fsynced before the fault")
     m.inject(flush_eio=1)
-    fd = os.open(m.path("during"), os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, b"x" * 10000)
-        with pytest.raises(OSError) as e:
-            os.fsync(fd)
-        assert e.value.errno == errno.EIO
-    finally:
-        os.close(fd)
+    assert_fsync_of_a_new_write_fails(m.path("during"))
     assert "filesystem shut down" in open(m.log).read()
     r = run([DELAFS, "sync", m.mnt], check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "Input/output error" in r.stderr, r.stderr
-    r = run([DELAFS, "umount", m.mnt], check=False, timeout=120)
-    assert r.returncode == 1, r.stderr
-    assert wait_until(lambda: not pid_alive(m.pid), 60)
-    m.pid = None
+    umount_shut_down(m)
     m.fsck()
     m.mount()
     assert open(m.path("before"), "rb").read() == b"fsynced before the fault"
