@@ -435,18 +435,20 @@ class Engine:
         self.stats["read_folios"] += 1
         nb = folio.nblocks
         below = max(0, min(nb, ((inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - folio.index))
-        todo = [i for i in range(below) if not folio.is_uptodate(i, 1)]
+        missing = ~folio.uptodate_mask & ((1 << nb) - 1)
+        todo = missing & ((1 << below) - 1)
         if todo:
-            first, last = todo[0], todo[-1] + 1
+            first, last = (todo & -todo).bit_length() - 1, todo.bit_length()
             it = IomapIter(self.ops, inode, (folio.index + first) << BLOCK_SHIFT,
                            (last - first) << BLOCK_SHIFT, 0)
             while await it.next():
                 await self._read_folio_iter(folio, it.iomap, it.pos, it.length)
                 it.processed = it.length
-        tail = next((i for i in range(below, nb) if not folio.is_uptodate(i, 1)), None)
-        if tail is not None:
-            folio.data[tail << BLOCK_SHIFT:] = bytes((nb - tail) << BLOCK_SHIFT)
-            folio.set_uptodate(tail, nb - tail)
+        tail = missing >> below << below
+        if tail:
+            t = (tail & -tail).bit_length() - 1
+            folio.data[t << BLOCK_SHIFT:] = bytes((nb - t) << BLOCK_SHIFT)
+            folio.set_uptodate(t, nb - t)
         if TRACE.on:
             TRACE.emit("iomap_read_folio", ino=inode.ino, pos=folio.pos, length=folio.end - folio.pos)
 
