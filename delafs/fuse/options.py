@@ -8,7 +8,7 @@ a typo never silently does nothing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ..lib.errortag import TAGS
 from ..lib.units import parse_size
@@ -103,11 +103,3 @@ class MountOptions:
         """entry_timeout/attr_timeout for the adapter, where given."""
         return {k: getattr(self, k) for k in ("entry_timeout", "attr_timeout")
                 if getattr(self, k) is not None}
-
-    def __str__(self) -> str:
-        out = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v != f.default and not (f.name in ("tags", "fuse") and not v):
-                out.append(f"{f.name}={v}")
-        return ", ".join(out) or "defaults"
