@@ -229,13 +229,17 @@ class Engine:
             return None
         end = min(pos + length, folio.end)
         # Partial blocks must hold their old bytes before the copy lands.
-        for b in {pos >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT}:
-            bstart = b << BLOCK_SHIFT
-            fully = pos <= bstart and end >= bstart + BLOCK_SIZE
-            i = b - folio.index
-            if fully or folio.is_uptodate(i, 1):
-                continue
-            await self._fill_block(inode, iomap, folio, b)
+        try:
+            for b in {pos >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT}:
+                bstart = b << BLOCK_SHIFT
+                fully = pos <= bstart and end >= bstart + BLOCK_SIZE
+                i = b - folio.index
+                if fully or folio.is_uptodate(i, 1):
+                    continue
+                await self._fill_block(inode, iomap, folio, b)
+        except BaseException:
+            folio.unlock()
+            raise
         if TRACE.on:
             TRACE.emit("iomap_write_begin", ino=inode.ino, pos=pos, length=end - pos)
         return folio
@@ -452,6 +456,20 @@ class Engine:
         if TRACE.on:
             TRACE.emit("iomap_read_folio", ino=inode.ino, pos=folio.pos, length=folio.end - folio.pos)
 
+    async def read_cache_folio(self, inode: VInode, block: int, nblocks_hint: int = 1):
+        """The folio holding ``block``, uptodate and unlocked (read_cache_folio).
+
+        A read that fails still unlocks the folio, as the kernel's read_folio
+        completion always does: the folio stays !uptodate for the next reader
+        to try again, and nobody waits for a lock no one will release."""
+        folio = await inode.mapping.get_folio(block, create=True, nblocks_hint=nblocks_hint)
+        try:
+            if not folio.is_uptodate(0, folio.nblocks):
+                await self.read_folio(inode, folio)
+        finally:
+            folio.unlock()
+        return folio
+
     async def _read_folio_iter(self, folio, iomap: Iomap, pos: int, length: int) -> None:
         """iomap_readpage_iter: fill the blocks of [pos, pos+length) that are
         not uptodate from one mapping, a device read per run of them."""
@@ -496,10 +514,7 @@ class Engine:
                 # short copy leaves blocks of a large folio holding garbage.
                 if folio is None or not folio.is_uptodate(
                         b - folio.index, ((min(end, folio.end) - 1) >> BLOCK_SHIFT) - b + 1):
-                    folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint(end - cur, cur))
-                    if not folio.is_uptodate(0, folio.nblocks):
-                        await self.read_folio(inode, folio)
-                    folio.unlock()
+                    folio = await self.read_cache_folio(inode, b, folio_hint(end - cur, cur))
                 stop = min(end, folio.end)
                 out += folio.data[cur - folio.pos:stop - folio.pos]
                 self.cache.mark_accessed(folio)
@@ -515,11 +530,9 @@ class Engine:
         while b < stop:
             folio = mapping.lookup(b)
             if folio is None:
-                folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint((stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
-                if not folio.is_uptodate(0, folio.nblocks):
-                    await self.read_folio(inode, folio)
-                    self.stats["readahead_folios"] += 1
-                folio.unlock()
+                folio = await self.read_cache_folio(
+                    inode, b, folio_hint((stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
+                self.stats["readahead_folios"] += 1
             b = folio.index + folio.nblocks
 
     # ==================================================================

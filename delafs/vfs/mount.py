@@ -21,7 +21,7 @@ from ..fs.iomap_ops import FsIomapOps
 from ..iomap.buffered_io import Engine, IovIter
 from ..iomap.types import POINTS, VInode
 from ..iomap.writeback import writepages
-from ..lib.errors import FsError
+from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
 from ..lib.errseq import ErrSeqCursor
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
@@ -141,6 +141,8 @@ class Mount:
             unlinked = (await self.fs.getattr(ino)).nlink == 0
         except FsError:
             unlinked = True
+        except DelafsError:         # unreadable: keep its pages, writeback decides
+            unlinked = False
         vi = self.inodes.get(ino)
         if unlinked and vi is not None:
             async with vi.i_rwsem.exclusive():
@@ -339,10 +341,7 @@ class Mount:
     async def _read_fault(self, inode: VInode, block: int) -> None:
         mapping = inode.mapping
         async with mapping.invalidate_lock.shared():
-            folio = await mapping.get_folio(block, create=True)
-            if not folio.is_uptodate(0, folio.nblocks):
-                await self.engine.read_folio(inode, folio)
-            folio.unlock()
+            await self.engine.read_cache_folio(inode, block)
 
     def statistics(self) -> dict:
         return {"engine": dict(self.engine.stats), "iomap": dict(self.ops.stats),
