@@ -123,6 +123,16 @@ class Node:
         return node
 
 
+class DamagedSubtree(CorruptionError):
+    """A node below the root failed to load.  ``resume`` is the first key
+    past the subtree it heads (None if nothing follows): a scan that may
+    skip damage goes on from there."""
+
+    def __init__(self, err: CorruptionError, resume: Key | None):
+        super().__init__(err.structure, err.block, err.detail)
+        self.resume = resume
+
+
 class RootHolder(Protocol):
     """Where the tree's root lives (the fsinfo block)."""
     root_block: int
@@ -155,11 +165,15 @@ class BTree:
     two callbacks so the tree knows nothing of the allocator or the bitmap."""
 
     def __init__(self, store, holder: RootHolder,
-                 alloc_node: Callable[[int], int], free_node: Callable[[int], None]):
+                 alloc_node: Callable[[int], int], free_node: Callable[[int], None],
+                 check_item: Callable[[Key, bytes], str | None] | None = None):
         self.store = store
         self.holder = holder
         self.alloc_node = alloc_node
         self.free_node = free_node
+        # What the tree's user knows of its items' content: a leaf holding an
+        # item it rejects is as corrupt as one with a bad checksum.
+        self.check_item = check_item
 
     def _assert_locked(self, what: str) -> None:
         """Changing the tree is part of a metadata operation: the caller
@@ -169,7 +183,42 @@ class BTree:
             assert_owned(lock, f"BTree.{what}")
 
     async def node(self, blk: int) -> Node:
-        return await self.store.get(blk, Node.decode)
+        return await self.store.get(blk, self._decode)
+
+    def _decode(self, buf: bytes, blk: int) -> Node:
+        node = Node.decode(buf, blk)
+        if node.is_leaf and self.check_item is not None:
+            for k, v in zip(node.keys, node.vals):
+                if why := self.check_item(k, v):
+                    raise CorruptionError("btree node", blk, f"item {k}: {why}")
+        return node
+
+    async def _child(self, path: list[list], d: int) -> Node:
+        """The child that ``path[d]`` points at, checked against its parent."""
+        parent, i = path[d]
+        try:
+            child = await self.node(parent.vals[i])
+            self._check_bounds(parent, i, child)
+        except CorruptionError as e:
+            resume = None
+            for node, j in reversed(path[:d + 1]):
+                if j + 1 < len(node.keys):
+                    resume = node.keys[j + 1]
+                    break
+            raise DamagedSubtree(e, resume) from None
+        return child
+
+    @staticmethod
+    def _check_bounds(parent: Node, i: int, child: Node) -> None:
+        """A child's keys lie in the range its parent gives it: a key that
+        moved out of it would be found by no descent, or by the wrong one."""
+        if child.level != parent.level - 1:
+            raise CorruptionError("btree node", child.blocknr,
+                                  f"level {child.level} under a level {parent.level} node")
+        if child.keys and (child.keys[0] < parent.keys[i]
+                           or (i + 1 < len(parent.keys) and child.keys[-1] >= parent.keys[i + 1])):
+            raise CorruptionError("btree node", child.blocknr,
+                                  f"keys outside the range node {parent.blocknr} gives it")
 
     @property
     def levels(self) -> int:
@@ -189,11 +238,7 @@ class BTree:
                     node.keys[0] = key
                     self.store.mark_dirty(node)
             path.append([node, i])
-            child = await self.node(node.vals[i])
-            if child.level != node.level - 1:
-                raise CorruptionError("btree node", child.blocknr,
-                                      f"level {child.level} under a level {node.level} node")
-            node = child
+            node = await self._child(path, len(path) - 1)
         path.append([node, bisect_left(node.keys, key)])
         return path
 
@@ -210,21 +255,25 @@ class BTree:
             return leaf.vals[i], leaf.blocknr
         return None
 
-    async def _step(self, path: list[list], forward: bool) -> bool:
-        """Move the path's leaf to its next (or previous) sibling leaf."""
+    async def _step(self, path: list[list], forward: bool, hi: Key | None = None) -> bool:
+        """Move the path's leaf to its next (or previous) sibling leaf.  Going
+        forward, a separator at or past ``hi`` ends the walk without reading
+        the next leaf: its keys are all past the range, so a scan never
+        touches (nor fails on) a block it does not need."""
         depth = len(path) - 2
         while depth >= 0:
             node, i = path[depth]
             j = i + 1 if forward else i - 1
             if 0 <= j < len(node.keys):
+                if hi is not None and node.keys[j] >= hi:
+                    return False
                 path[depth][1] = j
                 break
             depth -= 1
         else:
             return False
         for d in range(depth + 1, len(path)):
-            parent, i = path[d - 1]
-            child = await self.node(parent.vals[i])
+            child = await self._child(path, d - 1)
             path[d] = [child, 0 if forward else len(child.keys) - 1]
         if not forward:
             path[-1][1] = len(path[-1][0].keys)
@@ -243,10 +292,29 @@ class BTree:
         return leaf.keys[i - 1], leaf.vals[i - 1]
 
     async def scan(self, lo: Key, hi: Key, limit: int | None = None, *,
-                   with_block: bool = False) -> list[tuple]:
+                   with_block: bool = False,
+                   on_damage: Callable[[CorruptionError], None] | None = None) -> list[tuple]:
         """Items with lo <= key < hi, in order, at most ``limit`` of them, as
-        (key, value) or, ``with_block``, (key, value, leaf block)."""
-        out = []
+        (key, value) or, ``with_block``, (key, value, leaf block).
+
+        With ``on_damage``, a subtree that cannot be read is reported to it
+        and skipped: the scan returns what can be read (a directory listing
+        loses only the entries a damaged leaf held)."""
+        out: list[tuple] = []
+        while True:
+            try:
+                await self._scan(lo, hi, limit, with_block, out)
+                return out
+            except DamagedSubtree as e:
+                if on_damage is None:
+                    raise
+                on_damage(e)
+                if e.resume is None or e.resume >= hi:
+                    return out
+                lo = e.resume
+
+    async def _scan(self, lo: Key, hi: Key, limit: int | None, with_block: bool,
+                    out: list[tuple]) -> None:
         path = await self._path(lo)
         while True:
             leaf, i = path[-1]
@@ -254,13 +322,13 @@ class BTree:
             while i < len(keys):
                 k = keys[i]
                 if k >= hi:
-                    return out
+                    return
                 out.append((k, leaf.vals[i], leaf.blocknr) if with_block else (k, leaf.vals[i]))
                 if limit is not None and len(out) >= limit:
-                    return out
+                    return
                 i += 1
-            if not await self._step(path, forward=True):
-                return out
+            if not await self._step(path, forward=True, hi=hi):
+                return
 
     # -- changing -------------------------------------------------------------------
 

@@ -336,6 +336,12 @@ class DirOps:
             inode.ctime = now
             await self.log_inode(inode)
 
+    @staticmethod
+    def _damaged_dir(dir_ino: int):
+        def report(e: CorruptionError) -> None:
+            log.error("directory %d: entries lost to %s", dir_ino, e)
+        return report
+
     async def readdir(self, dir_ino: int, cookie: int = 0, limit: int = 1024) -> list[tuple[bytes, int, int, int]]:
         """Entries after ``cookie`` as (name, ino, dtype, next cookie).
 
@@ -345,9 +351,11 @@ class DirOps:
         async with self.transaction(write=False):
             await self._dir(dir_ino)
             out = []
+            # A damaged leaf costs the entries it held, not the listing (as
+            # ext4 and XFS list what they can read of a damaged directory).
             for key, val, blk in await self.tree.scan((dir_ino, T_DIRENT, cookie),
                                                       (dir_ino, T_DIRENT + 1, 0), limit,
-                                                      with_block=True):
+                                                      with_block=True, on_damage=self._damaged_dir(dir_ino)):
                 ino, dtype, name = decode_dirent(val, blk)
                 out.append((name, ino, dtype, key[2] + 1))
             return out

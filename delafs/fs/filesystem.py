@@ -37,6 +37,7 @@ from ..log.metabuf import MetaStore
 from ..ondisk import (
     BITS_PER_BITMAP_BLOCK,
     BLOCK_SIZE,
+    MAX_FILE_BLOCKS,
     MAX_NAME_LEN,
     ROOT_INO,
     SB_STATE_CLEAN,
@@ -56,6 +57,7 @@ from .inode import InodeOps, now_ns
 from .items import (
     T_INODE,
     Inode,
+    ItemContext,
 )
 from .orphan import OrphanOps
 from .space import Space, data_blocks, initial_bitmap, set_bits
@@ -111,7 +113,8 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         self.space = space
         self.readonly = readonly
         self.meta_lock = store.meta_lock
-        self.tree = BTree(store, info, space.alloc_node, space.free_node)
+        self.tree = BTree(store, info, space.alloc_node, space.free_node,
+                          ItemContext(sb.uuid, sb.data_start, sb.sb2_block, MAX_FILE_BLOCKS).problem)
         info.store = store
         self.inodes: OrderedDict[int, Inode] = OrderedDict()
         self.inode_cache_size = 65536

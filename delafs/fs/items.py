@@ -245,3 +245,81 @@ def decode_symlink(val: bytes, where: int | None = None) -> bytes | OutOfLine:
     if val[:1] == bytes([VAL_BLOCKS]) and len(val) == 1 + _EXTVAL.size:
         return OutOfLine.decode(val[1:])
     raise CorruptionError("symlink record", where, "bad encoding")
+
+
+# ---------------------------------------------------------------------------
+# Checking an item on its own
+# ---------------------------------------------------------------------------
+
+_FILE_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+               stat.S_IFIFO, stat.S_IFSOCK}
+_DTYPES = {t >> 12 for t in _FILE_TYPES}
+_KNOWN_TYPES = {T_INODE, T_XATTR, T_DIRENT, T_EXTENT, T_SYMLINK}
+
+
+class ItemContext:
+    """What an item is checked against: the name-hash salt (the UUID) and
+    the blocks a reference may name ([data_start, data_end))."""
+
+    __slots__ = ("salt", "data_start", "data_end", "max_file_blocks")
+
+    def __init__(self, salt: bytes, data_start: int, data_end: int, max_file_blocks: int):
+        self.salt = salt
+        self.data_start = data_start
+        self.data_end = data_end
+        self.max_file_blocks = max_file_blocks
+
+    def _blocks(self, pblock: int, n: int) -> str | None:
+        if pblock < self.data_start or pblock + n > self.data_end:
+            return f"blocks {pblock}..{pblock + n - 1} outside the data area"
+        return None
+
+    def problem(self, key: tuple[int, int, int], val: bytes) -> str | None:
+        """What is wrong with one item by itself, or None.
+
+        A checksum only proves a block is what was written; a bug can write
+        a well-formed block of nonsense.  So every leaf a reader loads has
+        each item checked here (the same checks fsck's pass 2 makes), and a
+        failing leaf is corrupt: EIO, never another file's bytes."""
+        oid, typ, off = key
+        try:
+            if oid == ORPHAN_OID:
+                return None if typ == T_ORPHAN and not val else "not an orphan record"
+            if typ not in _KNOWN_TYPES:
+                return f"unknown item type {typ}"
+            if typ == T_INODE:
+                if off != 0:
+                    return "inode key with an offset"
+                inode = Inode.decode(oid, val)
+                if stat.S_IFMT(inode.mode) not in _FILE_TYPES:
+                    return f"mode {inode.mode:#o}"
+            elif typ == T_EXTENT:
+                pblock, length, _ = decode_extent(val)
+                if off + length > self.max_file_blocks:
+                    return "extent beyond the maximum file size"
+                return self._blocks(pblock, length)
+            elif typ in (T_DIRENT, T_XATTR):
+                if typ == T_DIRENT:
+                    ino, dtype, name = decode_dirent(val)
+                    if ino <= ORPHAN_OID or dtype not in _DTYPES:
+                        return f"entry names inode {ino} of type {dtype}"
+                    if b"/" in name or b"\0" in name:
+                        return f"invalid name {name!r}"
+                else:
+                    name, value = decode_xattr(val)
+                    if isinstance(value, OutOfLine):
+                        return self._blocks(value.pblock, value.nblocks)
+                lo, hi = dirent_range(name_hash(name, self.salt))
+                if not lo <= off < hi:
+                    return f"key does not match the hash of its name {name!r}"
+            elif typ == T_SYMLINK:
+                if off != 0:
+                    return "symlink key with an offset"
+                target = decode_symlink(val)
+                if isinstance(target, OutOfLine):
+                    return self._blocks(target.pblock, target.nblocks)
+                if not target or len(target) > SYMLINK_MAX:
+                    return f"symlink target of {len(target)} bytes"
+        except CorruptionError as e:
+            return e.detail
+        return None

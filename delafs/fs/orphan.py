@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ..lib.errors import FsError
+from ..lib.errors import DelafsError, FsError
 from .extent_map import ExtState
 from .items import (
     ORPHAN_OID,
@@ -42,7 +42,7 @@ class OrphanOps:
         async with self.transaction(pool=True):
             try:
                 inode = await self.iget(ino)
-            except FsError:
+            except DelafsError:     # gone, or unreadable: nothing to free here
                 return
             if inode.nlink == 0:
                 await self._destroy(inode)

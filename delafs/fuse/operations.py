@@ -179,12 +179,27 @@ class Operations(pyfuse3.Operations):
         e.st_blksize = BLOCK_SIZE
         return e
 
-    async def _remember(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """The kernel now knows ``inode`` once more."""
-        n = self.lookups.get(inode.ino, 0)
-        self.lookups[inode.ino] = n + 1
+    def _unreadable_entry(self, ino: int, dtype: int) -> pyfuse3.EntryAttributes:
+        """A directory entry whose inode cannot be read: listed with its
+        type and nothing else, never cached, so a stat of it asks again
+        and gets EIO (ls shows it with question marks, as on ext4)."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.st_mode = dtype << 12
+        e.entry_timeout = 0
+        e.attr_timeout = 0
+        e.st_blksize = BLOCK_SIZE
+        return e
+
+    def _remember_ino(self, ino: int) -> None:
+        """The kernel now knows ``ino`` once more."""
+        n = self.lookups.get(ino, 0)
+        self.lookups[ino] = n + 1
         if n == 0:
-            self.fs.open_ref(inode.ino)
+            self.fs.open_ref(ino)
+
+    async def _remember(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        self._remember_ino(inode.ino)
         return self._entry(inode)
 
     async def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -407,15 +422,17 @@ class Operations(pyfuse3.Operations):
             entries = await self.fs.readdir(d.ino, cookie, 128)
             if not entries:
                 return
-            for name, ino, _dtype, nxt in entries:
+            for name, ino, dtype, nxt in entries:
                 try:
-                    inode = await self.fs.getattr(ino)
-                except FsError:
+                    attr = self._entry(await self.fs.getattr(ino))
+                except FsError:             # unlinked since the scan
                     cookie = nxt
                     continue
-                if not pyfuse3.readdir_reply(token, name, self._entry(inode), nxt):
+                except DelafsError:
+                    attr = self._unreadable_entry(ino, dtype)
+                if not pyfuse3.readdir_reply(token, name, attr, nxt):
                     return
-                await self._remember(inode)
+                self._remember_ino(ino)
                 cookie = nxt
 
     @_reply

@@ -37,7 +37,6 @@ from delafs.log.journal import TAGS_OFF
 from delafs.ondisk import (
     HDR_SIZE,
     MAGIC_BITMAP,
-    MAGIC_NODE,
     ROOT_INO,
     FsInfo,
     Superblock,
@@ -46,6 +45,7 @@ from delafs.ondisk import (
     unseal,
 )
 from delafs.testing.crashsim import sparse_copy
+from delafs.testing.damage import flip, read_sb, reseal_node, tree_leaves
 
 IMAGE_SIZE = 64 << 20
 CLI = [sys.executable, "-m", "delafs.cli"]
@@ -69,37 +69,6 @@ def output(r: subprocess.CompletedProcess) -> str:
 
 def assert_no_traceback(r: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in r.stderr, r.stderr
-
-
-def read_sb(path: str) -> Superblock:
-    with BlockDevice.open(path, readonly=True) as dev:
-        return Superblock.decode(dev.read_sync(0, 1), 0, dev.nblocks)
-
-
-def flip(path: str, blk: int, offset: int, mask: int = 0x5A) -> None:
-    """XOR one byte of block ``blk`` (a bit-rot / stray-write model)."""
-    with BlockDevice.open(path) as dev:
-        buf = bytearray(dev.read_sync(blk, 1))
-        buf[offset] ^= mask
-        dev.write_sync(blk, [buf])
-        dev.flush_sync()
-
-
-def tree_leaves(path: str) -> list[Node]:
-    """Every leaf of the btree of a cleanly closed image (all metadata home)."""
-    with BlockDevice.open(path, readonly=True) as dev:
-        sb = Superblock.decode(dev.read_sync(0, 1), 0, dev.nblocks)
-        info = FsInfo.decode(dev.read_sync(sb.fsinfo_block, 1), sb.fsinfo_block)
-        out = []
-        stack = [info.root_block]
-        while stack:
-            blk = stack.pop()
-            node = Node.decode(dev.read_sync(blk, 1), blk)
-            if node.is_leaf:
-                out.append(node)
-            else:
-                stack.extend(node.vals)
-        return out
 
 
 def leaf_of_only(path: str, oid_pred, typ: int) -> Node:
@@ -492,18 +461,6 @@ async def test_fsck_yes_keeps_entries_of_inodes_in_a_damaged_node(img):
     assert names == set(exp["names"])
 
 
-def _reseal_leaf(path: str, blk: int, edit) -> None:
-    """Change a leaf's items and write it back with a VALID checksum: damage
-    only the item decoders can see."""
-    with BlockDevice.open(path) as dev:
-        buf = dev.read_sync(blk, 1)
-        seq = unseal(buf, MAGIC_NODE, blk)[0]
-        node = Node.decode(buf, blk)
-        edit(node)
-        dev.write_sync(blk, [node.encode(seq)])
-        dev.flush_sync()
-
-
 def _bad_inode_record(node):
     v = bytearray(node.vals[0])
     v[0:2] = (7).to_bytes(2, "little")          # record version 7
@@ -544,14 +501,15 @@ async def test_bad_item_record_in_a_valid_leaf(img, kind):
     path, exp = img
     find, damage, what = RECORDS[kind]
     leaf = find(path, exp)
-    _reseal_leaf(path, leaf.blocknr, damage)
+    reseal_node(path, leaf.blocknr, damage)
     r = delafs("fsck", "-n", path)
     assert r.returncode == 4, output(r)
     assert_no_traceback(r)
     assert f"corrupt {what}" in output(r) and f"block {leaf.blocknr}" in output(r), output(r)
     with BlockDevice.open(path, readonly=True) as dev:
         fs = await Filesystem.open(dev)
-        with pytest.raises(CorruptionError, match=f"corrupt {what}"):
+        # The reader checks every item of a leaf it loads: the leaf is corrupt.
+        with pytest.raises(CorruptionError, match=f"corrupt btree node at block {leaf.blocknr}: item"):
             await _touch_first_item(fs, exp, leaf, kind)
 
 
@@ -560,7 +518,7 @@ async def test_bad_item_record_error_names_its_leaf(img, kind):
     path, exp = img
     find, damage, what = RECORDS[kind]
     leaf = find(path, exp)
-    _reseal_leaf(path, leaf.blocknr, damage)
+    reseal_node(path, leaf.blocknr, damage)
     with BlockDevice.open(path, readonly=True) as dev:
         fs = await Filesystem.open(dev)
         with pytest.raises(CorruptionError) as ei:
