@@ -51,15 +51,19 @@ def cmd_umount(args) -> int:
     """Flush through the control channel, unmount, and wait until the daemon
     has finished its final flush and exited (the image is then clean)."""
     mnt = os.path.abspath(args.mountpoint)
+    status = 0
     try:
         info = json.loads(control_command(mnt, "stat"))["daemon"]
     except NotMounted as e:
         return fail("umount", str(e))
     except (OSError, ValueError, KeyError) as e:
-        return fail("umount", f"{mnt}: {e}")
-    status = 0
+        # A daemon too sick to answer is still unmounted; only the wait
+        # for its exit is lost.
+        info = {"pid": None, "readonly": False}
+        status = fail("umount", f"{mnt}: the daemon does not answer ({e}); unmounting anyway")
     try:
-        control_command(mnt, "sync")
+        if not info["readonly"]:
+            control_command(mnt, "sync")
     except OSError as e:
         # A filesystem that has shut down (or cannot write) still gets
         # unmounted: what the journal committed survives, the rest is lost.
@@ -70,7 +74,7 @@ def cmd_umount(args) -> int:
         r = subprocess.run(["umount", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         return fail("umount", f"{r.stderr.strip()}")
-    if not wait_gone(info["pid"], args.timeout):
+    if info["pid"] is not None and not wait_gone(info["pid"], args.timeout):
         return fail("umount", f"daemon {info['pid']} still running after {args.timeout}s")
     return status
 
@@ -104,6 +108,8 @@ def cmd_inject(args) -> int:
 
 
 def cmd_sync(args) -> int:
+    if json.loads(_command(args, "stat"))["daemon"]["readonly"]:
+        return 0        # as sync(1): nothing to write back on a read-only mount
     _command(args, "sync")
     return 0
 

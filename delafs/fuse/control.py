@@ -90,9 +90,13 @@ def control_path(mountpoint: str) -> str:
 def control_command(mountpoint: str, command: str) -> str:
     """Send one command and return the reply.  OSError carries the errno
     the daemon answered; NotMounted if there is no control file."""
-    fd = os.open(control_path(mountpoint), os.O_RDWR)
+    # stat only reads (the reply of an open file nothing was written to),
+    # so it also works where nothing may be written: a read-only mount.
+    query = command == "stat"
+    fd = os.open(control_path(mountpoint), os.O_RDONLY if query else os.O_RDWR)
     try:
-        os.write(fd, command.encode())
+        if not query:
+            os.write(fd, command.encode())
         out = b""
         while chunk := os.pread(fd, 65536, len(out)):
             out += chunk

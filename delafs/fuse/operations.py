@@ -50,11 +50,21 @@ INVALIDATE_WAIT = 0.1
 
 
 
+# Handlers whose first argument is a file handle (the others take an inode).
+_FH_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync"})
+
+
 def _reply(fn):
-    """Map delafs errors to FUSE errors; never let an exception escape."""
+    """Map delafs errors to FUSE errors; never let an exception escape:
+    once the daemon has taken a request the kernel waits for its answer
+    (through SIGKILL), so every path must end in a reply."""
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
         try:
+            if self.m.errortags.active and self._handler_bug(name, args):
+                raise RuntimeError(f"handler_bug errortag in {name}")
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -141,6 +151,20 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.control = control
         self.control_out: dict[int, bytes] = {}
+
+    def _handler_bug(self, name: str, args: tuple) -> bool:
+        """Should the handler_bug errortag fail this request?  Never the
+        control file's (the test turning the tag off needs it) nor a forget
+        (which has no reply to carry an error)."""
+        if name == "forget" or not args:
+            return False
+        first = args[0]
+        if name in _FH_HANDLERS:
+            if self.files.get(first) == "control":
+                return False
+        elif first == CONTROL_INO or (len(args) > 1 and args[1] == CONTROL_NAME):
+            return False
+        return self.m.errortags.fires("handler_bug")
 
     # -- attributes ------------------------------------------------------------
 
@@ -490,8 +514,11 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         f = self.files[fh]
         if f == "control":
-            data = self.control_out.get(fh) or json.dumps(self.m_statistics(), indent=1).encode() + b"\n"
-            self.control_out[fh] = data
+            data = self.control_out.get(fh)
+            if data is None:
+                data = (await self.control(b"stat") if self.control is not None
+                        else json.dumps(self.m_statistics(), indent=1).encode() + b"\n")
+                self.control_out[fh] = data
             return data[off:off + size]
         return await self.m.read(f, off, size)
 

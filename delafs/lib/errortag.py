@@ -25,6 +25,7 @@ TAGS: dict[str, str] = {
     "alloc_enospc": "a delalloc reservation or block allocation fails with ENOSPC",
     "log_eio": "a journal write fails with EIO (the filesystem shuts down)",
     "flush_eio": "a device cache flush fails with EIO (after writeback fsync reports it; in the journal the filesystem shuts down)",
+    "handler_bug": "a FUSE request (not one of the control file's) raises an unexpected exception in the adapter (the caller must get EIO and the daemon keep serving)",
     "delay_write": "milliseconds a write waits before taking i_rwsem (widens the window between a direct write's submission and its application)",
     "delay_write_begin": "milliseconds to sleep before locking a folio in write_begin",
     "delay_punch": "milliseconds to sleep inside the delalloc punch scan",

@@ -248,3 +248,79 @@ def test_cli_on_a_read_only_mount(damaged):
     assert not is_mounted(m.mnt)
     assert wait_until(lambda: not pid_alive(pid), 30)
     m.pid = None
+
+
+# -- every request answers -------------------------------------------------------------
+
+def test_every_handler_goes_through_the_reply_wrapper():
+    """A handler without _reply would let an unexpected exception leave a
+    request unanswered (pyfuse3 logs it; the caller waits forever)."""
+    import pyfuse3
+
+    from delafs.fuse.operations import Operations
+    handlers = [n for n, v in vars(pyfuse3.Operations).items()
+                if callable(v) and not n.startswith("_") and n in vars(Operations)]
+    assert len(handlers) > 25
+    unwrapped = [n for n in handlers if n not in ("init", "stacktrace")
+                 and not hasattr(getattr(Operations, n), "__wrapped__")]
+    assert not unwrapped, unwrapped
+
+
+ATTEMPTS = """
+import errno, os, sys
+mnt = sys.argv[1]
+p = lambda *a: os.path.join(mnt, *a)
+tries = {
+    "lookup": lambda: os.stat(p("no-such-name")),
+    "create": lambda: open(p("new"), "w"),
+    "mkdir": lambda: os.mkdir(p("d2")),
+    "symlink": lambda: os.symlink("a", p("s2")),
+    "link": lambda: os.link(p("a"), p("a2")),
+    "unlink": lambda: os.unlink(p("a")),
+    "rename": lambda: os.rename(p("a"), p("b")),
+    "setattr": lambda: os.chmod(p("a"), 0o600),
+    "open": lambda: os.close(os.open(p("a"), os.O_RDONLY)),
+    "opendir": lambda: os.listdir(p("d")),
+    "setxattr": lambda: os.setxattr(p("a"), "user.x", b"1"),
+    "getxattr": lambda: os.getxattr(p("a"), "user.k"),
+    "listxattr": lambda: os.listxattr(p("a")),
+    "statfs": lambda: os.statvfs(mnt),
+}
+bad = []
+for name, op in tries.items():
+    try:
+        op()
+        bad.append(f"{name}: succeeded")
+    except OSError as e:
+        if e.errno != errno.EIO:
+            bad.append(f"{name}: {errno.errorcode.get(e.errno)}")
+print("\\n".join(bad))
+"""
+
+
+def test_every_request_answers_an_unexpected_exception_with_eio(delafs_mount):
+    """The handler_bug errortag makes every request (but the control
+    file's) raise a RuntimeError inside the adapter: each caller gets EIO,
+    none waits, and once the tag is off the daemon serves as before."""
+    m = delafs_mount(size="32M")
+    m.tracebacks_ok = True
+    with open(m.path("a"), "wb") as f:
+        f.write(b"x" * 5000)
+    os.setxattr(m.path("a"), "user.k", b"v")
+    os.mkdir(m.path("d"))
+    fd = os.open(m.path("a"), os.O_RDWR)
+    m.inject(handler_bug=1)
+    r = run([PYTHON, "-c", ATTEMPTS, m.mnt], check=False, timeout=HANG * 3)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
+    for op in (lambda: os.pwrite(fd, b"y" * 10, 0), lambda: os.fsync(fd), lambda: os.close(fd)):
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.EIO
+    assert m.stat()["errortags"]["handler_bug"]["hits"] >= 15
+    m.inject(handler_bug=0)
+    os.mkdir(m.path("d2"))
+    with open(m.path("a"), "rb") as f:
+        assert f.read() == b"x" * 5000
+    assert os.getxattr(m.path("a"), "user.k") == b"v"
+    m.umount()
+    m.fsck()
