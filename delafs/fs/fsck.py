@@ -28,6 +28,7 @@ Damaged btree nodes and overlapping extents are reported, not repaired.
 from __future__ import annotations
 
 import errno
+import stat
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +50,7 @@ from ..ondisk import (
     encode_bitmap,
     fixed_ranges,
 )
+from . import rebuild
 from .btree import INT_MAX, KEY_MAX, KEY_MIN, Node
 from .filesystem import Filesystem
 from .items import (
@@ -61,6 +63,7 @@ from .items import (
     T_XATTR,
     TYPE_NAMES,
     Inode,
+    ItemContext,
     OutOfLine,
     decode_dirent,
     decode_extent,
@@ -68,6 +71,7 @@ from .items import (
     decode_xattr,
     dirent_range,
     dtype_of,
+    encode_dirent,
     name_hash,
 )
 from .space import set_bits
@@ -121,6 +125,7 @@ class Checker:
         self.orphans: set[int] = set()
         self.node_count = 0
         self.bad_tree = False
+        self.rebuild = False
         self.out_of_line: list[tuple[OutOfLine, str]] = []
         self.pending_fixes: list[str] = []
         self.fix_blocks: dict[int, int] = {}
@@ -137,7 +142,7 @@ class Checker:
         """A repairable problem: fixed later under -y, an error otherwise.
         With a damaged tree the item-level facts are incomplete, so nothing
         derived from them is repaired (it could destroy what is intact)."""
-        if self.repair and not self.bad_tree:
+        if self.repair and (not self.bad_tree or self.rebuild):
             self.pending_fixes.append(msg)
         else:
             self.error(msg)
@@ -205,10 +210,11 @@ class Checker:
         except CorruptionError as e:
             self.error(str(e))
             return None
-        for e in scan.bad_slots:
-            if len(scan.bad_slots) < 2:
-                self.report.notes.append(f"journal superblock slot ignored: {e}")
         can_write = self.repair and not dev.readonly
+        if scan.bad_slots and not can_write:
+            # The other slot still works, but one more failure would leave
+            # an image that cannot mount: an error, which -y repairs.
+            self.error(f"{scan.bad_slots[0]} (the other slot is intact)")
         if scan.corruption is not None and not can_write:
             self.error(f"{scan.corruption} (transactions after it are valid, so this is damage, not a torn write)")
         if scan.txns:
@@ -222,25 +228,60 @@ class Checker:
                            f"transaction(s) before it and reset the log past the damage")
         else:
             self.overlay = journal_log.replay_images(scan.txns)
+        if scan.bad_slots and can_write:
+            await self._rewrite_journal_slot(good)
         return good
+
+    async def _rewrite_journal_slot(self, sb: Superblock) -> None:
+        """Rewrite the damaged journal superblock slot from the good one,
+        one generation older, so the good slot stays the current tail."""
+        now = await journal_log.scan(self.dev, sb)
+        bad = 1 - now.jsb_slot
+        blk = sb.journal_start + bad
+        await self.dev.write(blk, [journal_log.encode_jsb(blk, now.jsb_gen - 1, now.tail_pos,
+                                                          now.tail_seq, sb.uuid)])
+        await self.dev.flush()
+        self.fixed(f"journal superblock slot at block {blk} rewritten from the other slot")
 
     async def _check(self, sb: Superblock) -> None:
         self.store = MetaStore(self.dev, None, trio.Lock(), cache_blocks=4096, overlay=self.overlay)
+        self.ctx = ItemContext(sb.uuid, sb.data_start, sb.sb2_block, MAX_FILE_BLOCKS)
+        self.lost: list[tuple[tuple, tuple]] = []       # key ranges of unreadable subtrees
+        self.items: list[tuple[tuple, bytes, int]] = []
+        self.nodes_read = bytearray(sb.nblocks)
+        self.node_claims: list[int] = []                # every block the walk took as a node
+        self.info_bad = False
         try:
             info = FsInfo.decode(await self._read(sb.fsinfo_block), sb.fsinfo_block)
         except CorruptionError as e:
-            self.error(str(e))
-            raise
+            if not self.repair:
+                self.error(str(e))
+                raise
+            # The root is unknown: every key is lost, salvage finds them.
+            self.problem(f"{e}: rebuilt from the B+tree leaves found on the device")
+            info = FsInfo()
+            self.info_bad = True
+            self.lost.append((KEY_MIN, KEY_MAX))
+            self.bad_tree = True
         self.info = info
         self.used = bytearray(sb.nblocks)
         for start, n in fixed_ranges(sb):
             self.used[start:start + n] = b"\x01" * n
-        await self._pass1(sb, info)
+        if not self.info_bad:
+            await self._pass1(sb, info)
+        # With -y a damaged tree is rebuilt from every item that can be
+        # found, so the facts the passes gather are the new tree's.
+        self.rebuild = self.repair and self.bad_tree
+        if self.rebuild:
+            await self._salvage(sb)
         self._pass2(sb)
         self._pass3()
         await self._pass4(sb, info)
         if self.repair and self.pending_fixes:
-            await self._apply_repairs()
+            if self.rebuild:
+                await self._rebuild(sb)
+            else:
+                await self._apply_repairs()
 
     async def _read(self, blk: int) -> bytes:
         return self.overlay.get(blk) or await self.dev.read(blk, 1)
@@ -263,28 +304,27 @@ class Checker:
 
     async def _pass1(self, sb: Superblock, info: FsInfo) -> None:
         self.progress.phase("Pass 1: btree")
-        self.items: list[tuple[tuple, bytes, int]] = []
         stack = [(info.root_block, KEY_MIN, KEY_MAX, info.root_level, "root")]
         while stack:
             blk, lo, hi, level, parent = stack.pop()
             if not self._claim(blk, 1, f"btree node {blk}"):
-                self.bad_tree = True
+                self._lose(lo, hi)
                 continue
+            self.node_claims.append(blk)
             try:
                 node = Node.decode(await self._read(blk), blk)
+                if node.level != level:
+                    raise CorruptionError("btree node", blk, f"level {node.level}, its parent expects {level}")
+                if node.keys and (node.keys[0] < lo or node.keys[-1] >= hi):
+                    raise CorruptionError("btree node", blk, "keys outside the bounds its parent gives")
             except CorruptionError as e:
-                self.error(f"{e} (referenced by {parent}); the items below it are lost")
-                self.bad_tree = True
+                self.problem(f"{e} (referenced by {parent})" + (
+                    "; its items are salvaged" if self.repair else "; the items below it are lost"))
+                self._lose(lo, hi)
                 continue
+            self.nodes_read[blk] = 1
             self.node_count += 1
             self.progress.tick("nodes", self.node_count)
-            if node.level != level:
-                self.error(f"btree node at block {blk}: level {node.level}, its parent expects {level}")
-                self.bad_tree = True
-                continue
-            if node.keys and (node.keys[0] < lo or node.keys[-1] >= hi):
-                self.error(f"btree node at block {blk}: keys outside the bounds its parent gives")
-                self.bad_tree = True
             if node.is_leaf:
                 self.items.extend((k, v, blk) for k, v in zip(node.keys, node.vals))
             else:
@@ -295,17 +335,109 @@ class Checker:
                     stack.append((node.vals[j], node.keys[j], chi, level - 1, f"node {blk}"))
         self.items.sort(key=lambda t: t[0])
 
+    def _lose(self, lo, hi) -> None:
+        self.lost.append((lo, hi))
+        self.bad_tree = True
+
+    async def _salvage(self, sb: Superblock) -> None:
+        """Find the items of the lost key ranges in valid leaves anywhere on
+        the device, and drop those whose blocks the intact tree already
+        references (a stale copy must never take another file's blocks)."""
+        self.progress.phase("Pass 1b: salvaging items of damaged nodes")
+        leaves = await rebuild.salvage_leaves(self.dev, sb, self.nodes_read)
+        found = rebuild.pick_items(leaves, self.lost, self.ctx.problem)
+        refs = bytearray(self.used)
+        for key, val, _ in self.items:
+            for start, n in _block_refs(key, val):
+                refs[start:start + n] = b"\x01" * n
+        kept = 0
+        for key, val, blk in found:
+            runs = _block_refs(key, val)
+            if any(any(refs[a:a + n]) for a, n in runs):
+                continue
+            for a, n in runs:
+                refs[a:a + n] = b"\x01" * n
+            self.items.append((key, val, blk))
+            kept += 1
+        self.items.sort(key=lambda t: t[0])
+        if kept:
+            self.pending_fixes.append(f"salvaged {kept} item(s) of damaged nodes from {len(leaves)} "
+                                      f"leaf copies found on the device")
+
     # -- pass 2: items -------------------------------------------------------------
+
+    def _prefilter(self) -> None:
+        """With -y, drop the items that cannot be kept: those failing their
+        checks, and those of an inode that is gone (a lost directory's
+        entries: its children go to lost+found).  The tree is rebuilt
+        without them."""
+        if not self.repair:
+            return
+        good = []
+        for key, val, blk in self.items:
+            if why := self.ctx.problem(key, val):
+                self._drop(f"{_describe(key, blk)}: {why}")
+                continue
+            good.append((key, val, blk))
+        self.items = good
+        inodes = {k[0] for k, _, _ in good if k[1] == T_INODE}
+        lost = {k[0] for k, _, _ in good if k[0] != ORPHAN_OID} - inodes
+        if lost:
+            self._remake_inodes(lost)
+
+    def _remake_inodes(self, lost: set[int]) -> None:
+        """Items survive whose inode item was lost: make the inode anew
+        from them (the type a directory entry names, else what the items
+        say: entries make a directory, extents a file), so a damaged leaf
+        costs only what it held.  Owner, mode and times are lost with it;
+        link counts, sizes and block counts are fixed by the later passes."""
+        kinds: dict[int, set[int]] = defaultdict(set)
+        ends: dict[int, int] = defaultdict(int)
+        named: dict[int, int] = {}
+        for key, val, _ in self.items:
+            if key[0] in lost:
+                kinds[key[0]].add(key[1])
+                if key[1] == T_EXTENT:
+                    ends[key[0]] = max(ends[key[0]], (key[2] + decode_extent(val)[1]) * 4096)
+            if key[1] == T_DIRENT:
+                ino, dtype, _ = decode_dirent(val)
+                named.setdefault(ino, dtype)
+        now = time.time_ns()
+        for ino in sorted(lost):
+            if ino in named:
+                mode = named[ino] << 12
+            elif T_DIRENT in kinds[ino]:
+                mode = stat.S_IFDIR
+            elif T_SYMLINK in kinds[ino]:
+                mode = stat.S_IFLNK
+            else:
+                mode = stat.S_IFREG
+            mode |= 0o700 if stat.S_ISDIR(mode) else 0o600
+            inode = Inode(ino, mode, nlink=1, size=ends[ino] if stat.S_ISREG(mode) else 0,
+                          atime=now, mtime=now, ctime=now, btime=now,
+                          parent=ROOT_INO if stat.S_ISDIR(mode) else 0)
+            self.items.append(((ino, T_INODE, 0), inode.encode(), 0))
+            self.rebuild = True
+            self.problem(f"inode {ino} was lost: made anew as {_MODE_NAMES.get(stat.S_IFMT(mode), 'a file')} "
+                         f"from its surviving items")
+        self.items.sort(key=lambda t: t[0])
+
+    def _drop(self, msg: str) -> None:
+        self.rebuild = True
+        self.problem(msg + "; dropped")
 
     def _pass2(self, sb: Superblock) -> None:
         self.progress.phase("Pass 2: inodes, extents, directories, xattrs")
-        salt = sb.uuid
+        self._prefilter()
         last_ext: dict[int, int] = {}
         blocks: dict[int, int] = defaultdict(int)
         for n, (key, val, blk) in enumerate(self.items):
             self.progress.tick("items", n, len(self.items))
             oid, typ, off = key
             where = f"{TYPE_NAMES.get(typ, f'item type {typ}')} {key} in leaf {blk}"
+            if why := self.ctx.problem(key, val):
+                self.error(f"{_describe(key, blk)}: {why}")
+                continue
             try:
                 if typ == T_INODE:
                     self.inodes[oid] = Inode.decode(oid, val, blk)
@@ -313,16 +445,11 @@ class Checker:
                     pblock, length, state = decode_extent(val, blk)
                     if off < last_ext.get(oid, 0):
                         self.error(f"{where}: overlaps the previous extent of inode {oid}")
-                    if off + length > MAX_FILE_BLOCKS:
-                        self.error(f"{where}: beyond the maximum file size")
                     last_ext[oid] = off + length
                     if self._claim(pblock, length, f"extent {off}+{length} of inode {oid}"):
                         blocks[oid] += length
                 elif typ == T_XATTR:
                     name, value = decode_xattr(val, blk)
-                    lo, hi = dirent_range(name_hash(name, salt))
-                    if not lo <= off < hi:
-                        self.error(f"{where}: key does not match the hash of its name {name!r}")
                     if isinstance(value, OutOfLine):
                         if self._claim(value.pblock, value.nblocks, f"xattr {name!r} of inode {oid}"):
                             blocks[oid] += value.nblocks
@@ -335,19 +462,12 @@ class Checker:
                             self.out_of_line.append((target, f"symlink target of inode {oid}"))
                 elif typ == T_DIRENT:
                     ino, dtype, name = decode_dirent(val, blk)
-                    lo, hi = dirent_range(name_hash(name, salt))
-                    if not lo <= off < hi:
-                        self.error(f"{where}: key does not match the hash of its name {name!r}")
-                    if not name or b"/" in name or b"\0" in name:
-                        self.error(f"{where}: invalid name {name!r}")
                     self.entries[oid].append((key, ino, dtype, name))
                 elif typ == T_ORPHAN and oid == ORPHAN_OID:
                     self.orphans.add(off)
-                else:
-                    self.error(f"{where}: unknown item")
             except CorruptionError as e:
                 self.error(f"{e} ({where})")
-        self.items = []
+        self._kept, self.items = self.items, []
         for ino, inode in self.inodes.items():
             if inode.blocks != blocks.get(ino, 0):
                 self.problem(f"inode {ino}: block count {inode.blocks}, its extents and values hold {blocks.get(ino, 0)}")
@@ -369,8 +489,14 @@ class Checker:
         self.subdirs = subdirs = defaultdict(int)
         parent_of: dict[int, int] = {}
         if ROOT_INO not in self.inodes:
-            self.error("the root directory (inode 1) is missing")
-            return
+            if not self.rebuild:
+                self.error("the root directory (inode 1) is missing")
+                return
+            self.problem("the root directory (inode 1) is lost: made anew")
+            now = time.time_ns()
+            self.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, nlink=2, atime=now, mtime=now,
+                                          ctime=now, btime=now, parent=ROOT_INO)
+            self.fix_nlink[ROOT_INO] = 2
         for d, ents in self.entries.items():
             dinode = self.inodes.get(d)
             if dinode is None:
@@ -409,7 +535,7 @@ class Checker:
                 if ino != ROOT_INO and ino in parent_of and inode.parent != parent_of[ino]:
                     self.error(f"directory {ino}: parent field {inode.parent}, but its entry is in {parent_of[ino]}")
                 nents = sum(1 for e in self.entries.get(ino, ()) if e[1] in self.inodes)
-                if self.bad_tree or not self.repair:
+                if not self.repair or (self.bad_tree and not self.rebuild):
                     nents = len(self.entries.get(ino, ()))
                 if inode.size != nents:
                     self.problem(f"directory {ino}: size {inode.size}, has {nents} entries")
@@ -476,7 +602,7 @@ class Checker:
                 self.bitmap_fix = True
         if mismatched > 10:
             self.problem(f"bitmap: {mismatched - 10} more blocks disagree")
-        used = sum(self.used)
+        used = self.counted_used = sum(self.used)
         if self.bad_tree:
             return
         if info.used_blocks != used:
@@ -489,6 +615,100 @@ class Checker:
         self.counted_used = used
 
     # -- repairs ------------------------------------------------------------------------------
+
+    async def _rebuild(self, sb: Superblock) -> None:
+        """Write a new tree holding every item kept, with the fixes the
+        passes found applied, then the fsinfo naming it and the bitmap of
+        what it references.  Crash-safe by ordering: the new nodes go to
+        free blocks and the bitmap still marks the old tree until the
+        fsinfo block has switched to the new one."""
+        self.progress.phase("Pass 5: rebuilding the B+tree")
+        items = {k: v for k, v, _ in self._kept}
+        for _, key in self.fix_dangling:
+            items.pop(key, None)
+        for ino in self.fix_orphans:
+            items.pop((ORPHAN_OID, T_ORPHAN, ino), None)
+        inodes = self.inodes
+        for ino, n in self.fix_blocks.items():
+            inodes[ino].blocks = n
+        next_ino = max(self.info.next_ino, max(inodes) + 1)
+        next_gen = max(self.info.next_generation, max(i.generation for i in inodes.values()) + 1)
+        if self.fix_unreachable:
+            next_ino = self._lost_found_items(items, next_ino, next_gen)
+            next_gen += 1
+        for ino, n in self.fix_nlink.items():
+            inodes[ino].nlink = n
+        for ino, n in self.fix_dirsize.items():
+            inodes[ino].size = n
+        for ino, inode in inodes.items():
+            items[(ino, T_INODE, 0)] = inode.encode()
+        cursor = [sb.data_start]
+
+        def alloc() -> int:
+            b = cursor[0]
+            while self.used[b]:
+                b += 1
+            if b >= sb.sb2_block:
+                raise FsError(errno.ENOSPC, "no free blocks left for the rebuilt tree")
+            self.used[b] = 1
+            cursor[0] = b + 1
+            return b
+
+        root, level, nodes = rebuild.build(sorted(items.items()), alloc)
+        seq = self.info.next_generation
+        for node in nodes:
+            await self.dev.write(node.blocknr, [node.encode(seq)])
+        await self.dev.flush()
+        await self._write_bitmap_blocks()
+        for b in self.node_claims:
+            self.used[b] = 0
+        info = FsInfo(root_block=root, root_level=level, next_ino=next_ino,
+                      next_generation=next_gen, used_blocks=sum(self.used),
+                      inode_count=len(inodes))
+        await self.dev.write(sb.fsinfo_block, [info.encode(sb.fsinfo_block, 0)])
+        await self.dev.flush()
+        await self._write_bitmap_blocks()
+        await self.dev.flush()
+        for msg in dict.fromkeys(self.pending_fixes):
+            self.fixed(msg)
+        self.fixed(f"B+tree rebuilt: {len(items)} items in {len(nodes)} nodes")
+
+    def _lost_found_items(self, items: dict, next_ino: int, gen: int) -> int:
+        """Link the tops of disconnected subtrees into /lost+found (made if
+        missing) as #INO, in item space.  Returns the next free inode number."""
+        inodes = self.inodes
+        root = inodes[ROOT_INO]
+        lf_ino = next((e[1] for e in self.entries.get(ROOT_INO, ())
+                       if e[3] == b"lost+found" and e[1] in inodes and inodes[e[1]].is_dir), None)
+        if lf_ino is None:
+            lf_ino, next_ino = next_ino, next_ino + 1
+            now = time.time_ns()
+            inodes[lf_ino] = Inode(lf_ino, stat.S_IFDIR | 0o700, nlink=2, atime=now, mtime=now,
+                                   ctime=now, btime=now, generation=gen, parent=ROOT_INO)
+            self._add_entry(items, ROOT_INO, b"lost+found", inodes[lf_ino])
+            self.fix_nlink[ROOT_INO] = self.fix_nlink.get(ROOT_INO, root.nlink) + 1
+            self.fix_dirsize[ROOT_INO] = self.fix_dirsize.get(ROOT_INO, root.size) + 1
+        lf = inodes[lf_ino]
+        size = self.fix_dirsize.get(lf_ino, lf.size)
+        nlink = self.fix_nlink.get(lf_ino, lf.nlink)
+        for ino in self.fix_unreachable:
+            inode = inodes[ino]
+            self._add_entry(items, lf_ino, b"#%d" % ino, inode)
+            size += 1
+            if inode.is_dir:
+                nlink += 1
+                inode.parent = lf_ino
+                self.fix_nlink[ino] = 2 + self.subdirs[ino]
+            else:
+                self.fix_nlink[ino] = self.links[ino] + 1
+        self.fix_dirsize[lf_ino] = size
+        self.fix_nlink[lf_ino] = nlink
+        return next_ino
+
+    def _add_entry(self, items: dict, dir_ino: int, name: bytes, inode: Inode) -> None:
+        lo, hi = dirent_range(name_hash(name, self.sb.uuid))
+        off = next(o for o in range(lo, hi) if (dir_ino, T_DIRENT, o) not in items)
+        items[(dir_ino, T_DIRENT, off)] = encode_dirent(inode.ino, dtype_of(inode.mode), name)
 
     async def _apply_repairs(self) -> None:
         """Repair through a mounted Filesystem so every change is journaled."""
@@ -550,6 +770,12 @@ class Checker:
 
     async def _write_bitmap(self) -> None:
         """Make the bitmap and fsinfo.used_blocks equal the references."""
+        await self._write_bitmap_blocks()
+        self.info.used_blocks = self.counted_used
+        await self.dev.write(self.sb.fsinfo_block, [self.info.encode(self.sb.fsinfo_block, 0)])
+        await self.dev.flush()
+
+    async def _write_bitmap_blocks(self) -> None:
         sb = self.sb
         for i in range(sb.bitmap_blocks):
             base = i * BITS_PER_BITMAP_BLOCK
@@ -560,9 +786,23 @@ class Checker:
                     bits[j >> 3] |= 1 << (j & 7)
             set_bits(bits, n, BITS_PER_BITMAP_BLOCK - n, True)
             await self.dev.write(sb.bitmap_start + i, [encode_bitmap(bits, sb.bitmap_start + i, 0)])
-        self.info.used_blocks = self.counted_used
-        await self.dev.write(sb.fsinfo_block, [self.info.encode(sb.fsinfo_block, 0)])
-        await self.dev.flush()
+
+
+_MODE_NAMES = {stat.S_IFDIR: "a directory", stat.S_IFREG: "a regular file", stat.S_IFLNK: "a symlink"}
+
+
+def _describe(key: tuple, blk: int) -> str:
+    return f"corrupt {TYPE_NAMES.get(key[1], f'type {key[1]}')} record {key} in the leaf at block {blk}"
+
+
+def _block_refs(key: tuple, val: bytes) -> list[tuple[int, int]]:
+    """The (start, length) block runs an item references."""
+    typ = key[1]
+    if typ == T_EXTENT:
+        pblock, length, _ = decode_extent(val)
+        return [(pblock, length)]
+    ref = decode_xattr(val)[1] if typ == T_XATTR else decode_symlink(val) if typ == T_SYMLINK else None
+    return [(ref.pblock, ref.nblocks)] if isinstance(ref, OutOfLine) else []
 
 
 async def check(dev, *, repair: bool, out=sys.stdout, progress: bool = False) -> Report:
