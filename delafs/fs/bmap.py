@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..lib.errors import FsError
+from ..lib.errors import CorruptionError, FsError
 from ..lib.locks import assert_owned
 from ..ondisk import (
     BLOCK_SHIFT,
@@ -22,8 +22,11 @@ from .items import (
     EXTENT_ITEM_SIZE,
     MAX_EXTENT_LEN,
     T_EXTENT,
+    T_XATTR,
     Inode,
+    OutOfLine,
     decode_extent,
+    decode_xattr,
     encode_extent,
 )
 
@@ -47,10 +50,23 @@ class BmapOps:
             # range of its own, above every value an earlier copy reached.
             self._emap_loads += 1
             emap.cookie = self._emap_loads << 40
-            for key, val, blk in await self.tree.scan((ino, T_EXTENT, 0), (ino, T_EXTENT + 1, 0),
+            held = 0
+            for key, val, blk in await self.tree.scan((ino, T_XATTR, 0), (ino, T_EXTENT + 1, 0),
                                                       with_block=True):
-                pblock, length, state = decode_extent(val, blk)
-                emap.set(Extent(key[2], length, _DISK_TO_STATE[state], pblock))
+                if key[1] == T_EXTENT:
+                    pblock, length, state = decode_extent(val, blk)
+                    emap.set(Extent(key[2], length, _DISK_TO_STATE[state], pblock))
+                    held += length
+                elif key[1] == T_XATTR:
+                    value = decode_xattr(val, blk)[1]
+                    held += value.nblocks if isinstance(value, OutOfLine) else 0
+            # The inode's block count is fsck's check that no extent went
+            # missing: a leaf that lost an item (and was resealed) must give
+            # EIO, not zeros where the file's data was.
+            inode = await self.iget(ino)
+            if inode.is_reg and inode.blocks != held:
+                raise CorruptionError(f"inode {ino}", None,
+                                      f"block count {inode.blocks}, its extents and values hold {held}")
             self.emaps[ino] = emap
         return emap
 

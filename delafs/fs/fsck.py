@@ -18,11 +18,16 @@ Passes:
   4  space: the bitmap equals the set of referenced blocks, the fsinfo
      counters and the accounting totals add up
 
-Repairs (-y): a bad superblock copy is rewritten from the good one; bitmap
-and counters are rebuilt from the references; link counts and directory
-sizes are corrected; entries naming missing inodes are removed; stale
-orphan records are removed; unreachable inodes are linked into /lost+found.
-Damaged btree nodes and overlapping extents are reported, not repaired.
+Repairs (-y): a bad superblock copy or journal slot is rewritten from the
+good one; bitmap and counters are rebuilt from the references; link counts
+and directory sizes are corrected; entries naming missing inodes are
+removed; stale orphan records are removed; unreachable inodes are linked
+into /lost+found.  With the intact tree these go through a mounted
+Filesystem, journaled.  A damaged node, an item failing its checks or a
+damaged fsinfo block makes -y salvage (the lost key ranges from every valid
+leaf on the device), remake inodes whose other items survive, and rebuild
+the tree and fsinfo (rebuild.py; docs/damage.md).  Blocks used twice and
+overlapping extents within the intact tree are reported, not repaired.
 """
 
 from __future__ import annotations
@@ -205,12 +210,17 @@ class Checker:
                 self.report.notes.append("secondary superblock refreshed from the primary")
         self.sb = good
         # Journal.
+        can_write = self.repair and not dev.readonly
         try:
             scan = await journal_log.scan(dev, good, look_past_end=True)
-        except CorruptionError as e:
-            self.error(str(e))
-            return None
-        can_write = self.repair and not dev.readonly
+        except CorruptionError as e:           # both slots lost
+            if not can_write:
+                self.error(str(e))
+                return None
+            await journal_log.reset(dev, good)
+            self.fixed(f"{e}: the journal was reset to empty (what it held that was not yet "
+                       f"written home is lost)")
+            scan = await journal_log.scan(dev, good, look_past_end=True)
         if scan.bad_slots and not can_write:
             # The other slot still works, but one more failure would leave
             # an image that cannot mount: an error, which -y repairs.
@@ -528,7 +538,7 @@ class Checker:
                     reach.add(ino)
                     if self.inodes[ino].is_dir:
                         todo.append(ino)
-        unreachable: set[int] = set()
+        unreachable: dict[int, int] = {}      # ino -> the link count its entries give
         for ino, inode in self.inodes.items():
             if inode.is_dir:
                 expect = 2 + subdirs[ino]
@@ -546,7 +556,7 @@ class Checker:
                 if ino in self.orphans:
                     continue
                 self.problem(f"inode {ino} is not reachable from the root and not on the orphan list")
-                unreachable.add(ino)
+                unreachable[ino] = expect
                 continue
             if inode.nlink != expect:
                 self.problem(f"inode {ino}: link count {inode.nlink}, counted {expect}")
@@ -554,9 +564,13 @@ class Checker:
         # Reattach only the tops of disconnected subtrees: an inode named by
         # an entry of another unreachable directory comes back with it.
         named_inside = {e[1] for d in unreachable for e in self.entries.get(d, ())}
-        self.fix_unreachable = sorted(unreachable - named_inside)
-        for ino in unreachable & named_inside:
-            self.fix_nlink.pop(ino, None)
+        self.fix_unreachable = sorted(unreachable.keys() - named_inside)
+        for ino in unreachable.keys() & named_inside:
+            # Comes back with its directory; a name lost elsewhere (the
+            # other link of a hard-linked file) still changes its count.
+            if self.inodes[ino].nlink != unreachable[ino]:
+                self.problem(f"inode {ino}: link count {self.inodes[ino].nlink}, counted {unreachable[ino]}")
+                self.fix_nlink[ino] = unreachable[ino]
         for ino in self.orphans:
             inode = self.inodes.get(ino)
             if inode is None or inode.nlink != 0:

@@ -12,7 +12,7 @@ import logging
 import stat
 import time
 
-from ..lib.errors import FsError
+from ..lib.errors import CorruptionError, FsError
 from ..ondisk import (
     ROOT_INO,
 )
@@ -116,6 +116,10 @@ class InodeOps:
                          parent: int = 0) -> Inode:
         now = now_ns()
         ino = self.info.next_ino
+        if await self.tree.lookup((ino, T_INODE, 0)) is not None:
+            # Only a damaged fsinfo block hands out a number in use.
+            raise CorruptionError("fsinfo block", self.sb.fsinfo_block,
+                                  f"next inode number {ino} is already in use")
         inode = Inode(ino, mode, uid, gid, nlink=2 if stat.S_ISDIR(mode) else 1,
                       atime=now, mtime=now, ctime=now, btime=now,
                       generation=self.info.next_generation, rdev=rdev, parent=parent)

@@ -410,6 +410,20 @@ async def _max_seq(dev, sb: Superblock) -> int:
     return best
 
 
+async def reset(dev, sb: Superblock) -> int:
+    """Make the log empty, past every sequence number it holds, so no old
+    record is ever replayed: fsck -y's answer to two lost journal superblock
+    slots (without a tail nothing in the log can be trusted; what it held
+    that was not yet written home is lost, as e2fsck's clearing of a
+    damaged journal loses it).  Returns the new tail sequence."""
+    seq = await _max_seq(dev, sb) + 2
+    for gen in (0, 1):
+        blk = sb.journal_start + gen
+        await dev.write(blk, [encode_jsb(blk, gen, 0, seq, sb.uuid)])
+    await dev.flush()
+    return seq
+
+
 def replay_images(txns: list[Transaction]) -> dict[int, bytes]:
     """The final image of every block the valid transactions carry.
 
