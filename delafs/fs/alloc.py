@@ -10,11 +10,12 @@ Definitions (all counts are in filesystem blocks):
 free
     Blocks in a free extent: physically unused and reusable right now.
 busy
-    Blocks freed by a transaction that is not yet durable. A crash could
-    still roll the free back, and the old owner's metadata would then point
-    at them again, so they must be neither reused nor discarded until the
-    log says that transaction is on disk (XFS's "busy extents"). They are
-    still counted as used.
+    Blocks freed by a transaction that is not yet written home. A crash
+    (or a damaged log record) could still roll the free back, and the old
+    owner's metadata would then point at them again, so they must be
+    neither reused nor discarded until that transaction is checkpointed
+    (XFS's "busy extents", kept here past the commit). They are still
+    counted as used.
 reserved
     Blocks promised to delalloc data that has no physical location yet: the
     data blocks plus the worst-case metadata (extent records, tree splits)

@@ -214,7 +214,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         if metadata_reserve is None:
             metadata_reserve = min(1024, max(16, data_blocks(sb) // 256))
         space = await Space.load(store, sb, info, metadata_reserve=metadata_reserve)
-        store.on_durable = space.on_durable
+        store.on_home = space.on_home
         fs = cls(dev, sb, store, info, space, readonly=readonly)
         if not readonly:
             sb.state = SB_STATE_DIRTY
@@ -265,7 +265,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
     async def _discard(self) -> None:
         """Discard the runs whose freeing has become durable.
 
-        ``on_durable`` made them allocatable at once, so by now writeback may
+        ``on_home`` made them allocatable at once, so by now writeback may
         have allocated some of them again and written new data there, which
         a discard would wipe (a punched hole in an image reads as zeros).
         So only the parts still free are discarded, under meta_lock, which
@@ -327,9 +327,16 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
                 try:
                     self.space.alloc.reserve(need)
                 except FsError:
-                    if not pool:
-                        raise
-                    fallback, need = "metadata_reserve", 0
+                    if self.space.alloc.busy and not self.readonly:
+                        # Freed blocks come back at the checkpoint (XFS
+                        # forces the log for its busy extents the same way).
+                        await self.store.checkpoint_locked()
+                    try:
+                        self.space.alloc.reserve(need)
+                    except FsError:
+                        if not pool:
+                            raise
+                        fallback, need = "metadata_reserve", 0
             before = self.store.changes
             self.space.begin_op(need, fallback)
             try:
@@ -352,9 +359,9 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
 
     def statfs(self) -> dict:
         """Free space net of reservations.  Busy blocks (freed by a
-        transaction not yet durable) count as free, as XFS's free counter
-        does: they are free as soon as the next commit lands, and df should
-        not lag behind rm by a commit interval."""
+        transaction not yet checkpointed) count as free, as XFS's free
+        counter does: an allocation short of space checkpoints to get them
+        back, and df should not lag behind rm."""
         a = self.space.alloc
         free = a.available + a.busy
         return {"bsize": BLOCK_SIZE, "blocks": a.total, "bfree": free,

@@ -8,8 +8,11 @@ and by-size indices; that cost depends on the device size, not on the number
 of files.
 
 A block freed by transaction N is cleared in the bitmap in N but stays busy
-in the allocator until N is durable (``on_durable``); only then may it be
-reused or discarded.
+in the allocator until N is written home (``on_home``, at the checkpoint);
+only then may it be reused or discarded.  Durable is not enough: while N's
+records are in the log, damage to them rolls recovery back past N (a
+damaged last record looks like a torn one), and the old owner's metadata
+points at the blocks again, so they must still hold its data.
 """
 
 from __future__ import annotations
@@ -209,9 +212,9 @@ class Space:
     def free_node(self, blk: int) -> None:
         self.free(blk, 1)
 
-    def on_durable(self, seq: int) -> None:
-        """Transactions up to ``seq`` are on stable storage: their freed
-        blocks may be reused now, and discarded."""
+    def on_home(self, seq: int) -> None:
+        """Transactions up to ``seq`` are checkpointed: their freed blocks
+        may be reused now, and discarded."""
         self.discards.extend(self.alloc.release_busy(seq))
 
 

@@ -59,7 +59,7 @@ class MetaStore:
 
     def __init__(self, dev, journal: Journal | None, meta_lock: trio.Lock, *,
                  cache_blocks: int = 8192,
-                 on_durable: Callable[[int], None] | None = None,
+                 on_home: Callable[[int], None] | None = None,
                  overlay: dict[int, bytes] | None = None):
         self.dev = dev
         self.journal = journal          # None: read-only, nothing is ever written
@@ -73,7 +73,7 @@ class MetaStore:
         self.pending: dict[int, bytes] = dict(overlay or {})
         self.running_seq = journal.next_seq if journal else 1
         self.durable_seq = self.running_seq - 1
-        self.on_durable = on_durable
+        self.on_home = on_home
         # Bumped by every change: lets an operation tell whether it has
         # modified anything (and so must shut down if it then fails).
         self.changes = 0
@@ -186,8 +186,6 @@ class MetaStore:
         self.durable_seq = frozen.seq
         self.stats["commits"] += 1
         self.stats["blocks_committed"] += len(frozen.images)
-        if self.on_durable:
-            self.on_durable(frozen.seq)
 
     async def commit(self) -> int:
         """Make every change made so far durable; return its sequence number."""
@@ -215,6 +213,19 @@ class MetaStore:
     async def _checkpoint(self) -> None:
         await self.journal.checkpoint(self.pending)
         self.pending = {}
+        # Every transaction up to durable_seq is home: the log no longer
+        # holds anything a recovery could roll back past.
+        if self.on_home:
+            self.on_home(self.durable_seq)
+
+    async def checkpoint_locked(self) -> None:
+        """Commit and checkpoint from inside a metadata operation (meta_lock
+        held): how an allocation short of space gets the busy blocks back."""
+        frozen = self._snapshot()
+        async with self.commit_lock:
+            if frozen is not None:
+                await self._write(frozen)
+            await self._checkpoint()
 
     async def checkpoint(self) -> None:
         """Commit, then write every image home and empty the log."""

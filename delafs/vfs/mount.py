@@ -179,8 +179,8 @@ class Mount:
         """write(2): buffered, through the engine.  ENOSPC retry: if the
         reservation fails before any byte went in, drop the locks, write
         everything back (delalloc's worst-case metadata reservations shrink
-        to what allocation really used, and busy blocks become free once
-        the journal commits) and try once more.
+        to what allocation really used, and busy blocks become free at the
+        checkpoint) and try once more.
 
         ``data`` may also be an :class:`IovIter` (the race explorer passes
         one that records when its bytes land in the page cache)."""
@@ -202,6 +202,7 @@ class Mount:
                 if e.errno != errno.ENOSPC or attempt:
                     raise
             await self.syncfs()
+            await self.fs.sync()        # the checkpoint returns busy blocks
         raise AssertionError("unreachable")
 
     async def read(self, f: OpenFile, pos: int, size: int) -> bytes:

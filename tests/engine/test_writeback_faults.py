@@ -148,6 +148,7 @@ async def test_direct_allocation_of_a_failed_extending_write_is_freed(rig, monke
     await m.fsync(f)
     await m.release(f)                  # trims the speculative delalloc past EOF
     f = await m.open(ino, write=True)
+    await m.fs.sync()
     free = m.fs.space.alloc.available
     monkeypatch.setattr(m.ops, "_low_space", lambda: True)
     m.errortags.set("copy_fault", 1)
@@ -160,6 +161,7 @@ async def test_direct_allocation_of_a_failed_extending_write_is_freed(rig, monke
     assert m.ops.stats["nonda_allocations"], "the low-space path was not taken"
     assert past_eof == [], f"blocks left allocated past EOF: {past_eof}"
     await m.fsync(f)
+    await m.fs.sync()           # freed blocks stay busy until the checkpoint
     assert m.fs.space.alloc.available == free
     await m.release(f)
     check_invariants(m)
