@@ -239,19 +239,21 @@ class Checker:
         else:
             self.overlay = journal_log.replay_images(scan.txns)
         if scan.bad_slots and can_write:
-            await self._rewrite_journal_slot(good)
+            await self._rewrite_journal_slot(good, scan.bad_slots[0])
         return good
 
-    async def _rewrite_journal_slot(self, sb: Superblock) -> None:
+    async def _rewrite_journal_slot(self, sb: Superblock, why: CorruptionError) -> None:
         """Rewrite the damaged journal superblock slot from the good one,
-        one generation older, so the good slot stays the current tail."""
+        one generation older, so the good slot stays the current tail (a
+        replay above may have rewritten it already: it writes the tail to
+        the older slot)."""
         now = await journal_log.scan(self.dev, sb)
-        bad = 1 - now.jsb_slot
-        blk = sb.journal_start + bad
-        await self.dev.write(blk, [journal_log.encode_jsb(blk, now.jsb_gen - 1, now.tail_pos,
-                                                          now.tail_seq, sb.uuid)])
-        await self.dev.flush()
-        self.fixed(f"journal superblock slot at block {blk} rewritten from the other slot")
+        if now.bad_slots:
+            blk = sb.journal_start + 1 - now.jsb_slot
+            await self.dev.write(blk, [journal_log.encode_jsb(blk, now.jsb_gen - 1, now.tail_pos,
+                                                              now.tail_seq, sb.uuid)])
+            await self.dev.flush()
+        self.fixed(f"journal superblock slot at block {why.block} rewritten ({why.detail})")
 
     async def _check(self, sb: Superblock) -> None:
         self.store = MetaStore(self.dev, None, trio.Lock(), cache_blocks=4096, overlay=self.overlay)

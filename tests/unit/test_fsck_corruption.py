@@ -212,6 +212,25 @@ async def test_one_bad_superblock_copy_is_repaired(img, which, offset):
     await verify_contents(path, exp)
 
 
+@pytest.mark.parametrize("slot", [0, 1])
+async def test_one_bad_journal_slot_is_reported_and_rewritten(img, slot):
+    """The other slot still works, but a second failure would leave an
+    image that cannot mount: fsck -n reports it, -y rewrites it."""
+    path, exp = img
+    sb = read_sb(path)
+    blk = sb.journal_start + slot
+    flip(path, blk, 100)
+    r = delafs("fsck", "-n", path)
+    assert r.returncode == 4 and f"journal superblock at block {blk}" in output(r), output(r)
+    r = delafs("fsck", "-y", path)
+    assert r.returncode == 1 and f"journal superblock slot at block {blk} rewritten" in r.stdout, output(r)
+    assert_fsck_clean(path)
+    with BlockDevice.open(path, readonly=True) as dev:
+        scan = await journal_log.scan(dev, sb)
+    assert not scan.bad_slots
+    await verify_contents(path, exp)
+
+
 async def test_library_opens_with_one_bad_superblock_copy(img):
     path, exp = img
     flip(path, 0, 40)
