@@ -10,13 +10,18 @@ Passes:
      what a mount would see without writing anything)
   1  the btree: every node's checksum, magic, level and key bounds; no node
      block used twice or outside the allocatable area
-  2  items: inodes, extents (inside the device, no overlap within a file,
-     no block used twice anywhere), xattrs, symlinks, directory entries
-     (hash matches the name, target exists, d_type matches), orphans
+  1b (-y, damaged tree) salvage: the lost key ranges from valid leaves
+     anywhere on the device
+  2  items: each checked by itself as a reader checks it (ItemContext),
+     then extents (no overlap within a file, no block used twice
+     anywhere), xattrs, symlinks, directory entries (target exists, d_type
+     matches), orphans; with -y, inodes lost but with surviving items are
+     made anew
   3  connectivity: every inode reachable from the root or on the orphan
      list, link counts and directory sizes match the entries
   4  space: the bitmap equals the set of referenced blocks, the fsinfo
      counters and the accounting totals add up
+  5  (-y, damaged tree) the tree, fsinfo and bitmap rebuilt (rebuild.py)
 
 Repairs (-y): a bad superblock copy or journal slot is rewritten from the
 good one; bitmap and counters are rebuilt from the references; link counts
