@@ -1229,11 +1229,13 @@ async def _loss(path: str, src: Source, leaf: int) -> list[str]:
     """Items of the pristine tree outside the damaged leaf that the repaired
     tree no longer holds (or holds with another value; inode items are
     exempt, repair fixes their link counts and sizes).  Items that only
-    make sense with an inode whose inode item was in the leaf (its other
-    items, entries naming it, its orphan record) are consequences of the
-    leaf, not extra loss."""
+    make sense with an inode the leaf held whole (entries naming it, its
+    orphan record) are consequences of the leaf, not extra loss; an inode
+    whose other items live elsewhere is made anew by repair, so those
+    items and the entries naming it must survive."""
     held = set(src.nodes[leaf][1])
-    lost_inodes = {k[0] for k in held if k[1] == T_INODE}
+    outside = {k[0] for k in src.items if k not in held}
+    lost_inodes = {k[0] for k in held if k[1] == T_INODE} - outside
     try:
         with BlockDevice.open(path, readonly=True) as dev:
             _, nodes, _ = await _open_view(dev)
