@@ -102,7 +102,14 @@ class DirOps:
             found = await self.find_entry(dir_ino, name)
             if found is None:
                 raise FsError(errno.ENOENT)
-            return (await self.iget(found[1])).copy()
+            inode = await self.iget(found[1])
+            if dtype_of(inode.mode) != found[2]:
+                # An entry redirected to another inode (a bug wrote it): the
+                # type it recorded is the one check a reader can make.
+                raise CorruptionError(f"directory {dir_ino}", None,
+                                      f"entry {name!r} is of type {found[2]}, inode {inode.ino} of type "
+                                      f"{dtype_of(inode.mode)}")
+            return inode.copy()
 
     async def _check_new_name(self, dir_ino: int, name: bytes) -> Inode:
         check_name(name)

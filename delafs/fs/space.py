@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..lib.errors import CorruptionError
 from ..ondisk import (
     BITS_PER_BITMAP_BLOCK,
     BLOCK_SIZE,
@@ -147,6 +148,11 @@ class Space:
             nbits = min(BITS_PER_BITMAP_BLOCK, sb.nblocks - base)
             runs.extend(free_runs(bm.bits, base, nbits))
         runs = merge_runs(runs)
+        for start, n in runs:
+            if start < sb.data_start or start + n > sb.sb2_block:
+                bad = start if start < sb.data_start else sb.sb2_block
+                raise CorruptionError("free-space bitmap block", sb.bitmap_start + bad // BITS_PER_BITMAP_BLOCK,
+                                      f"block {bad} of the fixed layout is marked free")
         alloc = Allocator(data_blocks(sb), runs, first=sb.data_start)
         alloc.refill_metadata_reserve(metadata_reserve)
         return cls(store, sb, info, bitmap, alloc)

@@ -34,7 +34,7 @@ import trio
 
 from ..fs.acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_create, acl_entries, acl_mode
 from ..fs.dir import RENAME_WHITEOUT
-from ..fs.items import Inode
+from ..fs.items import Inode, dtype_of
 from ..lib.errors import CorruptionError, DelafsError, FsError
 from ..ondisk import BLOCK_SIZE, ROOT_INO
 from ..vfs.mount import Mount, OpenFile
@@ -448,7 +448,11 @@ class Operations(pyfuse3.Operations):
                 return
             for name, ino, dtype, nxt in entries:
                 try:
-                    attr = self._entry(await self.fs.getattr(ino))
+                    inode = await self.fs.getattr(ino)
+                    if dtype_of(inode.mode) != dtype:
+                        raise CorruptionError(f"directory {d.ino}", None,
+                                              f"entry {name!r} disagrees with inode {ino}'s type")
+                    attr = self._entry(inode)
                 except FsError:             # unlinked since the scan
                     cookie = nxt
                     continue

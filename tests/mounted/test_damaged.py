@@ -165,7 +165,8 @@ def test_a_damaged_leaf_of_directory_entries_hides_only_its_entries(damaged):
     m.umount()
 
 
-@pytest.mark.parametrize("edit", ["unknown_type", "extent_outside", "extent_length", "dirent_name"])
+@pytest.mark.parametrize("edit", ["unknown_type", "extent_outside", "extent_length", "dirent_name",
+                                  "inode_type"])
 def test_a_resealed_leaf_with_wrong_content_answers_eio_not_wrong_data(damaged, edit):
     """Bytes changed and the checksum recomputed (a software bug, not bit
     rot): the reader checks what it decodes and answers EIO, never serves
@@ -175,13 +176,19 @@ def test_a_resealed_leaf_with_wrong_content_answers_eio_not_wrong_data(damaged, 
     if edit == "dirent_name":
         leaf = next(leaf for leaf in tree_leaves(m.image)
                     if len(leaf.keys) > 5 and all(k[1] == T_DIRENT for k in leaf.keys))
+    elif edit == "inode_type":
+        leaf = next(leaf for leaf in tree_leaves(m.image)
+                    if leaf.keys[-1][1] == T_EXTENT and (leaf.keys[-1][0], T_INODE, 0) in leaf.keys
+                    and by_ino.get(leaf.keys[-1][0], "frag") != "frag")
     else:
         # The leaf's last item is an extent of one of our files, so changing
         # its key's type keeps the keys in order.
         leaf = next(leaf for leaf in tree_leaves(m.image)
                     if leaf.keys[-1][1] == T_EXTENT and leaf.keys[-1][0] in by_ino
                     and by_ino[leaf.keys[-1][0]] != "frag")
-    i = len(leaf.keys) - 1 if edit != "dirent_name" else 2
+    i = 2 if edit == "dirent_name" else len(leaf.keys) - 1
+    if edit == "inode_type":
+        i = leaf.keys.index((leaf.keys[-1][0], T_INODE, 0))
 
     def change(node):
         k = node.keys[i]
@@ -192,6 +199,9 @@ def test_a_resealed_leaf_with_wrong_content_answers_eio_not_wrong_data(damaged, 
             v[0:8] = (2**40).to_bytes(8, "little")
         elif edit == "extent_length":
             v[8:12] = (2**32 - 2).to_bytes(4, "little")
+        elif edit == "inode_type":
+            mode = int.from_bytes(v[4:8], "little")          # a regular file becomes a symlink
+            v[4:8] = (mode & 0o7777 | 0o120000).to_bytes(4, "little")
         else:
             v[9] ^= 0x20                       # a name byte: no longer its key's hash
         node.vals[i] = bytes(v)

@@ -642,6 +642,45 @@ async def test_damaged_bitmap_block(img):
                 await Filesystem.open(dev)
 
 
+async def test_bitmap_marking_the_fixed_layout_free_is_corruption(img):
+    """A bitmap block resealed with a bit of the journal cleared: a valid
+    checksum over content no allocator may trust.  Mount refuses it naming
+    the block (it was a ValueError from the allocator), fsck -y rebuilds."""
+    path, exp = img
+    sb = read_sb(path)
+    blk = sb.bitmap_start
+    with BlockDevice.open(path) as dev:
+        bits = decode_bitmap(dev.read_sync(blk, 1), blk)
+        bits[0] &= ~(1 << 5)                      # block 5: the journal's log
+        dev.write_sync(blk, [encode_bitmap(bits[:BLOCK_SIZE - HDR_SIZE], blk, 0)])
+        dev.flush_sync()
+    with BlockDevice.open(path, readonly=True) as dev:
+        with pytest.raises(CorruptionError, match=f"bitmap block at block {blk}: block 5 of the fixed layout"):
+            await Filesystem.open(dev)
+    r = delafs("fsck", "-y", path)
+    assert r.returncode == 1, output(r)
+    assert_fsck_clean(path)
+    await verify_contents(path, exp)
+
+
+async def test_entry_redirected_to_an_inode_of_another_type_is_corruption(img):
+    """An entry of /many resealed to name the directory /dir: its recorded
+    type (a regular file) disagrees with the inode's, so lookup answers
+    EIO instead of handing a directory out under a file's name."""
+    path, exp = img
+    leaf = _dirent_leaf(path, exp)
+
+    def redirect(node):
+        ino, dtype, name = decode_dirent(node.vals[0])
+        node.vals[0] = exp["dir"].to_bytes(8, "little") + node.vals[0][8:]
+    reseal_node(path, leaf.blocknr, redirect)
+    name = decode_dirent(leaf.vals[0])[2]
+    with BlockDevice.open(path, readonly=True) as dev:
+        fs = await Filesystem.open(dev)
+        with pytest.raises(CorruptionError, match=f"entry {name!r} is of type 8, inode {exp['dir']} of type 4"):
+            await fs.lookup(exp["many"], name)
+
+
 async def test_fsck_yes_rebuilds_damaged_bitmap_block(img):
     path, exp = img
     sb = read_sb(path)
