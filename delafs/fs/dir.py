@@ -183,6 +183,11 @@ class DirOps:
             target = decode_symlink(val)
             if isinstance(target, OutOfLine):
                 target = await self._read_out_of_line(target, f"symlink {ino} target")
+            if len(target) != inode.size:
+                # The inode records the target's length: a record that
+                # was cut short (and resealed) must not read as a target.
+                raise CorruptionError(f"symlink {ino}", None,
+                                      f"target of {len(target)} bytes, the inode says {inode.size}")
             return target
 
     async def link(self, ino: int, dir_ino: int, name: bytes) -> Inode:

@@ -30,7 +30,7 @@ from delafs.block import BLOCK_SIZE, BlockDevice
 from delafs.fs.btree import Node
 from delafs.fs.filesystem import Filesystem
 from delafs.fs.fsck import check
-from delafs.fs.items import T_DIRENT, T_EXTENT, T_INODE, decode_dirent, dirent_range, name_hash
+from delafs.fs.items import T_DIRENT, T_EXTENT, T_INODE, T_SYMLINK, decode_dirent, dirent_range, name_hash
 from delafs.lib.errors import CorruptionError, DelafsError, NotDelafsError
 from delafs.log import journal as journal_log
 from delafs.log.journal import TAGS_OFF
@@ -679,6 +679,25 @@ async def test_entry_redirected_to_an_inode_of_another_type_is_corruption(img):
         fs = await Filesystem.open(dev)
         with pytest.raises(CorruptionError, match=f"entry {name!r} is of type 8, inode {exp['dir']} of type 4"):
             await fs.lookup(exp["many"], name)
+
+
+async def test_symlink_target_cut_short_is_corruption(img):
+    """A symlink's inline target resealed 3 bytes shorter is well formed by
+    itself; its inode's size tells: readlink answers EIO, not a target."""
+    path, exp = img
+    with BlockDevice.open(path, readonly=True) as dev:
+        fs = await Filesystem.open(dev)
+        ino = (await fs.lookup(ROOT_INO, b"link")).ino
+    leaf = leaf_holding(path, (ino, T_SYMLINK, 0))
+    i = leaf.keys.index((ino, T_SYMLINK, 0))
+
+    def cut(node):
+        node.vals[i] = node.vals[i][:-3]
+    reseal_node(path, leaf.blocknr, cut)
+    with BlockDevice.open(path, readonly=True) as dev:
+        fs = await Filesystem.open(dev)
+        with pytest.raises(CorruptionError, match=f"symlink {ino}: target of 5 bytes, the inode says 8"):
+            await fs.readlink(ino)
 
 
 async def test_fsck_yes_rebuilds_damaged_bitmap_block(img):
