@@ -335,9 +335,9 @@ class Checker:
                 if node.keys and (node.keys[0] < lo or node.keys[-1] >= hi):
                     raise CorruptionError("btree node", blk, "keys outside the bounds its parent gives")
             except CorruptionError as e:
+                self._lose(lo, hi)
                 self.problem(f"{e} (referenced by {parent})" + (
                     "; its items are salvaged" if self.repair else "; the items below it are lost"))
-                self._lose(lo, hi)
                 continue
             self.nodes_read[blk] = 1
             self.node_count += 1
@@ -353,8 +353,11 @@ class Checker:
         self.items.sort(key=lambda t: t[0])
 
     def _lose(self, lo, hi) -> None:
+        """Keys [lo, hi) are under a node that cannot be read: with -y the
+        tree is rebuilt, so this and every later problem is repaired."""
         self.lost.append((lo, hi))
         self.bad_tree = True
+        self.rebuild = self.repair
 
     async def _salvage(self, sb: Superblock) -> None:
         """Find the items of the lost key ranges in valid leaves anywhere on
