@@ -520,7 +520,7 @@ def main(argv=None) -> int:
         import pstats
         prof = cProfile.Profile()
         result = prof.runcall(trio.run, run, args)
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("DELAFS_PROFILE_SORT", "tottime")).print_stats(args.profile)
     else:
         result = trio.run(run, args)
     print(fmt_table(result))

@@ -29,9 +29,8 @@ import logging
 import stat
 from collections import OrderedDict
 
-import trio
-
 from ..lib.errors import CorruptionError, DelafsError, FsError, NotDelafsError
+from ..lib.locks import Mutex
 from ..log import journal as journal_log
 from ..log.metabuf import MetaStore
 from ..ondisk import (
@@ -199,7 +198,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         not written at all)."""
         sb, _ = await cls.read_superblock(dev)
         readonly = readonly or dev.readonly or sb.read_only_features
-        meta_lock = trio.Lock()
+        meta_lock = Mutex()
         if readonly:
             scan = await journal_log.scan(dev, sb, look_past_end=True)
             if scan.corruption is not None:

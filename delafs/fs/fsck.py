@@ -44,9 +44,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import trio
-
 from ..lib.errors import CorruptionError, DelafsError, FsError, NotDelafsError
+from ..lib.locks import Mutex
 from ..log import journal as journal_log
 from ..log.metabuf import MetaStore
 from ..ondisk import (
@@ -261,7 +260,7 @@ class Checker:
         self.fixed(f"journal superblock slot at block {why.block} rewritten ({why.detail})")
 
     async def _check(self, sb: Superblock) -> None:
-        self.store = MetaStore(self.dev, None, trio.Lock(), cache_blocks=4096, overlay=self.overlay)
+        self.store = MetaStore(self.dev, None, Mutex(), cache_blocks=4096, overlay=self.overlay)
         self.ctx = ItemContext(sb.uuid, sb.data_start, sb.sb2_block, MAX_FILE_BLOCKS)
         self.lost: list[tuple[tuple, tuple]] = []       # key ranges of unreadable subtrees
         self.items: list[tuple[tuple, bytes, int]] = []

@@ -11,7 +11,7 @@ the cache is re-read from the newest image, never from a stale home location:
 
     dirty/cache  ->  committing (in flight)  ->  pending (durable)  ->  device
 
-Locking.  ``meta_lock`` (a trio.Lock owned by the filesystem, passed in)
+Locking.  ``meta_lock`` (a lib/locks.Mutex owned by the filesystem, passed in)
 serializes every metadata operation; an operation holds it across its awaits
 (cache misses), so tasks see each other's changes only whole.  ``commit_lock``
 serializes journal writes.  Order: meta_lock -> commit_lock; the holder of
@@ -26,9 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import trio
-
 from ..lib.errors import FsError
+from ..lib.locks import Mutex
 from .journal import Journal, log_blocks_needed
 
 
@@ -57,14 +56,14 @@ class MetaStore:
       durable_seq  newest transaction known to be on stable storage
     """
 
-    def __init__(self, dev, journal: Journal | None, meta_lock: trio.Lock, *,
+    def __init__(self, dev, journal: Journal | None, meta_lock: Mutex, *,
                  cache_blocks: int = 8192,
                  on_home: Callable[[int], None] | None = None,
                  overlay: dict[int, bytes] | None = None):
         self.dev = dev
         self.journal = journal          # None: read-only, nothing is ever written
         self.meta_lock = meta_lock
-        self.commit_lock = trio.Lock()
+        self.commit_lock = Mutex()
         self.cache: OrderedDict[int, MetaBlock] = OrderedDict()
         self.cache_blocks = cache_blocks
         self.dirty: dict[int, MetaBlock] = {}

@@ -147,7 +147,7 @@ class AddressSpace:
         an unlocked folio that eviction may remove at the next await: it
         must lock it and check ``folio.mapping`` before trusting it.
         Returns None only if not ``create`` and nothing is cached.  Schedule
-        point iff ``lock``.
+        point only if it waits for the folio lock.
 
         Caller: the engine, under whatever its path requires (invalidate_lock
         shared for read/fault instantiation, i_rwsem for buffered writes).
@@ -159,10 +159,7 @@ class AddressSpace:
             if folio is None:
                 if not create:
                     return None
-                folio = self._add_folio(block, nblocks_hint, lock)
-                if lock:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                return folio
+                return self._add_folio(block, nblocks_hint, lock)
             self.cache.mark_accessed(folio)
             if not lock:
                 return folio

@@ -308,11 +308,10 @@ class Folio:
         AddressSpace.get_folio does that."""
         await trio.lowlevel.checkpoint_if_cancelled()
         task = _current_task()
-        if self._owner is None:
+        if self._owner is None:          # uncontended: no yield (lib/locks.py)
             self._owner = task
             if _locks.DEBUG_LOCKS:
                 _track_locked(task, self)
-            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if self._owner is task:
             raise RuntimeError(f"task {task.name} locks {self!r}, which it already holds "

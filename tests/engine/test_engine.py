@@ -348,11 +348,14 @@ async def test_enospc_concurrent_writers_faults_and_extender(rig):
     m = await rig.mount(format=True, size=12 << 20)
     initial = m.fs.statfs()["bfree"]
     enospc = {}
+    # Created first: a task runs until it waits, so one writer could fill
+    # the filesystem before another has even created its file.
+    inos = {name: await new_file(m, name) for name in (b"r1", b"r2", b"ext")}
+    inos[b"mm"] = await new_file(m, b"mm", size=8 << 20)
 
     async def random_writer(name, seed):
         rng = random.Random(seed)
-        ino = await new_file(m, name)
-        f = await m.open(ino, write=True)
+        f = await m.open(inos[name], write=True)
         try:
             for _ in range(4000):
                 await m.write(f, rng.randrange(0, 8 << 20) & ~(BS - 1), rng.randbytes(BS))
@@ -361,8 +364,7 @@ async def test_enospc_concurrent_writers_faults_and_extender(rig):
         return f
 
     async def extender():
-        ino = await new_file(m, b"ext")
-        f = await m.open(ino, write=True)
+        f = await m.open(inos[b"ext"], write=True)
         try:
             for _ in range(4000):
                 await m.write(f, 0, b"e" * (16 * BS), append=True)
@@ -371,7 +373,7 @@ async def test_enospc_concurrent_writers_faults_and_extender(rig):
         return f
 
     async def faulter():
-        ino = await new_file(m, b"mm", size=8 << 20)
+        ino = inos[b"mm"]
         rng = random.Random(7)
         try:
             for _ in range(4000):
