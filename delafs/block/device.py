@@ -119,6 +119,28 @@ def check_request(dev, op: str, blk: int = 0, count: int = 0) -> None:
         raise FsError(errno.EIO, f"injected cache flush error on {dev.path} (flush_eio)")
 
 
+def submit_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]], flush: bool
+                ) -> tuple[list[FsError | None], FsError | None]:
+    """Write each ``(blk, bufs)`` in order, then, if ``flush`` and any write
+    succeeded, flush: the body of one ``dev.submit`` call.  A failed write
+    does not stop the others.  Returns each write's error (or None) and the
+    flush's."""
+    errors: list[FsError | None] = []
+    for blk, bufs in writes:
+        try:
+            dev.write_sync(blk, bufs)
+            errors.append(None)
+        except FsError as e:
+            errors.append(e)
+    flush_error = None
+    if flush and any(e is None for e in errors):
+        try:
+            dev.flush_sync()
+        except FsError as e:
+            flush_error = e
+    return errors, flush_error
+
+
 def prepare_write(dev, blk: int, bufs) -> tuple[list[memoryview], int, int]:
     """The checks every device makes before a write, in order: read-only,
     whole blocks per buffer, bounds, injected faults.  Returns the buffers
@@ -354,6 +376,11 @@ class BlockDevice:
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(self.flush_sync)
+
+    async def submit(self, writes, *, flush: bool = False):
+        """Many writes and a flush in one trip to a worker thread (a block
+        plug): each trip costs as much as a small pwrite.  See submit_sync."""
+        return await trio.to_thread.run_sync(submit_sync, self, writes, flush)
 
     async def discard(self, blk: int, count: int) -> None:
         await trio.to_thread.run_sync(self.discard_sync, blk, count)

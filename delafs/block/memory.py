@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ..lib.errors import FsError
 from ..lib.units import BLOCK_SIZE
-from .device import Buffer, check_request, prepare_write
+from .device import Buffer, check_request, prepare_write, submit_sync
 from .faults import FaultTable
 from .recorder import Recorder
 
@@ -122,6 +122,9 @@ class MemoryDevice:
 
     async def flush(self) -> None:
         self.flush_sync()
+
+    async def submit(self, writes, *, flush: bool = False):
+        return submit_sync(self, writes, flush)
 
     async def discard(self, blk: int, count: int) -> None:
         self.discard_sync(blk, count)

@@ -119,34 +119,44 @@ class FsWritebackOps:
         if not ioends:
             return
         fs = self.fs
-        done = []
+        queued = []
         for io in ioends:
             self.stats["ioends"] += 1
             self.stats["ioend_bytes"] += io.size
             await self.errortags.delay("delay_writeback")
-            try:
-                if self.errortags.fires("writeback_eio"):
-                    raise FsError(errno.EIO, "injected writeback I/O error")
-                await fs.dev.write(io.addr >> BLOCK_SHIFT, io.bufs)
-                done.append(io)
-            except Exception as e:
-                err = e.errno if isinstance(e, FsError) else errno.EIO
-                if not isinstance(e, FsError):
-                    log.error("writeback of inode %d at %d: %r", io.ino, io.offset, e)
-                wpc.error = wpc.error or err
-                wpc.inode.mapping.wb_err.set(err)
-                self.stats["writeback_errors"] += 1
+            if self.errortags.fires("writeback_eio"):
+                self._ioend_failed(wpc, io, FsError(errno.EIO, "injected writeback I/O error"))
+            else:
+                queued.append(io)
             if TRACE.on:
                 TRACE.emit("iomap_ioend_submit", ino=io.ino, offset=io.offset, size=io.size)
-        if done:
-            try:
-                await fs.dev.flush()
-            except FsError as e:
-                wpc.inode.mapping.wb_err.set(e.errno)
-                self.stats["writeback_errors"] += 1
-                done = []
+        if not queued:
+            return
+        try:
+            errors, flush_error = await fs.dev.submit(
+                [(io.addr >> BLOCK_SHIFT, io.bufs) for io in queued], flush=True)
+        except Exception as e:          # not an I/O error: a bug, or a closed device
+            errors, flush_error = [e] * len(queued), None
+        done = []
+        for io, err in zip(queued, errors):
+            if err is None:
+                done.append(io)
+            else:
+                self._ioend_failed(wpc, io, err)
+        if flush_error is not None:
+            wpc.inode.mapping.wb_err.set(flush_error.errno)
+            self.stats["writeback_errors"] += 1
+            done = []
         if done:
             await self._complete(wpc.inode, done)
+
+    def _ioend_failed(self, wpc: WritebackCtx, io: Ioend, e: Exception) -> None:
+        err = e.errno if isinstance(e, FsError) else errno.EIO
+        if not isinstance(e, FsError):
+            log.error("writeback of inode %d at %d: %r", io.ino, io.offset, e)
+        wpc.error = wpc.error or err
+        wpc.inode.mapping.wb_err.set(err)
+        self.stats["writeback_errors"] += 1
 
     async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:
         """The data is on stable storage: make it visible to recovery."""
