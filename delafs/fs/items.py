@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..lib.errors import CorruptionError
 
@@ -53,6 +53,9 @@ class Inode:
     ``parent`` is the containing directory of a directory (for ``..``), 0 for
     other types.  ``blocks`` counts data, xattr and symlink blocks (st_blocks
     in 4 KiB units).  Times are nanoseconds since the epoch.
+    ``xattr_names`` is not stored: the names of the inode's xattrs once a
+    lookup has listed them (None until then), so the getxattr the kernel
+    sends before every write (security.capability) needs no tree search.
     """
     ino: int
     mode: int
@@ -69,6 +72,7 @@ class Inode:
     blocks: int = 0
     parent: int = 0
     flags: int = 0
+    xattr_names: tuple | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> bytes:
         return _INODE.pack(INODE_VERSION, 0, self.mode, self.uid, self.gid, self.nlink,

@@ -178,6 +178,36 @@ async def test_xattrs(image):
     await fsck_clean(dev)
 
 
+async def test_xattr_names_cached_by_a_miss_follow_every_change(image):
+    """getxattr answers a miss from the inode's cached names without the
+    tree (the kernel asks for security.capability before every write):
+    every later set, replace and remove must still be seen at once."""
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+
+    async def missing(name):
+        with pytest.raises(FsError) as e:
+            await fs.getxattr(f.ino, name)
+        assert err(e) == errno.ENODATA, e.value
+        return True
+
+    assert await missing(b"security.capability")          # lists and caches: none
+    await fs.setxattr(f.ino, b"security.capability", b"cap")
+    assert await fs.getxattr(f.ino, b"security.capability") == b"cap"
+    assert await missing(b"user.other")
+    await fs.setxattr(f.ino, b"user.other", b"x" * 5000)   # out of line
+    assert await fs.getxattr(f.ino, b"user.other") == b"x" * 5000
+    await fs.removexattr(f.ino, b"security.capability")
+    assert await missing(b"security.capability")
+    assert await fs.listxattr(f.ino) == [b"user.other"]
+    await fs.sync()
+    dev, fs = await reopen(dev)
+    assert await missing(b"security.capability")
+    assert await fs.getxattr(f.ino, b"user.other") == b"x" * 5000
+    await fs.close()
+    await fsck_clean(dev)
+
+
 async def test_data_extents_and_truncate(image):
     dev, fs = await fresh(image)
     f = await fs.create(ROOT, b"f", 0o644)
