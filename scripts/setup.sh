@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything delafs needs on Debian 12 (run as root), then create
-# .venv with delafs and its test dependencies.  Safe to run again.
+# .venv with delafs, its test dependencies and matplotlib (tools/bench's plots).  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,5 +18,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,bench]'
 echo "setup: done ($(.venv/bin/python --version), delafs $(.venv/bin/python -c 'import delafs; print(delafs.__version__)'))"
