@@ -298,6 +298,32 @@ class BlockDevice:
             self._stats["blocks_read"] += count
         return data
 
+    def read_into_sync(self, blk: int, views: Sequence[memoryview]) -> None:
+        """Read consecutive blocks from ``blk`` straight into ``views`` (each
+        a whole number of blocks): a scatter read, no intermediate copy."""
+        nbytes = sum(len(v) for v in views)
+        count = nbytes // BLOCK_SIZE
+        check_request(self, "read", blk, count)
+        if count == 0:
+            return
+        try:
+            if self.direct:
+                fill_views(views, self._read_direct(blk, nbytes))
+            else:
+                offset = blk * BLOCK_SIZE
+                views = list(views)
+                while views:
+                    n = os.preadv(self._fd, views[:_IOV_MAX], offset)
+                    if n == 0:
+                        raise _eof_error(offset)
+                    offset += n
+                    views = _advance(views, n)
+        except OSError as e:
+            raise self._io_error("read", blk, count, e) from None
+        with self._stats_lock:
+            self._stats["reads"] += 1
+            self._stats["blocks_read"] += count
+
     def write_sync(self, blk: int, bufs: Sequence[Buffer]) -> None:
         """Write the concatenation of ``bufs`` to consecutive blocks from ``blk``.
 
@@ -370,6 +396,9 @@ class BlockDevice:
 
     async def read(self, blk: int, count: int) -> bytes:
         return await trio.to_thread.run_sync(self.read_sync, blk, count)
+
+    async def read_into(self, blk: int, views: Sequence[memoryview]) -> None:
+        await trio.to_thread.run_sync(self.read_into_sync, blk, views)
 
     async def write(self, blk: int, bufs: Sequence[Buffer]) -> None:
         await trio.to_thread.run_sync(self.write_sync, blk, bufs)
@@ -510,6 +539,14 @@ def _eof_error(offset: int) -> OSError:
 
 def blocks_str(blk: int, count: int) -> str:
     return f"block {blk}" if count == 1 else f"blocks {blk}..{blk + count - 1}"
+
+
+def fill_views(views: Sequence[memoryview], data: bytes) -> None:
+    """Scatter ``data`` over ``views`` in order."""
+    pos = 0
+    for v in views:
+        v[:] = data[pos:pos + len(v)]
+        pos += len(v)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ..lib.errors import FsError
 from ..lib.units import BLOCK_SIZE
-from .device import Buffer, check_request, prepare_write, submit_sync
+from .device import Buffer, check_request, fill_views, prepare_write, submit_sync
 from .faults import FaultTable
 from .recorder import Recorder
 
@@ -80,6 +80,9 @@ class MemoryDevice:
         off = blk * BLOCK_SIZE
         return bytes(self.data[off:off + count * BLOCK_SIZE])
 
+    def read_into_sync(self, blk: int, views) -> None:
+        fill_views(views, self.read_sync(blk, sum(len(v) for v in views) // BLOCK_SIZE))
+
     def write_sync(self, blk: int, bufs: Sequence[Buffer]) -> None:
         self._check_open("write")
         views, nbytes, count = prepare_write(self, blk, bufs)
@@ -116,6 +119,9 @@ class MemoryDevice:
 
     async def read(self, blk: int, count: int) -> bytes:
         return self.read_sync(blk, count)
+
+    async def read_into(self, blk: int, views) -> None:
+        self.read_into_sync(blk, views)
 
     async def write(self, blk: int, bufs: Sequence[Buffer]) -> None:
         self.write_sync(blk, bufs)

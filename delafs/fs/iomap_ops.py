@@ -264,5 +264,5 @@ class FsIomapOps(FsWritebackOps):
     def prealloc_start(self, ino: int) -> int | None:
         return self.prealloc.get(ino)
 
-    async def read_blocks(self, addr: int, nblocks: int) -> bytes:
-        return await self.fs.dev.read(addr >> BLOCK_SHIFT, nblocks)
+    async def read_blocks(self, addr: int, views) -> None:
+        await self.fs.dev.read_into(addr >> BLOCK_SHIFT, views)

@@ -34,8 +34,9 @@ put there: kept so tests and ``delafs race`` can show the loss.
 from __future__ import annotations
 
 import errno
+import logging
 
-from ..lib.errors import FsError
+from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
 from ..lib.locks import DEBUG_LOCKS
 from ..lib.trace import TRACE
@@ -56,6 +57,8 @@ from .types import (
 DEFAULT_FOLIO_BLOCKS = 16        # 64 KiB folios for ordinary writes
 LARGE_FOLIO_BLOCKS = 256         # 1 MiB folios for large aligned writes
 READAHEAD_MAX_BLOCKS = 256
+
+log = logging.getLogger("delafs")
 
 
 
@@ -251,8 +254,8 @@ class Engine:
         bstart = b << BLOCK_SHIFT
         if (iomap.type == IomapType.MAPPED and not iomap.flags & IOMAP_F_NEW
                 and iomap.offset <= bstart < iomap.end and bstart < inode.size):
-            data = await self.ops.read_blocks(iomap.addr + bstart - iomap.offset, 1)
-            folio.data[off:off + BLOCK_SIZE] = data
+            await self.ops.read_blocks(iomap.addr + bstart - iomap.offset,
+                                       [memoryview(folio.data)[off:off + BLOCK_SIZE]])
         else:
             folio.data[off:off + BLOCK_SIZE] = bytes(BLOCK_SIZE)
         folio.set_uptodate(i, 1)
@@ -487,24 +490,42 @@ class Engine:
             off = (i + j) << BLOCK_SHIFT
             size = (k - j) << BLOCK_SHIFT
             if iomap.type == IomapType.MAPPED:
-                folio.data[off:off + size] = await self.ops.read_blocks(
-                    iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset, k - j)
+                await self.ops.read_blocks(iomap.addr + ((b + j) << BLOCK_SHIFT) - iomap.offset,
+                                           [memoryview(folio.data)[off:off + size]])
             else:
                 folio.data[off:off + size] = bytes(size)
             folio.set_uptodate(i + j, k - j)
             j = k
 
     async def buffered_read(self, inode: VInode, pos: int, size: int) -> bytes:
-        """Read through the page cache (filemap_read), with sequential readahead."""
+        """Read through the page cache (filemap_read).  The folios missing
+        from the request, and from the readahead window after it when the
+        reads are sequential, are read in batches first (_readahead); the
+        copy then takes every byte from uptodate folios, reading any folio
+        that still is not (a partial one, or one whose readahead failed)."""
         self.stats["reads"] += 1
         end = min(pos + size, inode.size)
         if pos >= end:
             return b""
         mapping = inode.mapping
-        out = bytearray()
+        parts = []
         async with mapping.invalidate_lock.shared():
+            first = pos >> BLOCK_SHIFT
+            last = (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+            ahead = 0
             if self._ra.get(inode.ino) == pos:
-                await self._readahead(inode, end, min(READAHEAD_MAX_BLOCKS, max(16, (end - pos) >> 11)))
+                # Sequential: keep a window of up to four requests cached
+                # ahead, topped up a whole window at a time once half of it
+                # has been consumed (the kernel's PG_readahead marker), so
+                # the device sees large reads, not one small read per request.
+                window = min(READAHEAD_MAX_BLOCKS, max(16, 4 * (last - first)))
+                cached = self._cached_run(mapping, last, window)
+                if cached < window // 2:
+                    if cached:
+                        await self._readahead(inode, last + cached, window)
+                    else:
+                        ahead = window
+            await self._readahead(inode, first, last - first + ahead)
             cur = pos
             while cur < end:
                 b = cur >> BLOCK_SHIFT
@@ -516,24 +537,82 @@ class Engine:
                         b - folio.index, ((min(end, folio.end) - 1) >> BLOCK_SHIFT) - b + 1):
                     folio = await self.read_cache_folio(inode, b, folio_hint(end - cur, cur))
                 stop = min(end, folio.end)
-                out += folio.data[cur - folio.pos:stop - folio.pos]
+                # A copy now: the folio may change once this task waits.
+                parts.append(bytes(memoryview(folio.data)[cur - folio.pos:stop - folio.pos]))
                 self.cache.mark_accessed(folio)
                 cur = stop
         self._ra[inode.ino] = end
         # i_size may have shrunk while we copied: never return bytes past it.
-        return bytes(out[:max(0, min(end, inode.size) - pos)])
+        keep = max(0, min(end, inode.size) - pos)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        return out if len(out) == keep else out[:keep]
 
-    async def _readahead(self, inode: VInode, start: int, nblocks: int) -> None:
+    @staticmethod
+    def _cached_run(mapping, block: int, limit: int) -> int:
+        """How many blocks from ``block`` on (at most ``limit``) are cached."""
+        n = 0
+        while n < limit:
+            folio = mapping.lookup(block + n)
+            if folio is None:
+                break
+            n = folio.index + folio.nblocks - block
+        return min(n, limit)
+
+    async def _readahead(self, inode: VInode, first: int, nblocks: int) -> None:
+        """page_cache_ra_unbounded: add the folios missing from [first,
+        first+nblocks) (clipped to EOF), locked, and read each run of them
+        as one batch (iomap_readahead).  Errors are not reported here: the
+        folios stay !uptodate and the read that needs them retries and
+        reports (as the kernel's readahead never fails a read itself)."""
         mapping = inode.mapping
-        b = start >> BLOCK_SHIFT
-        stop = min(b + nblocks, (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+        b = first
+        stop = min(first + nblocks, (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+        batch = []
         while b < stop:
             folio = mapping.lookup(b)
             if folio is None:
-                folio = await self.read_cache_folio(
-                    inode, b, folio_hint((stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
+                # New, so locked without a wait.
+                folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint(
+                    (stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
+                batch.append(folio)
                 self.stats["readahead_folios"] += 1
+            elif batch:
+                await self._read_batch(inode, batch)
+                batch = []
             b = folio.index + folio.nblocks
+        if batch:
+            await self._read_batch(inode, batch)
+
+    async def _read_batch(self, inode: VInode, folios: list) -> None:
+        """iomap_readahead over new locked folios of consecutive blocks: one
+        IomapIter over their span, one device read per mapping straight into
+        the folios.  Unlocks them all, uptodate only if it all worked."""
+        start, end = folios[0].pos, folios[-1].end
+        try:
+            eof = min(end, round_up(inode.size))
+            if eof > start:
+                it = IomapIter(self.ops, inode, start, eof - start, 0)
+                while await it.next():
+                    lo, hi = it.pos, it.pos + it.length
+                    views = [memoryview(f.data)[max(lo, f.pos) - f.pos:min(hi, f.end) - f.pos]
+                             for f in folios if f.pos < hi and f.end > lo]
+                    if it.iomap.type == IomapType.MAPPED:
+                        await self.ops.read_blocks(it.iomap.addr + lo - it.iomap.offset, views)
+                    else:
+                        for v in views:
+                            v[:] = bytes(len(v))
+                    it.processed = it.length
+            for f in folios:
+                if f.end > eof:
+                    f.data[max(0, eof - f.pos):] = bytes(f.end - max(eof, f.pos))
+                f.set_uptodate(0, f.nblocks)
+        except DelafsError as e:
+            log.debug("readahead of inode %d [%d, %d): %s", inode.ino, start, end, e)
+        finally:
+            for f in folios:
+                f.unlock()
+        if TRACE.on:
+            TRACE.emit("iomap_readahead", ino=inode.ino, pos=start, length=end - start)
 
     # ==================================================================
     # Zeroing and truncate

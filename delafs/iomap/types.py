@@ -97,8 +97,9 @@ class IomapOps(Protocol):
         atomically, returning their reservation.  Called with a folio lock
         possibly held: must never lock a folio itself."""
 
-    async def read_blocks(self, addr: int, nblocks: int) -> bytes:
-        """Read ``nblocks`` blocks at disk byte address ``addr``."""
+    async def read_blocks(self, addr: int, views) -> None:
+        """Read the blocks at disk byte address ``addr`` into ``views``
+        (memoryviews of folio data, each a whole number of blocks)."""
 
 
 @dataclass

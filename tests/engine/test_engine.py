@@ -51,6 +51,49 @@ async def test_write_read_roundtrip_and_delalloc_lifecycle(rig):
     await rig.fsck()
 
 
+async def test_cold_sequential_reads_come_in_batches_and_a_failed_readahead_fails_only_its_reader(rig):
+    """Readahead adds the missing folios of the request and of the window
+    after it, then reads each mapped run into them with one device request
+    (iomap_readahead).  An error in the window fails no read that does not
+    need it; the read that does gets EIO, and succeeds once the device
+    does."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    data = os.urandom(2 << 20)
+    for off in range(0, len(data), 1 << 20):
+        await m.write(f, off, data[off:off + (1 << 20)])
+    await m.fsync(f)
+    await m.release(f)
+    pblock = m.fs.emaps[ino].lookup(100).pblock + 100 - m.fs.emaps[ino].lookup(100).fblock
+    await rig.unmount()
+
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    reads = m.fs.dev.statistics()["reads"]
+    chunk = 128 << 10
+    for off in range(0, len(data), chunk):
+        assert await m.read(f, off, chunk) == data[off:off + chunk]
+    # 16 requests; one 64 KiB folio at a time made 32 device reads.
+    assert m.fs.dev.statistics()["reads"] - reads <= 8, m.fs.dev.statistics()["reads"] - reads
+    await m.release(f)
+    await rig.unmount()
+
+    m = await rig.mount()
+    fid = m.fs.dev.faults.add("read", pblock, 1)
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 0, chunk) == data[:chunk]
+    assert await m.read(f, chunk, chunk) == data[chunk:2 * chunk]   # block 100 read ahead: failed
+    with pytest.raises(FsError) as e:
+        await m.read(f, 100 * BS, BS)
+    assert e.value.errno == errno.EIO
+    m.fs.dev.faults.remove(fid)
+    assert await m.read(f, 64 * BS, 64 * BS) == data[64 * BS:128 * BS]
+    await m.release(f)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_unsynced_data_may_be_lost_but_never_stale(rig):
     m = await rig.mount(format=True)
     # Fill blocks with a pattern, free them, then reuse them for new data
