@@ -4,7 +4,13 @@
 matrices, benchmarks at full size); without it they are skipped.
 """
 
+import os
+
 import pytest
+
+# Every daemon a test mounts runs with the lock-ownership assertions, which
+# a daemon leaves off by default (delafs/lib/locks.py).
+os.environ.setdefault("DELAFS_DEBUG_LOCKS", "1")
 
 
 def pytest_addoption(parser):

@@ -23,7 +23,6 @@ Lock order (the whole of it is documented in docs/design.md):
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import logging
 import stat
@@ -305,10 +304,9 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
             log.error("filesystem shut down: %s; every later change fails with EIO, "
                       "the journal keeps what was committed (replayed at the next mount)", why)
 
-    @contextlib.asynccontextmanager
-    async def transaction(self, *, items: int = 0, item_size: int = 128, data: int = 0,
-                  write: bool = True, pool: bool = False):
-        """Frame one metadata operation.
+    def transaction(self, *, items: int = 0, item_size: int = 128, data: int = 0,
+                    write: bool = True, pool: bool = False) -> "_Transaction":
+        """Frame one metadata operation: ``async with fs.transaction(...):``.
 
         ``items`` btree items may be inserted and ``data`` blocks allocated;
         their worst case is reserved up front so the operation fails with
@@ -316,41 +314,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         frees space (unlink, rmdir) dip into the metadata reserve when the
         filesystem is full.
         """
-        async with self.meta_lock:
-            self.check_alive()
-            if write and self.readonly:
-                raise FsError(errno.EROFS, "filesystem is mounted read-only")
-            need = data + (worst_case_nodes(items, item_size, self.tree.levels) if items else 0)
-            fallback = "available"
-            if need:
-                try:
-                    self.space.alloc.reserve(need)
-                except FsError:
-                    if self.space.alloc.busy and not self.readonly:
-                        # Freed blocks come back at the checkpoint (XFS
-                        # forces the log for its busy extents the same way).
-                        await self.store.checkpoint_locked()
-                    try:
-                        self.space.alloc.reserve(need)
-                    except FsError:
-                        if not pool:
-                            raise
-                        fallback, need = "metadata_reserve", 0
-            before = self.store.changes
-            self.space.begin_op(need, fallback)
-            try:
-                yield
-            except BaseException as e:
-                if self.store.changes != before:
-                    self.shut_down(f"{type(e).__name__} in the middle of an update: {e}")
-                raise
-            finally:
-                self.space.end_op()
-                self.stats["ops"] += 1
-                self.store.evict()
-                self._evict_inodes()
-            if len(self.store.dirty) > self.store.roll_threshold:
-                await self.store.commit_locked()
+        return _Transaction(self, items, item_size, data, write, pool)
 
     # ======================================================================
     # Whole filesystem
@@ -372,3 +336,64 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         return {"space": self.space.alloc.statistics(), "meta": self.store.statistics(),
                 "dev": self.dev.statistics(), "fs": dict(self.stats),
                 "journal": dict(self.store.journal.stats) if self.store.journal else {}}
+
+
+class _Transaction:
+    """The context of Filesystem.transaction: a class, not a generator,
+    because every read, write and getattr goes through one."""
+
+    __slots__ = ("fs", "items", "item_size", "data", "write", "pool", "before")
+
+    def __init__(self, fs: Filesystem, items: int, item_size: int, data: int,
+                 write: bool, pool: bool):
+        self.fs = fs
+        self.items = items
+        self.item_size = item_size
+        self.data = data
+        self.write = write
+        self.pool = pool
+
+    async def __aenter__(self) -> None:
+        fs = self.fs
+        await fs.meta_lock.acquire()
+        try:
+            fs.check_alive()
+            if self.write and fs.readonly:
+                raise FsError(errno.EROFS, "filesystem is mounted read-only")
+            need = self.data + (worst_case_nodes(self.items, self.item_size, fs.tree.levels)
+                                if self.items else 0)
+            fallback = "available"
+            if need:
+                try:
+                    fs.space.alloc.reserve(need)
+                except FsError:
+                    if fs.space.alloc.busy and not fs.readonly:
+                        # Freed blocks come back at the checkpoint (XFS
+                        # forces the log for its busy extents the same way).
+                        await fs.store.checkpoint_locked()
+                    try:
+                        fs.space.alloc.reserve(need)
+                    except FsError:
+                        if not self.pool:
+                            raise
+                        fallback, need = "metadata_reserve", 0
+        except BaseException:
+            fs.meta_lock.release()
+            raise
+        self.before = fs.store.changes
+        fs.space.begin_op(need, fallback)
+
+    async def __aexit__(self, typ, exc, tb) -> bool:
+        fs = self.fs
+        try:
+            if exc is not None and fs.store.changes != self.before:
+                fs.shut_down(f"{typ.__name__} in the middle of an update: {exc}")
+            fs.space.end_op()
+            fs.stats["ops"] += 1
+            fs.store.evict()
+            fs._evict_inodes()
+            if exc is None and len(fs.store.dirty) > fs.store.roll_threshold:
+                await fs.store.commit_locked()
+        finally:
+            fs.meta_lock.release()
+        return False

@@ -25,6 +25,7 @@ import trio
 from ..block.device import BlockDevice
 from ..block.logwrites import WriteLog
 from ..fs.filesystem import Filesystem
+from ..lib import locks
 from ..lib.errors import DelafsError, FsError, NotDelafsError
 from ..lib.errortag import ErrorTags
 from ..vfs.mount import Mount
@@ -175,6 +176,9 @@ class Daemon:
 def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
     """Mount and serve until unmounted.  ``ready(msg)`` is called once the
     mount is live ("ok") or has failed (the error text)."""
+    # Lock-ownership assertions are a development aid, like lockdep: off in
+    # a daemon unless DELAFS_DEBUG_LOCKS asks (the test suite's mounts do).
+    locks.DEBUG_LOCKS = locks.env_flag("DELAFS_DEBUG_LOCKS", False)
     d = Daemon(image, mountpoint, opts)
 
     async def main() -> int:

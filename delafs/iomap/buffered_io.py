@@ -36,9 +36,9 @@ from __future__ import annotations
 import errno
 import logging
 
+from ..lib import locks as _locks
 from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
-from ..lib.locks import DEBUG_LOCKS
 from ..lib.trace import TRACE
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE, round_down, round_up
 from .iter import IomapIter
@@ -140,7 +140,7 @@ class Engine:
 
     async def iomap_file_buffered_write(self, inode: VInode, pos: int, src: IovIter) -> int:
         """Write ``src`` at ``pos`` through the page cache; return bytes written."""
-        if DEBUG_LOCKS:
+        if _locks.DEBUG_LOCKS:
             inode.i_rwsem.assert_held("exclusive")
         self.stats["writes"] += 1
         total = len(src)
@@ -324,7 +324,7 @@ class Engine:
         The cache scan stops at EOF: cached data beyond it (a fault that
         straddled EOF) must not keep delalloc alive, because writeback never
         writes past EOF and would never convert it."""
-        if DEBUG_LOCKS:
+        if _locks.DEBUG_LOCKS:
             inode.mapping.invalidate_lock.assert_held("exclusive")
         await self.delalloc_release_range(inode, start, min(round_up(inode.size), end), end)
 
@@ -674,7 +674,7 @@ class Engine:
         (``fs_truncate(size)``: delalloc punched, extents freed through the
         journal).  Growing zeroes the old partial last block so the bytes
         past the old EOF read as zeros."""
-        if DEBUG_LOCKS:
+        if _locks.DEBUG_LOCKS:
             inode.i_rwsem.assert_held("exclusive")
         mapping = inode.mapping
         old = inode.size

@@ -45,7 +45,8 @@ lock, a named yield point of iomap/types.POINTS) to the next, and the race
 explorer, which parks tasks at exactly those places, sees the same steps.
 
 ``DEBUG_LOCKS`` (environment ``DELAFS_DEBUG_LOCKS``, on unless set to 0/off/
-false/no) turns on the ownership assertions (``assert_held``, the
+false/no; a mounted daemon defaults to off, like lockdep in a production
+kernel, and the test suite turns it on) turns on the ownership assertions (``assert_held``, the
 folio-lock checks in mm/folio.py).  It is read at call time, so a process
 may flip it; the bookkeeping that makes releases safe is always on.
 """
@@ -60,14 +61,14 @@ import trio
 __all__ = ["DEBUG_LOCKS", "Mutex", "RWSemaphore", "assert_owned"]
 
 
-def _env_flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool) -> bool:
     val = os.environ.get(name)
     if val is None:
         return default
     return val.strip().lower() not in ("0", "", "off", "false", "no")
 
 
-DEBUG_LOCKS: bool = _env_flag("DELAFS_DEBUG_LOCKS", True)
+DEBUG_LOCKS: bool = env_flag("DELAFS_DEBUG_LOCKS", True)
 
 _current_task = trio.lowlevel.current_task
 

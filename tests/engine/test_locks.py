@@ -291,12 +291,12 @@ async def test_statistics_and_repr():
 
 def test_debug_flag_env(monkeypatch):
     monkeypatch.delenv("DELAFS_DEBUG_LOCKS", raising=False)
-    assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is True
+    assert locks.env_flag("DELAFS_DEBUG_LOCKS", True) is True
     for off in ("0", "off", "False", "no"):
         monkeypatch.setenv("DELAFS_DEBUG_LOCKS", off)
-        assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is False
+        assert locks.env_flag("DELAFS_DEBUG_LOCKS", True) is False
     monkeypatch.setenv("DELAFS_DEBUG_LOCKS", "1")
-    assert locks._env_flag("DELAFS_DEBUG_LOCKS", True) is True
+    assert locks.env_flag("DELAFS_DEBUG_LOCKS", True) is True
 
 
 async def test_meta_lock_preconditions_are_asserted(tmp_path):
