@@ -87,12 +87,16 @@ class XattrOps:
             raise FsError(errno.ENOSPC, "too many xattr names share a hash")
         await self.tree.insert((ino, T_XATTR, off), item)
 
-    async def getxattr(self, ino: int, name: bytes) -> bytes:
+    def xattr_known_absent(self, ino: int, name: bytes) -> bool:
+        """Does the cached inode say it has no xattr ``name``?  No lock, no
+        tree: the kernel asks for security.capability before every
+        write(2), and the answer is almost always "none"."""
         inode = self.inodes.get(ino)
-        if (inode is not None and inode.xattr_names is not None
-                and name not in inode.xattr_names and not self.shutdown):
-            # No lock, no tree: the kernel asks for security.capability
-            # before every write(2), and the answer is almost always "none".
+        return (inode is not None and inode.xattr_names is not None
+                and name not in inode.xattr_names and not self.shutdown)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if self.xattr_known_absent(ino, name):
             raise FsError(errno.ENODATA)
         async with self.transaction(write=False):
             inode = await self.iget(ino)

@@ -605,6 +605,8 @@ class Operations(pyfuse3.Operations):
 
     @_reply
     async def getxattr(self, inode, name, ctx):
+        if self.fs.xattr_known_absent(inode, name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
             return await self.fs.getxattr(inode, name)
         except FsError as e:
