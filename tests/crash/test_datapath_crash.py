@@ -106,7 +106,7 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
         await real(self, wpc)
     monkeypatch.setattr(FsWritebackOps, "writeback_submit", complete_first)
     checked = 0
-    for seed in (6, 7, 9, 11):          # the stale block must be a reused one: a few workloads
+    for seed in (6, 7, 9, 11, 13, 17, 19, 23, 29, 31):   # the stale block must be a reused one
         work = tmp_path / str(seed)
         work.mkdir()
         _, v = await record_and_check(work, seed=seed, stop_at_first=True)
