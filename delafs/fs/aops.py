@@ -46,12 +46,21 @@ class FsWritebackOps:
         fs = self.fs
         inode = wpc.inode
         self.stats["writeback_ranges"] += 1
+        cached = wpc.iomap
+        if cached is not None and cached.offset <= pos < cached.end and not fs.shutdown:
+            if self.wb_mapping_valid(inode, cached):
+                n = min(length, cached.end - pos)
+                add_to_ioend(wpc, folio, pos, n, cached.addr + pos - cached.offset, cached.type)
+                if TRACE.on:
+                    TRACE.emit("iomap_writeback_range", ino=inode.ino, pos=pos, length=n,
+                               type=cached.type.name)
+                return n
         async with fs.meta_lock:
             try:
                 fs.check_alive()
                 emap = await fs.extent_map(inode.ino)
                 fblock = pos >> BLOCK_SHIFT
-                ext = emap.lookup(fblock, limit=(length + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+                ext = emap.lookup(fblock)      # the rest of the extent: the cached mapping
                 if ext.state == ExtState.DELALLOC:
                     if self.errortags.fires("alloc_enospc"):
                         raise FsError(errno.ENOSPC, "injected allocation failure in writeback")
@@ -62,6 +71,7 @@ class FsWritebackOps:
                 self.discard_folio(inode.ino, folio)
                 self.stats["writeback_errors"] += 1
                 raise
+            wpc.iomap = self._iomap(ext, emap.cookie, 0)
         n = min(length, (ext.end << BLOCK_SHIFT) - pos)
         addr = (ext.pblock << BLOCK_SHIFT) + (pos - (ext.fblock << BLOCK_SHIFT))
         typ = EXT_TO_IOMAP[ext.state]
@@ -69,6 +79,13 @@ class FsWritebackOps:
         if TRACE.on:
             TRACE.emit("iomap_writeback_range", ino=inode.ino, pos=pos, length=n, type=typ.name)
         return n
+
+    def wb_mapping_valid(self, inode: VInode, iomap) -> bool:
+        """xfs_imap_valid: the mapping writeback cached in its context still
+        holds if the extent map has not changed since it was made (its
+        cookie); then a range inside it needs no lock and no lookup."""
+        emap = self.fs.emaps.get(inode.ino)
+        return emap is not None and emap.cookie == iomap.validity_cookie
 
     def discard_folio(self, ino: int, folio) -> None:
         """xfs_discard_folio: drop the folio's delalloc after writeback
