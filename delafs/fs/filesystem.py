@@ -237,10 +237,13 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         self.sb.last_clean_ns = now_ns()
         await self._write_superblocks()
 
-    async def commit(self) -> int:
-        """Make every completed operation durable (the journal's fsync)."""
+    async def commit(self, *, times: bool = True) -> int:
+        """Make every completed operation durable (the journal's fsync).
+        Without ``times`` the timestamps only stamped in memory stay there
+        (fdatasync: they are not needed to read the data back)."""
         self.check_alive()
-        await self._write_dirty_times()
+        if times:
+            await self._write_dirty_times()
         try:
             seq = await self.store.commit()
         except BaseException as e:

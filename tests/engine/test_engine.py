@@ -94,6 +94,36 @@ async def test_cold_sequential_reads_come_in_batches_and_a_failed_readahead_fail
     await rig.fsck()
 
 
+async def test_fsync_flush_counts(rig):
+    """Ordered device flushes per fsync, as XFS and ext4 issue them: an
+    allocating fsync or fdatasync needs two (the data, then the journal
+    commit that exposes it), an fdatasync of an overwrite one (the data:
+    the new mtime is not needed to read it back), an fsync of an overwrite
+    two (the times are metadata)."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    dev = m.fs.dev
+
+    async def flushes(data, pos, datasync):
+        before = dev.statistics()["flushes"]
+        await m.write(f, pos, data)
+        await m.fsync(f, datasync)
+        return dev.statistics()["flushes"] - before
+
+    assert await flushes(b"a" * 16384, 0, True) == 2         # allocating fdatasync
+    assert await flushes(b"b" * 16384, 0, True) == 1         # overwrite fdatasync
+    assert await flushes(b"c" * 16384, 0, False) == 2        # overwrite fsync: mtime
+    assert await flushes(b"d" * 4096, 16384, True) == 2      # extending: the size
+    await m.release(f)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 0, 20480) == b"c" * 16384 + b"d" * 4096
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_unsynced_data_may_be_lost_but_never_stale(rig):
     m = await rig.mount(format=True)
     # Fill blocks with a pattern, free them, then reuse them for new data
