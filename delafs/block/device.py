@@ -301,20 +301,40 @@ class BlockDevice:
     def read_into_sync(self, blk: int, views: Sequence[memoryview]) -> None:
         """Read consecutive blocks from ``blk`` straight into ``views`` (each
         a whole number of blocks): a scatter read, no intermediate copy."""
-        nbytes = sum(len(v) for v in views)
-        count = nbytes // BLOCK_SIZE
+        count = self._check_read_into(blk, views)
+        if count:
+            self._read_views(blk, views, count)
+
+    def _check_read_into(self, blk: int, views: Sequence[memoryview]) -> int:
+        count = sum(len(v) for v in views) // BLOCK_SIZE
         check_request(self, "read", blk, count)
-        if count == 0:
-            return
+        return count
+
+    def _read_views(self, blk: int, views: Sequence[memoryview], count: int,
+                    offset: int | None = None, *, nowait: bool = False) -> list[memoryview]:
+        """preadv into ``views`` (the read of ``count`` blocks at ``blk``,
+        from byte ``offset`` on) until they are full.  With ``nowait``, only
+        what the host's page cache holds (RWF_NOWAIT): returns the views
+        still to read, counting the read only when nothing is left."""
+        if offset is None:
+            offset = blk * BLOCK_SIZE
         try:
             if self.direct:
-                fill_views(views, self._read_direct(blk, nbytes))
+                fill_views(views, self._read_direct(blk, count * BLOCK_SIZE))
+                views = []
             else:
-                offset = blk * BLOCK_SIZE
+                flags = os.RWF_NOWAIT if nowait else 0
                 views = list(views)
                 while views:
-                    n = os.preadv(self._fd, views[:_IOV_MAX], offset)
+                    try:
+                        n = os.preadv(self._fd, views[:_IOV_MAX], offset, flags)
+                    except BlockingIOError:
+                        if nowait:
+                            return views
+                        raise
                     if n == 0:
+                        if nowait:
+                            return views
                         raise _eof_error(offset)
                     offset += n
                     views = _advance(views, n)
@@ -323,6 +343,7 @@ class BlockDevice:
         with self._stats_lock:
             self._stats["reads"] += 1
             self._stats["blocks_read"] += count
+        return []
 
     def write_sync(self, blk: int, bufs: Sequence[Buffer]) -> None:
         """Write the concatenation of ``bufs`` to consecutive blocks from ``blk``.
@@ -398,7 +419,17 @@ class BlockDevice:
         return await trio.to_thread.run_sync(self.read_sync, blk, count)
 
     async def read_into(self, blk: int, views: Sequence[memoryview]) -> None:
-        await trio.to_thread.run_sync(self.read_into_sync, blk, views)
+        """What the host's page cache holds is read at once, without a trip
+        to a worker thread (which costs more than such a read); only the
+        rest waits for the disk in a thread."""
+        count = self._check_read_into(blk, views)
+        if not count:
+            return
+        rest = views if self.direct else self._read_views(blk, views, count, nowait=True)
+        if rest:
+            done = sum(len(v) for v in views) - sum(len(v) for v in rest)
+            await trio.to_thread.run_sync(self._read_views, blk, rest, count,
+                                          blk * BLOCK_SIZE + done)
 
     async def write(self, blk: int, bufs: Sequence[Buffer]) -> None:
         await trio.to_thread.run_sync(self.write_sync, blk, bufs)

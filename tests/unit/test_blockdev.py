@@ -159,6 +159,32 @@ async def test_concurrent_async_io(dev):
     assert stats["writes"] == stats["reads"] - 1 == NBLOCKS
 
 
+async def test_read_into_mixes_host_cached_and_uncached_blocks(dev, monkeypatch):
+    """read_into takes what the host page cache holds at once (RWF_NOWAIT)
+    and the rest in a worker thread, resuming where the first stopped,
+    also mid-buffer; both halves land in the right views."""
+    data = os.urandom(16 * BLOCK_SIZE)
+    dev.write_sync(10, [data])
+    real = os.preadv
+    calls = []
+
+    def preadv(fd, bufs, offset, flags=0):
+        calls.append(flags)
+        if flags:                       # the host cache holds 5 blocks, then would block
+            if len(calls) > 1:
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            n = real(fd, bufs, offset)
+            return min(n, 5 * BLOCK_SIZE)
+        return real(fd, bufs, offset, flags)
+    monkeypatch.setattr(os, "preadv", preadv)
+    views = [memoryview(bytearray(4 * BLOCK_SIZE)) for _ in range(4)]
+    before = dev.statistics()["reads"]
+    await dev.read_into(10, views)
+    assert b"".join(bytes(v) for v in views) == data
+    assert calls[:2] == [os.RWF_NOWAIT, os.RWF_NOWAIT] and calls[2:] and not any(calls[2:])
+    assert dev.statistics()["reads"] == before + 1
+
+
 def test_buffer_must_be_whole_blocks(dev):
     with pytest.raises(ValueError):
         dev.write_sync(0, [b"x" * 100])
