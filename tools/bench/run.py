@@ -212,7 +212,7 @@ class Runner:
 
     def save(self) -> dict:
         results = {
-            "mode": "quick" if self.args.quick else "default",
+            "mode": "scale" if self.args.scale else "quick" if self.args.quick else "default",
             "command": self.info.get("command"),
             "machine": self.info.get("machine"),
             "params": self.p.__dict__ | {"untar_subtree": list(self.p.untar_subtree)},
@@ -220,7 +220,7 @@ class Runner:
             "mount_per": self.args.mount_per,
             "systems": {n: s.commands for n, s in self.systems.items()},
             "skipped": self.skipped,
-            "jobs": {j.name: {"unit": j.unit, "what": j.what.format(**self.p.words()),
+            "jobs": {} if self.args.scale else {j.name: {"unit": j.unit, "what": j.what.format(**self.p.words()),
                               "command": " ".join(J.fio_cmd(j, "FILE.json")).replace(str(ROOT) + "/", "")
                               if j.kind == "fio" else f"python: tools/bench/jobs.py ({j.kind})"}
                      for j in J.JOBS if j.name in self.args.jobs},
@@ -295,7 +295,7 @@ def parse_args(argv=None):
 
 
 def command_line(argv) -> str:
-    return "python -m tools.bench" + "".join(f" {a}" for a in argv)
+    return report.public_command(argv)
 
 
 def main(argv=None) -> int:
@@ -328,14 +328,14 @@ def main(argv=None) -> int:
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     status = 0
     try:
-        r.setup()
-        if not r.systems:
-            log("no system can run here")
-            return 2
         if args.scale:
             from tools.bench import scale
             r.info["scale"] = scale.run_scale(r, args.scale_small, log)
         else:
+            r.setup()
+            if not r.systems:
+                log("no system can run here")
+                return 2
             r.rounds()
         r.info["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         results = r.save()
