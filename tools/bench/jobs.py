@@ -95,8 +95,9 @@ def fio_cmd(job: Job, out: str | None) -> list[str]:
     return cmd + [str(JOBDIR / f"{job.name}.fio")]
 
 
-def run_fio(job: Job, p: Params, directory: str, out: str | None, *, create_only: bool) -> dict | None:
-    env = dict(os.environ, **job.env(p, directory, create_only))
+def run_fio(job: Job, p: Params, directory: str, out: str | None, *, create_only: bool,
+            extra_env: dict | None = None) -> dict | None:
+    env = dict(os.environ, **job.env(p, directory, create_only), **(extra_env or {}))
     r = run(fio_cmd(job, out), timeout=p.timeout, check=False, env=env)
     if r.returncode != 0:
         raise BenchError(f"fio {job.name} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-1500:]}")

@@ -196,6 +196,11 @@ class System:
     def cold_check(self) -> dict:
         return {}
 
+    def destroy(self) -> None:
+        """Unmounted already: delete the image (--scale makes one per measurement)."""
+        if os.path.exists(self.image):
+            os.unlink(self.image)
+
     def _wait_mounted(self, proc: subprocess.Popen, timeout: float = 30) -> None:
         ok = wait_for(lambda: mounted(self.mnt) or proc.poll() is not None, timeout)
         if not ok or not mounted(self.mnt):
@@ -244,6 +249,14 @@ class Ext4(System):
 
     def mount(self, *, ask_pid: bool = True):
         run(["mount", self.dev, self.mnt], timeout=120)
+
+    def destroy(self):
+        if self.dev and not mounted(self.mnt):
+            run(["losetup", "-d", self.dev], check=False)
+            if self.dev in self.reg.loops:
+                self.reg.loops.remove(self.dev)
+            self.dev = None
+        super().destroy()
 
     def umount(self):
         if mounted(self.mnt):
