@@ -186,6 +186,8 @@ class BlockDevice:
         self.nblocks = size // BLOCK_SIZE
         self.readonly = readonly
         self.direct = direct
+        # RWF_NOWAIT reads work here (cleared where the host says EOPNOTSUPP).
+        self.nowait_reads = True
         self.faults = FaultTable()
         self.recorder: Recorder | None = None
         self.errortags = None           # set by Filesystem.attach_errortags
@@ -332,6 +334,11 @@ class BlockDevice:
                         if nowait:
                             return views
                         raise
+                    except OSError as e:
+                        if nowait and e.errno == errno.EOPNOTSUPP:
+                            self.nowait_reads = False       # tmpfs, some FUSE hosts
+                            return views
+                        raise
                     if n == 0:
                         if nowait:
                             return views
@@ -425,7 +432,8 @@ class BlockDevice:
         count = self._check_read_into(blk, views)
         if not count:
             return
-        rest = views if self.direct else self._read_views(blk, views, count, nowait=True)
+        nowait = self.nowait_reads and not self.direct
+        rest = self._read_views(blk, views, count, nowait=True) if nowait else views
         if rest:
             done = sum(len(v) for v in views) - sum(len(v) for v in rest)
             await trio.to_thread.run_sync(self._read_views, blk, rest, count,

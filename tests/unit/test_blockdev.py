@@ -185,6 +185,27 @@ async def test_read_into_mixes_host_cached_and_uncached_blocks(dev, monkeypatch)
     assert dev.statistics()["reads"] == before + 1
 
 
+async def test_read_into_on_a_host_without_nowait_reads(dev, monkeypatch):
+    """A host filesystem that refuses RWF_NOWAIT (tmpfs answers EOPNOTSUPP)
+    gets every read through the thread, and is not asked again."""
+    data = os.urandom(4 * BLOCK_SIZE)
+    dev.write_sync(3, [data])
+    real = os.preadv
+    flags_seen = []
+
+    def preadv(fd, bufs, offset, flags=0):
+        flags_seen.append(flags)
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, bufs, offset)
+    monkeypatch.setattr(os, "preadv", preadv)
+    for _ in range(2):
+        view = memoryview(bytearray(4 * BLOCK_SIZE))
+        await dev.read_into(3, [view])
+        assert bytes(view) == data
+    assert flags_seen == [os.RWF_NOWAIT, 0, 0]
+
+
 def test_buffer_must_be_whole_blocks(dev):
     with pytest.raises(ValueError):
         dev.write_sync(0, [b"x" * 100])
