@@ -119,12 +119,10 @@ def check_request(dev, op: str, blk: int = 0, count: int = 0) -> None:
         raise FsError(errno.EIO, f"injected cache flush error on {dev.path} (flush_eio)")
 
 
-def submit_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]], flush: bool
-                ) -> tuple[list[FsError | None], FsError | None]:
-    """Write each ``(blk, bufs)`` in order, then, if ``flush`` and any write
-    succeeded, flush: the body of one ``dev.submit`` call.  A failed write
-    does not stop the others.  Returns each write's error (or None) and the
-    flush's."""
+def submit_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]]) -> list[FsError | None]:
+    """Write each ``(blk, bufs)`` in order: the body of one ``dev.submit``
+    call.  A failed write does not stop the others.  Returns each write's
+    error, or None."""
     errors: list[FsError | None] = []
     for blk, bufs in writes:
         try:
@@ -132,13 +130,7 @@ def submit_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]], flush: bool
             errors.append(None)
         except FsError as e:
             errors.append(e)
-    flush_error = None
-    if flush and any(e is None for e in errors):
-        try:
-            dev.flush_sync()
-        except FsError as e:
-            flush_error = e
-    return errors, flush_error
+    return errors
 
 
 def prepare_write(dev, blk: int, bufs) -> tuple[list[memoryview], int, int]:
@@ -186,6 +178,9 @@ class BlockDevice:
         self.nblocks = size // BLOCK_SIZE
         self.readonly = readonly
         self.direct = direct
+        # A write has completed since the last flush started: a journal
+        # commit must flush before its records (log/journal.py).
+        self.unflushed = False
         # RWF_NOWAIT reads work here (cleared where the host says EOPNOTSUPP).
         self.nowait_reads = True
         self.faults = FaultTable()
@@ -368,6 +363,7 @@ class BlockDevice:
                 self._write_buffered(blk, views)
         except OSError as e:
             raise self._io_error("write", blk, count, e) from None
+        self.unflushed = True
         with self._stats_lock:
             self._stats["writes"] += 1
             self._stats["blocks_written"] += count
@@ -381,9 +377,11 @@ class BlockDevice:
         is what the log's commit records depend on.
         """
         check_request(self, "flush")
+        self.unflushed = False          # a write completing from now on needs a later flush
         try:
             os.fdatasync(self._fd)
         except OSError as e:
+            self.unflushed = True
             raise FsError(e.errno, f"flush of image {self.path} failed: {e.strerror}") from None
         with self._stats_lock:
             self._stats["flushes"] += 1
@@ -445,10 +443,10 @@ class BlockDevice:
     async def flush(self) -> None:
         await trio.to_thread.run_sync(self.flush_sync)
 
-    async def submit(self, writes, *, flush: bool = False):
-        """Many writes and a flush in one trip to a worker thread (a block
-        plug): each trip costs as much as a small pwrite.  See submit_sync."""
-        return await trio.to_thread.run_sync(submit_sync, self, writes, flush)
+    async def submit(self, writes):
+        """Many writes in one trip to a worker thread (a block plug): each
+        trip costs as much as a small pwrite.  See submit_sync."""
+        return await trio.to_thread.run_sync(submit_sync, self, writes)
 
     async def discard(self, blk: int, count: int) -> None:
         await trio.to_thread.run_sync(self.discard_sync, blk, count)

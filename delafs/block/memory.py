@@ -49,6 +49,7 @@ class MemoryDevice:
         self.nblocks = size // BLOCK_SIZE
         self.readonly = readonly
         self.direct = False
+        self.unflushed = False
         self.faults = FaultTable()
         self.recorder: Recorder | None = None
         self.errortags = None
@@ -94,12 +95,14 @@ class MemoryDevice:
             off += len(v)
         self._stats["writes"] += 1
         self._stats["blocks_written"] += count
+        self.unflushed = True
         if self.recorder is not None:
             self.recorder.events.append(("write", blk, b"".join(views)))
 
     def flush_sync(self) -> None:
         self._check_open("flush")
         check_request(self, "flush")
+        self.unflushed = False
         self._stats["flushes"] += 1
         if self.recorder is not None:
             self.recorder.events.append(("flush",))
@@ -129,8 +132,8 @@ class MemoryDevice:
     async def flush(self) -> None:
         self.flush_sync()
 
-    async def submit(self, writes, *, flush: bool = False):
-        return submit_sync(self, writes, flush)
+    async def submit(self, writes):
+        return submit_sync(self, writes)
 
     async def discard(self, blk: int, count: int) -> None:
         self.discard_sync(blk, count)

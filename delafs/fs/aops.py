@@ -127,8 +127,11 @@ class FsWritebackOps:
         return emap.lookup(fblock)
 
     async def writeback_submit(self, wpc: WritebackCtx) -> None:
-        """Write every ioend, flush once, then complete: convert UNWRITTEN
-        to WRITTEN and move the on-disk size, in one metadata operation."""
+        """Write every ioend, then complete: convert UNWRITTEN to WRITTEN
+        and move the on-disk size, in one metadata operation of the running
+        transaction.  No flush here: the journal flushes before it writes
+        the commit that carries the conversion (Journal.write_transaction),
+        and fsync's commit flushes what nothing else did."""
         if wpc.ioend is not None:
             wpc.ready.append(wpc.ioend)
             wpc.ioend = None
@@ -150,20 +153,15 @@ class FsWritebackOps:
         if not queued:
             return
         try:
-            errors, flush_error = await fs.dev.submit(
-                [(io.addr >> BLOCK_SHIFT, io.bufs) for io in queued], flush=True)
+            errors = await fs.dev.submit([(io.addr >> BLOCK_SHIFT, io.bufs) for io in queued])
         except Exception as e:          # not an I/O error: a bug, or a closed device
-            errors, flush_error = [e] * len(queued), None
+            errors = [e] * len(queued)
         done = []
         for io, err in zip(queued, errors):
             if err is None:
                 done.append(io)
             else:
                 self._ioend_failed(wpc, io, err)
-        if flush_error is not None:
-            wpc.inode.mapping.wb_err.set(flush_error.errno)
-            self.stats["writeback_errors"] += 1
-            done = []
         if done:
             await self._complete(wpc.inode, done)
 

@@ -249,6 +249,10 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         except BaseException as e:
             self.shut_down(f"journal commit failed: {e}")
             raise
+        if self.dev.unflushed:
+            # Nothing (more) to commit, but data was written since the last
+            # flush: an fdatasync of an overwrite needs only this.
+            await self.dev.flush()
         await self._discard()
         return seq
 

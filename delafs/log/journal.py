@@ -165,6 +165,10 @@ class Journal:
     async def write_transaction(self, seq: int, images: dict[int, bytes], revokes: set[int]) -> None:
         """Write one transaction at the head and flush: it is durable on return.
 
+        Data written before it (writeback's ioends, whose completion this
+        transaction may carry) is flushed first, as XFS's log writes carry
+        REQ_PREFLUSH: that flush is what lets a conversion to WRITTEN commit
+        only after the data it exposes, without a flush per writeback pass.
         The caller has made room (see MetaStore.commit): a transaction never
         overwrites the tail.
         """
@@ -173,6 +177,8 @@ class Journal:
             raise FsError(errno.EIO, "injected journal write error (log_eio)")
         if len(blocks) > self.free():
             raise DelafsError(f"journal full: transaction of {len(blocks)} blocks, {self.free()} free")
+        if self.dev.unflushed:
+            await self.dev.flush()
         # Write in runs that don't cross the end of the circular area.
         i = 0
         while i < len(blocks):

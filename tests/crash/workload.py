@@ -82,6 +82,7 @@ class InlineDevice(BlockDevice):
         # The order of requests is all a crash image's checker needs; making
         # a throw-away file durable on the host only costs time.
         await trio.lowlevel.checkpoint()
+        self.unflushed = False
         if self.recorder is not None:
             self.recorder.events.append(("flush",))
 

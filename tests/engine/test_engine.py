@@ -124,6 +124,35 @@ async def test_fsync_flush_counts(rig):
     await rig.fsck()
 
 
+async def test_background_writeback_leaves_the_flush_to_the_journal_commit(rig):
+    """The flusher writes data and completes its ioends (the conversion to
+    WRITTEN goes into the running transaction) without a device flush; the
+    commit that carries the conversion flushes before its records, so the
+    data is durable first (REQ_PREFLUSH), then flushes its own records."""
+    from delafs.block.recorder import Recorder
+    from delafs.iomap.writeback import writepages
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"w" * (64 << 10))
+    dev = m.fs.dev
+    dev.recorder = Recorder()
+    await writepages(m.engine, await m.iget(ino), sync=False)
+    assert [e[0] for e in dev.recorder.events] == ["write"] and dev.unflushed
+    assert set(states(m, ino, 0, 16)) == {ExtState.WRITTEN}
+    await m.fs.commit()
+    assert [e[0] for e in dev.recorder.events][1:] == ["flush", "write", "flush"]
+    assert not dev.unflushed
+    dev.recorder = None
+    await m.release(f)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 0, 64 << 10) == b"w" * (64 << 10)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_unsynced_data_may_be_lost_but_never_stale(rig):
     m = await rig.mount(format=True)
     # Fill blocks with a pattern, free them, then reuse them for new data
