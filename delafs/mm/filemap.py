@@ -10,6 +10,7 @@ trio; that is why insertion and removal never await.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import trio
@@ -37,6 +38,8 @@ class AddressSpace:
                        callers), removal under the folio lock
       dirty_index      SortedSet of first blocks of folios with a dirty bit
                        (the xarray's dirty tag)
+      dirty_order      the same folios in the order they became dirty, which
+                       is dirtied_when order: the oldest is the first
       writeback_index  SortedSet of first blocks of folios under writeback
                        (the writeback tag)
       invalidate_lock  RWSemaphore ordering folio instantiation (read, fault)
@@ -51,6 +54,7 @@ class AddressSpace:
         self.ino = ino
         self.folios: SortedDict = SortedDict()
         self.dirty_index: SortedSet = SortedSet()
+        self.dirty_order: OrderedDict[int, Folio] = OrderedDict()
         self.writeback_index: SortedSet = SortedSet()
         self.invalidate_lock = RWSemaphore(f"invalidate_lock[{ino}]")
         self.nrpages = 0
@@ -124,8 +128,9 @@ class AddressSpace:
 
     def oldest_dirtied_when(self) -> float | None:
         """When the longest-dirty folio became dirty (None if clean)."""
-        folios = self.folios
-        return min((folios[i].dirtied_when for i in self.dirty_index), default=None)
+        for folio in self.dirty_order.values():
+            return folio.dirtied_when
+        return None
 
     # -- instantiation and removal -------------------------------------------
 
@@ -219,6 +224,7 @@ class AddressSpace:
         if was_clean:
             folio.dirtied_when = trio.current_time()
             self.dirty_index.add(folio.index)
+            self.dirty_order[folio.index] = folio
             cache._lru.pop(folio, None)
             if not self.nrdirty:
                 cache._dirty_mappings[self.ino] = self
@@ -232,6 +238,7 @@ class AddressSpace:
         if now_clean:
             folio.dirtied_when = None
             self.dirty_index.discard(folio.index)
+            del self.dirty_order[folio.index]
             if not folio.writeback:
                 cache._lru[folio] = None
             if not self.nrdirty:

@@ -336,6 +336,8 @@ class PageCache:
             assert mdirty == m.nrdirty, (m, mdirty)
             assert mwb == m.nrwriteback, (m, mwb)
             assert dirty_idx == set(m.dirty_index), m
+            order = [f.dirtied_when for f in m.dirty_order.values()]
+            assert set(m.dirty_order) == dirty_idx and order == sorted(order), m
             assert (ino in self._dirty_mappings) == (mdirty > 0), m
             dirty += mdirty << BLOCK_SHIFT
         assert cached == self.cached_bytes, (cached, self.cached_bytes)
