@@ -29,9 +29,9 @@ if __package__ in (None, ""):          # python tools/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "tools.bench"
 
-from tools.bench import jobs as J                                   # noqa: E402
-from tools.bench import report                                       # noqa: E402
-from tools.bench.systems import (ORDER, ROOT, SYSTEMS, BenchError, Registry,   # noqa: E402
+from tools.bench import jobs as J
+from tools.bench import report
+from tools.bench.systems import (ORDER, ROOT, SYSTEMS, BenchError, Registry,
                                  mounted, reset_hwm, run,
                                  vm_hwm_kib)
 
@@ -244,7 +244,7 @@ def summarize(records: list[dict]) -> dict:
         d["values"].append(r["value"])
         if r["rss_kib"]:
             d["rss_kib"].append(r["rss_kib"])
-    for job, systems in out.items():
+    for systems in out.values():
         for d in systems.values():
             v = d["values"]
             d.update(median=statistics.median(v), min=min(v), max=max(v), n=len(v),

@@ -20,7 +20,6 @@ the image is deleted afterwards.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -138,7 +138,7 @@ class Registry:
                     except subprocess.TimeoutExpired:
                         pass
         for pid, tag in self.pids:
-            if pid_alive(pid) and not wait_for(lambda: not pid_alive(pid), 30):
+            if pid_alive(pid) and not wait_for(lambda pid=pid: not pid_alive(pid), 30):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         ours = tag.encode() in f.read()
@@ -320,7 +320,7 @@ class Floor(System):
     def prepare(self):
         super().prepare()
         os.makedirs(self.source, exist_ok=True)
-        self.commands = [f"python tools/bench/floor.py floor-data MNT   (run in the background by the runner)",
+        self.commands = ["python tools/bench/floor.py floor-data MNT   (run in the background by the runner)",
                          "fusermount3 -u MNT   (then wait for the daemon to exit)"]
 
     def mount(self, *, ask_pid: bool = True):
