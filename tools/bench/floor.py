@@ -10,8 +10,10 @@ and FUSE cost before delafs does anything.  So it is set up like delafs's
 daemon (delafs/fuse/daemon.py, delafs/fuse/options.py): FUSE options
 ``default_permissions`` and ``fsname=SOURCE_DIR``, entry and attribute
 timeouts of 300 s, no writeback cache, ``keep_cache`` on open and create,
-and the trio event loop.  The system calls run synchronously inside the
-handlers (no thread hop): the cheapest a Python daemon can answer.
+and the trio event loop.  Extended attributes pass through, so the kernel
+asks the floor for security.capability before every write as it asks
+delafs.  The system calls run synchronously inside the handlers (no
+thread hop): the cheapest a Python daemon can answer.
 
 Inode numbers are the host's (the source directory itself is inode 1, as
 FUSE wants); ``paths`` maps each inode the kernel knows to its host path,
@@ -166,6 +168,26 @@ class Passthrough(pyfuse3.Operations):
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
             os.utime(path, ns=(atime, mtime), follow_symlinks=False)
         return self._entry(self._stat(inode))
+
+    # Extended attributes pass through too: a daemon without them answers
+    # ENOSYS once and the kernel stops asking, which would spare the floor
+    # the GETXATTR(security.capability) every write(2) costs delafs.
+
+    @_fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        return os.getxattr(self._path(inode), name, follow_symlinks=False)
+
+    @_fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        os.setxattr(self._path(inode), name, value, follow_symlinks=False)
+
+    @_fuse_errors
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(n) for n in os.listxattr(self._path(inode), follow_symlinks=False)]
+
+    @_fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        os.removexattr(self._path(inode), name, follow_symlinks=False)
 
     @_fuse_errors
     async def statfs(self, ctx):
