@@ -31,9 +31,17 @@ if __package__ in (None, ""):          # python tools/bench/run.py
 
 from tools.bench import jobs as J
 from tools.bench import report
-from tools.bench.systems import (ORDER, ROOT, SYSTEMS, BenchError, Registry,
-                                 mounted, reset_hwm, run,
-                                 vm_hwm_kib)
+from tools.bench.systems import (
+    ORDER,
+    ROOT,
+    SYSTEMS,
+    BenchError,
+    Registry,
+    mounted,
+    reset_hwm,
+    run,
+    vm_hwm_kib,
+)
 
 
 class Interrupted(BaseException):

@@ -263,13 +263,35 @@ class Ext4(System):
             run(["umount", self.mnt], timeout=300)
 
 
-class Fuse2fs(System):
-    name = "fuse2fs"
-    OPTS = "fakeroot"
+class ForegroundDaemon(System):
+    """A FUSE daemon the runner starts itself, in the foreground, in the
+    background: ``argv()`` serves the mount, ``UMOUNT`` ends it."""
+
+    UMOUNT: list[str] = []
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def mount(self, *, ask_pid: bool = True):
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.reg.procs.append(self.proc)
+        self._wait_mounted(self.proc)
+        self.pid = self.proc.pid
+
+    def umount(self):
+        self._umount_and_wait(self.proc, self.UMOUNT)
+        self.proc = None
+
+
+class Fuse2fs(ForegroundDaemon):
+    name = "fuse2fs"
+    OPTS = "fakeroot"
 
     @classmethod
     def missing(cls):
@@ -287,26 +309,17 @@ class Fuse2fs(System):
                          f"fuse2fs fuse2fs.img MNT -o {self.OPTS} -f   (run in the background by the runner)",
                          "umount MNT   (then wait for the daemon to exit)"]
 
-    def mount(self, *, ask_pid: bool = True):
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(["fuse2fs", self.image, self.mnt, "-o", self.OPTS, "-f"],
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        self.reg.procs.append(self.proc)
-        self._wait_mounted(self.proc)
-        self.pid = self.proc.pid
+    UMOUNT = ["umount"]
 
-    def umount(self):
-        self._umount_and_wait(self.proc, ["umount"])
-        self.proc = None
+    def argv(self) -> list[str]:
+        return ["fuse2fs", self.image, self.mnt, "-o", self.OPTS, "-f"]
 
 
-class Floor(System):
+class Floor(ForegroundDaemon):
     name = "floor"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.proc: subprocess.Popen | None = None
         self.source = str(self.workdir / "floor-data")
 
     @classmethod
@@ -323,18 +336,10 @@ class Floor(System):
         self.commands = ["python tools/bench/floor.py floor-data MNT   (run in the background by the runner)",
                          "fusermount3 -u MNT   (then wait for the daemon to exit)"]
 
-    def mount(self, *, ask_pid: bool = True):
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, str(FLOOR), self.source, self.mnt],
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        self.reg.procs.append(self.proc)
-        self._wait_mounted(self.proc)
-        self.pid = self.proc.pid
+    UMOUNT = ["fusermount3", "-u"]
 
-    def umount(self):
-        self._umount_and_wait(self.proc, ["fusermount3", "-u"])
-        self.proc = None
+    def argv(self) -> list[str]:
+        return [sys.executable, str(FLOOR), self.source, self.mnt]
 
 
 class Delafs(System):
