@@ -8,5 +8,8 @@ import sys
 
 
 def fail(cmd: str, msg: str, code: int = 1) -> int:
+    # Messages relayed from elsewhere (mount(8), the daemon) may span lines;
+    # a second line without the prefix would break scripts that grep for it.
+    msg = "; ".join(line.strip() for line in msg.splitlines() if line.strip())
     print(f"delafs {cmd}: {msg}", file=sys.stderr)
     return code

@@ -123,9 +123,12 @@ exec {delafs} mount-helper "$@"
 
 def cmd_install_helper(args) -> int:
     delafs = shutil.which("delafs") or os.path.join(os.path.dirname(sys.executable), "delafs")
-    with open(args.path, "w") as f:
-        f.write(HELPER_SCRIPT.format(delafs=delafs))
-    os.chmod(args.path, 0o755)
+    try:
+        with open(args.path, "w") as f:
+            f.write(HELPER_SCRIPT.format(delafs=delafs))
+        os.chmod(args.path, 0o755)
+    except OSError as e:
+        return fail("install-helper", f"cannot write {args.path}: {e.strerror or e}")
     print(f"installed {args.path} -> {delafs}")
     return 0
 
@@ -133,10 +136,14 @@ def cmd_install_helper(args) -> int:
 def cmd_mount_helper(args) -> int:
     """What mount(8) runs: IMAGE MOUNTPOINT [-o OPTS] [-n] [-s] [-v].  A
     remount never starts a second daemon: it goes to the kernel (mount -i
-    -o remount,...), which FUSE handles without telling the daemon."""
+    -o remount,...), which FUSE handles without telling the daemon.
+    Errors say ``delafs mount:``: the user ran mount(8), not this."""
     opts = [o for o in (args.o or "").split(",") if o]
     if "remount" in opts:
-        r = subprocess.run(["mount", "-i", "-o", ",".join(opts), args.mountpoint])
+        r = subprocess.run(["mount", "-i", "-o", ",".join(opts), args.mountpoint],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            fail("mount", r.stderr.strip() or f"remount of {args.mountpoint} failed")
         return r.returncode
     # Options mount(8) adds that are not ours.
     drop = {"defaults", "auto", "noauto", "user", "users", "nofail", "_netdev", "rw"}
@@ -151,8 +158,7 @@ def cmd_mount_helper(args) -> int:
     try:
         parsed = MountOptions.parse(",".join(keep))
     except ValueError as e:
-        print(f"mount.fuse.delafs: {e}", file=sys.stderr)
-        return 1
+        return fail("mount", str(e))
     return daemonize_and_run(args.image, args.mountpoint, parsed, foreground=False)
 
 
@@ -176,7 +182,7 @@ def add_commands(sub) -> None:
                    help="comma-separated options: cache_size=SIZE, dirty_limit=SIZE, "
                         "dirty_expire=SEC, writeback_interval=SEC, commit_interval=SEC, "
                         "punch=scan|legacy, TAG=N for any errortag (" + ", ".join(sorted(TAGS)) + "), allow_other, "
-                        "default_permissions, ro, dev, suid, acl, writeback_cache, "
+                        "default_permissions, ro, dev, suid, subtype=NAME (type fuse.NAME), acl, writeback_cache, "
                         "relatime (default), strictatime, noatime, nodiratime, mkfs, log=FILE, "
                         "log_writes=FILE (every device write, flush and discard, for crash "
                         "testing; see docs/conformance.md), "
@@ -210,7 +216,10 @@ def add_commands(sub) -> None:
     h.add_argument("--path", default=HELPER_PATH, help=f"where to install it (default {HELPER_PATH})")
     h.set_defaults(func=cmd_install_helper)
 
-    mh = sub.add_parser("mount-helper", help=argparse.SUPPRESS)
+    # No help=: argparse lists every subparser given one, and prints
+    # help=SUPPRESS literally as "==SUPPRESS==".  mount(8) runs this
+    # through the script install-helper writes; users never type it.
+    mh = sub.add_parser("mount-helper", description="What /sbin/mount.fuse.delafs runs for mount(8).")
     mh.add_argument("image")
     mh.add_argument("mountpoint")
     mh.add_argument("-o")

@@ -37,7 +37,9 @@ from ..ondisk import (
     BLOCK_SIZE,
     MAX_FILE_BLOCKS,
     MAX_NAME_LEN,
+    MIN_BLOCKS,
     ROOT_INO,
+    SB_MAGIC,
     SB_STATE_CLEAN,
     SB_STATE_DIRTY,
     FsInfo,
@@ -159,9 +161,22 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         return sb
 
     @staticmethod
+    async def refuse_too_small(dev) -> None:
+        """NotDelafsError for a device smaller than mkfs ever makes, unless
+        block 0 still says delafs: that is an image cut short, damage the
+        superblock checks describe.  Without this an empty file would be
+        reported as a corrupt superblock (a read of block -1)."""
+        if dev.nblocks >= MIN_BLOCKS:
+            return
+        if dev.nblocks and (await dev.read(0, 1))[:len(SB_MAGIC)] == SB_MAGIC:
+            return
+        raise NotDelafsError(f"{dev.path} is not a delafs image (too small: {dev.size} bytes)")
+
+    @staticmethod
     async def read_superblock(dev) -> tuple[Superblock, list[DelafsError]]:
         """The primary superblock, or the secondary if the primary is bad.
         Returns the problems met on the way (for fsck and mount warnings)."""
+        await Filesystem.refuse_too_small(dev)
         problems: list[DelafsError] = []
         try:
             sb = Superblock.decode(await dev.read(0, 1), 0, dev.nblocks)

@@ -165,6 +165,8 @@ class Checker:
                 self.report.exit_code = EXIT_OPERATIONAL
                 return self.report
             await self._check(sb)
+        except NotDelafsError:
+            raise           # nothing to check: the caller says why, once
         except (CorruptionError, FsError, OSError, DelafsError) as e:
             self.error(f"cannot continue: {e}")
             self.report.exit_code = EXIT_OPERATIONAL if isinstance(e, OSError) or \
@@ -179,6 +181,7 @@ class Checker:
     async def _pass0(self) -> Superblock | None:
         self.progress.phase("Pass 0: superblocks and journal")
         dev = self.dev
+        await Filesystem.refuse_too_small(dev)
         prim = sec = None
         perr = serr = None
         try:
@@ -192,7 +195,7 @@ class Checker:
             serr = e
         if prim is None and sec is None:
             if isinstance(perr, NotDelafsError) and isinstance(serr, NotDelafsError):
-                self.error(f"{dev.path} is not a delafs image (no superblock at block 0 or {sec_blk})")
+                raise NotDelafsError(f"{dev.path} is not a delafs image (no superblock at block 0 or {sec_blk})")
             else:
                 self.error(f"no valid superblock: {perr}; {serr}")
             return None
@@ -829,6 +832,8 @@ def _block_refs(key: tuple, val: bytes) -> list[tuple[int, int]]:
 
 
 async def check(dev, *, repair: bool, out=sys.stdout, progress: bool = False) -> Report:
+    """Check (and with ``repair`` fix) the image on ``dev``.  Raises
+    NotDelafsError, changing nothing, when it carries no delafs at all."""
     return await Checker(dev, repair=repair, out=out, progress=progress).run()
 
 

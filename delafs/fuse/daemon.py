@@ -26,7 +26,7 @@ from ..block.device import BlockDevice
 from ..block.logwrites import WriteLog
 from ..fs.filesystem import Filesystem
 from ..lib import locks
-from ..lib.errors import DelafsError, FsError, NotDelafsError
+from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
 from ..vfs.mount import Mount
 from .control import ControlHandler
@@ -185,7 +185,7 @@ def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
         try:
             await d.start()
         except (DelafsError, ValueError, OSError, RuntimeError) as e:
-            msg = str(e) if not isinstance(e, NotDelafsError) else f"{image} is not a delafs image"
+            msg = str(e)        # a NotDelafsError names the image and says why
             if d.dev is not None:
                 d.dev.close()
             if ready:

@@ -8,6 +8,7 @@ a typo never silently does nothing.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..lib.errortag import TAGS
@@ -27,6 +28,11 @@ _OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
               # atime is the daemon's (the kernel only invalidates its cached
               # atime after a READ or READDIR); libfuse 3 cannot pass these
               "strictatime", "nodiratime"}
+# subtype=NAME makes the kernel type fuse.NAME (df -T, /proc/mounts).  Off
+# by default: xfstests with FSTYP=fuse expects the type to read plain fuse.
+# The name ends up in the mount table, whose fields are separated by spaces
+# and whose options by commas: keep it to a plain word.
+_SUBTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]*")
 # Passed to Mount when given; Mount's defaults otherwise.
 _MOUNT_KW = ("cache_size", "dirty_limit", "dirty_expire", "writeback_interval", "commit_interval")
 
@@ -73,6 +79,11 @@ class MountOptions:
                 kw[key] = os.path.abspath(val)
             elif key in TAGS and sep and val.isdigit():
                 tags[key] = int(val)
+            elif key == "subtype":
+                if not (sep and _SUBTYPE.fullmatch(val)):
+                    raise ValueError(f"bad subtype {val!r} in {item!r}: a name of letters, "
+                                     f"digits and _+.- (e.g. subtype=delafs for type fuse.delafs)")
+                fuse.add(item)
             elif key in _DEFAULT_FLAGS and not sep:
                 continue
             elif key in _FUSE_FLAGS and not sep:

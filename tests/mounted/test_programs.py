@@ -711,6 +711,85 @@ def test_mount_helper_mount_t_fuse_delafs(delafs_mount, tmp_path):
                 f.write(original)
 
 
+def _mount_type(mnt: str) -> str:
+    with open("/proc/self/mounts") as f:
+        return next(line.split()[2] for line in f if line.split()[1] == mnt)
+
+
+def test_mount_type_is_fuse_unless_subtype_asks(delafs_mount):
+    # Plain fuse by default: xfstests (FSTYP=fuse) compares the type with it.
+    m = delafs_mount(size="64M")
+    assert _mount_type(m.mnt) == "fuse"
+    m.remount(opts="subtype=delafs")
+    assert _mount_type(m.mnt) == "fuse.delafs"
+    assert run(["df", "--output=fstype", m.mnt]).stdout.split()[-1] == "fuse.delafs"
+    with open(m.path("f"), "w") as f:
+        f.write("typed")
+    m.cycle()
+    assert _mount_type(m.mnt) == "fuse.delafs"
+    with open(m.path("f")) as f:
+        assert f.read() == "typed"
+
+
+@pytest.mark.parametrize("bad", ["subtype=", "subtype=a/b", "subtype=a b", "subtype=a,b"])
+def test_mount_bad_subtype_is_refused(delafs_mount, bad):
+    m = delafs_mount(size="64M", mount=False)
+    r = run(_mount_cmd(m.image, m.mnt, bad), check=False, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("delafs mount: ") and r.stderr.count("\n") == 1, r.stderr
+    assert ("bad subtype" if "," not in bad else "'b'") in r.stderr, r.stderr
+    assert not is_mounted(m.mnt)
+
+
+def test_mount_helper_passes_subtype_through(delafs_mount, tmp_path):
+    """mount -t fuse.delafs, as /etc/fstab says it, with and without
+    subtype=delafs.  Run in a private mount namespace with our helper bound
+    over /sbin/mount.fuse.delafs, so whatever helper the host has stays in
+    place for everyone else meanwhile."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) (util-linux)")
+    helper = "/sbin/mount.fuse.delafs"
+    ours = tmp_path / "mount.fuse.delafs"
+    run([DELAFS, "install-helper", "--path", ours])
+    placeholder = not os.path.exists(helper)
+    if placeholder:
+        if not os.access(os.path.dirname(os.path.realpath(helper)), os.W_OK):
+            pytest.skip("/sbin is not writable: nothing to bind the helper over")
+        open(helper, "w").close()       # a bind mount needs a file to cover
+    m = delafs_mount(size="64M", mount=False)
+    pids: list[int] = []
+    try:
+        for opts, want in (("subtype=delafs", "fuse.delafs"), ("", "fuse"), ("subtype=a/b", None)):
+            script = textwrap.dedent(f"""\
+                set -e
+                mount --bind '{ours}' {helper}
+                mount -t fuse.delafs '{m.image}' '{m.mnt}' -o 'log={m.log}{"," + opts if opts else ""}'
+                trap "'{DELAFS}' umount '{m.mnt}'" EXIT
+                '{DELAFS}' stat --json '{m.mnt}' | '{PYTHON}' -c \
+                    'import json, sys; print("pid", json.load(sys.stdin)["daemon"]["pid"])'
+                grep ' {m.mnt} ' /proc/self/mounts
+                """)
+            r = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                    check=False, timeout=120)
+            pids += [int(w.split()[1]) for w in r.stdout.splitlines() if w.startswith("pid ")]
+            if want is None:
+                assert r.returncode != 0 and "delafs mount: bad subtype" in r.stderr, r.stdout + r.stderr
+                continue
+            assert r.returncode == 0, r.stdout + r.stderr
+            line = next(w for w in r.stdout.splitlines() if f" {m.mnt} " in w)
+            assert line.split()[2] == want, line
+        m.fsck()
+    finally:
+        # A script that failed half-way leaves its daemon serving a mount
+        # only its namespace sees: SIGTERM unmounts cleanly from inside.
+        for pid in pids:
+            if pid_alive(pid) and not wait_until(lambda: not pid_alive(pid), 30):
+                os.kill(pid, signal.SIGTERM)
+                wait_until(lambda: not pid_alive(pid), 30)
+        if placeholder:
+            os.unlink(helper)
+
+
 def test_sigterm_unmounts_cleanly(delafs_mount):
     m = delafs_mount(size="64M")
     data = random.Random(5).randbytes(3 << 20)

@@ -329,3 +329,117 @@ def test_mount_options_atime_policies_and_unknown_ones_are_refused():
     for bad in ("lazytime", "bogus", "cache_size", "noatime,strictatime"):
         with pytest.raises(ValueError):
             MountOptions.parse(bad)
+
+
+# ---------------------------------------------------------------------------
+# What a new user hits first: help, tiny images, one error line per failure
+# ---------------------------------------------------------------------------
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="delafs mount needs /dev/fuse")
+
+
+def test_help_hides_mount_helper_which_still_runs():
+    r = run("--help")
+    ok(r)
+    assert "mount-helper" not in r.stdout and "SUPPRESS" not in r.stdout, r.stdout
+    # Still there for /sbin/mount.fuse.delafs (mount(8) runs it).
+    r = run("mount-helper", "--help")
+    ok(r)
+    assert "usage: delafs mount-helper" in r.stdout
+
+
+def _short_file(tmp_path, size: int) -> Path:
+    path = tmp_path / f"short{size}.img"
+    path.write_bytes(bytes(size))
+    return path
+
+
+@pytest.mark.parametrize("size", [0, 100, BLOCK_SIZE, 1 << 20])
+@pytest.mark.parametrize("flag", [None, "-n"])
+def test_fsck_of_a_file_too_small_to_be_delafs(tmp_path, size, flag):
+    path = _short_file(tmp_path, size)
+    r = run("fsck", *([flag] if flag else []), path)
+    assert r.returncode == 8, r.stdout + r.stderr
+    no_traceback(r)
+    assert r.stderr == f"delafs fsck: {path} is not a delafs image (too small: {size} bytes)\n", r.stderr
+    assert r.stdout == ""
+
+
+@needs_fuse
+@pytest.mark.parametrize("size", [0, 100, BLOCK_SIZE, 1 << 20])
+def test_mount_of_a_file_too_small_to_be_delafs(tmp_path, size):
+    path = _short_file(tmp_path, size)
+    (tmp_path / "mnt").mkdir()
+    r = run("mount", path, tmp_path / "mnt", "-o", "lock_wait=1", timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"delafs mount: {path} is not a delafs image (too small: {size} bytes)\n", r.stderr
+    assert path.read_bytes() == bytes(size)
+
+
+def test_a_truncated_delafs_image_is_called_corrupt_not_foreign(image):
+    """Block 0 still says delafs: the image was cut short, which is damage."""
+    os.truncate(image, 1 << 20)
+    r = run("fsck", "-n", image)
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert "not a delafs image" not in r.stdout + r.stderr
+    assert "corrupt superblock" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("flag", [None, "-n", "-y"])
+def test_fsck_of_a_foreign_file_says_why_once(tmp_path, flag):
+    path = tmp_path / "random.img"
+    path.write_bytes(random_bytes(8 << 20))
+    r = run("fsck", *([flag] if flag else []), path)
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("not a delafs image") == 1, r.stdout + r.stderr
+    assert r.stderr.startswith(f"delafs fsck: {path} is not a delafs image"), r.stderr
+
+
+def random_bytes(n: int) -> bytes:
+    import random
+    return random.Random(7).randbytes(n)
+
+
+def test_every_failing_command_says_delafs_command_reason(tmp_path):
+    """fail.py's rule: one line on stderr, ``delafs COMMAND: reason``.  The
+    mount(8) helper speaks as ``delafs mount``: that is what the user ran."""
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(random_bytes(8 << 20))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cases = [
+        ("mount", ["mount", tmp_path / "missing.img", mnt]),
+        ("mount", ["mount", junk, mnt, "-o", "bogus"]),
+        ("mount", ["mount-helper", junk, mnt, "-o", "bogus"]),
+        ("mount", ["mount-helper", junk, mnt, "-o", "remount,ro"]),
+        ("fsck", ["fsck", junk]),
+        ("fsck", ["fsck", tmp_path / "missing.img"]),
+        ("mkfs", ["mkfs", tmp_path / "missing.img"]),
+        ("umount", ["umount", mnt]),
+        ("stat", ["stat", mnt]),
+        ("sync", ["sync", mnt]),
+        ("inject", ["inject", mnt, "short_copy=3"]),
+        ("install-helper", ["install-helper", "--path", tmp_path / "no" / "such" / "dir"]),
+        ("race", ["race", "--schedules", "0"]),
+    ]
+    if os.path.exists("/dev/fuse"):
+        cases.append(("mount", ["mount", junk, mnt, "-o", "lock_wait=1"]))
+        cases.append(("mount", ["mount-helper", junk, mnt, "-o", "lock_wait=1"]))
+    for cmd, args in cases:
+        r = run(*args, timeout=60)
+        assert r.returncode != 0, (args, r.stdout, r.stderr)
+        no_traceback(r)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"delafs {cmd}: "), (args, r.stderr)
+
+
+def test_mount_option_subtype():
+    from delafs.fuse.options import MountOptions
+    assert not any(o.startswith("subtype") for o in MountOptions.parse("").fuse)
+    assert "subtype=delafs" in MountOptions.parse("subtype=delafs").fuse
+    for bad in ("subtype=", "subtype", "subtype=a b", "subtype=a/b", "subtype=.x"):
+        with pytest.raises(ValueError, match="bad subtype"):
+            MountOptions.parse(bad)
+    # A comma ends the option: what follows is refused as an option of its own.
+    with pytest.raises(ValueError, match="'b'"):
+        MountOptions.parse("subtype=a,b")
