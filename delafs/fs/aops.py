@@ -124,6 +124,8 @@ class FsWritebackOps:
         finally:
             fs.space.end_op()
         self.stats["delalloc_converted"] += got
+        if TRACE.on:
+            TRACE.emit("xfs_map_blocks_alloc", ino=inode.ino, fblock=fblock, blocks=got, pblock=start)
         return emap.lookup(fblock)
 
     async def writeback_submit(self, wpc: WritebackCtx) -> None:

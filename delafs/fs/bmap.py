@@ -12,6 +12,7 @@ import logging
 
 from ..lib.errors import CorruptionError, FsError
 from ..lib.locks import assert_owned
+from ..lib.trace import TRACE
 from ..ondisk import (
     BLOCK_SHIFT,
 )
@@ -140,6 +141,9 @@ class BmapOps:
         for piece in emap.lookup_range(fblock, count):
             if piece.state == ExtState.UNWRITTEN:
                 emap.set(Extent(piece.fblock, piece.length, ExtState.WRITTEN, piece.pblock))
+                if TRACE.on:
+                    TRACE.emit("xfs_unwritten_convert", ino=ino, fblock=piece.fblock,
+                               blocks=piece.length, pblock=piece.pblock)
         await self.sync_extents(ino, emap, fblock, fblock + count)
 
     async def _punch(self, inode: Inode, fblock: int, count: int) -> None:

@@ -17,6 +17,8 @@ import random
 
 import trio
 
+from .trace import TRACE
+
 TAGS: dict[str, str] = {
     "short_copy": "the copy into a locked folio comes up short (the iteration ends early and is retried)",
     "copy_fault": "the source buffer cannot be faulted in (the write returns short)",
@@ -72,6 +74,8 @@ class ErrorTags:
         n = self.values[tag]
         if n and (n == 1 or self.rng.randrange(n) == 0):
             self.hits[tag] += 1
+            if TRACE.on:
+                TRACE.emit("errortag", tag=tag, value=n)
             return True
         return False
 
