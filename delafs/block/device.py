@@ -178,9 +178,10 @@ class BlockDevice:
         self.nblocks = size // BLOCK_SIZE
         self.readonly = readonly
         self.direct = direct
-        # A write has completed since the last flush started: a journal
-        # commit must flush before its records (log/journal.py).
-        self.unflushed = False
+        # Completed writes, and how many of them the last finished flush
+        # covers (the count when it started): see unflushed.
+        self._writes_done = 0
+        self._writes_flushed = 0
         # RWF_NOWAIT reads work here (cleared where the host says EOPNOTSUPP).
         self.nowait_reads = True
         self.faults = FaultTable()
@@ -363,12 +364,21 @@ class BlockDevice:
                 self._write_buffered(blk, views)
         except OSError as e:
             raise self._io_error("write", blk, count, e) from None
-        self.unflushed = True
         with self._stats_lock:
+            self._writes_done += 1
             self._stats["writes"] += 1
             self._stats["blocks_written"] += count
         if self.recorder is not None:
             self.recorder.events.append(("write", blk, b"".join(views)))
+
+    @property
+    def unflushed(self) -> bool:
+        """A completed write is not yet covered by a *finished* flush: a
+        journal commit must flush before its records (log/journal.py).  A
+        flush still in flight does not count: a commit record written while
+        it runs could reach the disk before the data that flush is making
+        durable."""
+        return self._writes_done != self._writes_flushed
 
     def flush_sync(self) -> None:
         """Make every completed write durable (``fdatasync``).
@@ -377,13 +387,14 @@ class BlockDevice:
         is what the log's commit records depend on.
         """
         check_request(self, "flush")
-        self.unflushed = False          # a write completing from now on needs a later flush
+        with self._stats_lock:
+            covers = self._writes_done      # a write completing from now on needs a later flush
         try:
             os.fdatasync(self._fd)
         except OSError as e:
-            self.unflushed = True
             raise FsError(e.errno, f"flush of image {self.path} failed: {e.strerror}") from None
         with self._stats_lock:
+            self._writes_flushed = max(self._writes_flushed, covers)
             self._stats["flushes"] += 1
         if self.recorder is not None:
             self.recorder.events.append(("flush",))

@@ -551,3 +551,53 @@ def test_loop_device(loop_device):
     with open(backing, "rb") as f:
         f.seek(3 * BLOCK_SIZE)
         assert f.read(BLOCK_SIZE) == block(0x66)
+
+
+def test_a_flush_in_flight_does_not_make_earlier_writes_look_flushed(dev, monkeypatch):
+    """The journal skips its preflush when nothing is unflushed.  While
+    another task's flush is still running, the writes it will cover are not
+    durable yet: a commit record written then could reach the disk first."""
+    dev.write_sync(5, [b"d" * BLOCK_SIZE])
+    assert dev.unflushed
+    started, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd):
+        started.set()
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    t = threading.Thread(target=dev.flush_sync)
+    t.start()
+    try:
+        assert started.wait(10)
+        assert dev.unflushed, "a flush that has not finished made the write look durable"
+    finally:
+        release.set()
+        t.join(10)
+    assert not dev.unflushed
+    # A write completing while a flush runs needs the next one.
+    release.clear()
+    started.clear()
+    t = threading.Thread(target=dev.flush_sync)
+    t.start()
+    assert started.wait(10)
+    dev.write_sync(6, [b"e" * BLOCK_SIZE])
+    release.set()
+    t.join(10)
+    assert dev.unflushed
+    dev.flush_sync()
+    assert not dev.unflushed
+
+
+def test_a_failed_flush_leaves_writes_unflushed(dev, monkeypatch):
+    dev.write_sync(5, [b"d" * BLOCK_SIZE])
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(FsError):
+        dev.flush_sync()
+    assert dev.unflushed
