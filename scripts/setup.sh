@@ -10,7 +10,7 @@ if command -v apt-get >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-dev build-essential pkg-config \
         fuse3 libfuse3-dev fio fuse2fs util-linux e2fsprogs attr acl \
-        rsync git sqlite3 tar diffutils >/dev/null
+        rsync git sqlite3 tar diffutils tmux >/dev/null
 fi
 
 PY=${PYTHON:-python3}

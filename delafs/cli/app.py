@@ -19,6 +19,7 @@ from ..lib import units
 from ..lib.errors import DelafsError, FsError, NotDelafsError
 from ..ondisk import BLOCK_SIZE, MIN_BLOCKS, SB_MAGIC, make_geometry
 from .fail import fail
+from .inspect import add_commands as add_inspect_commands
 from .mount import add_commands
 
 
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fsck)
 
     add_commands(sub)
+    add_inspect_commands(sub)
     _add_race_command(sub)
     return p
 

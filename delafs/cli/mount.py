@@ -80,10 +80,28 @@ def cmd_umount(args) -> int:
 
 
 def cmd_stat(args) -> int:
-    data = json.loads(_command(args, "stat"))
-    if args.json:
-        print(json.dumps(data, indent=2))
+    if args.watch is None:
+        _print_stat(args, json.loads(_command(args, "stat")))
         return 0
+    if args.watch <= 0:
+        return fail("stat", "--watch needs a positive number of seconds")
+    try:
+        while True:
+            data = json.loads(_command(args, "stat"))
+            if not args.json:
+                print(time.strftime("%H:%M:%S"))
+            _print_stat(args, data)
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0        # the usual way to stop watching
+
+
+def _print_stat(args, data: dict) -> None:
+    if args.json:
+        # One object per line when watching, so a script can read a stream.
+        print(json.dumps(data) if args.watch is not None else json.dumps(data, indent=2))
+        return
     sp = data["space"]
     eng, io, cache = data["engine"], data["iomap"], data["cache"]
     rows = [
@@ -99,7 +117,8 @@ def cmd_stat(args) -> int:
     ]
     for name, val in rows:
         print(f"{name:28} {val}")
-    return 0
+    if args.watch is not None:
+        print()
 
 
 def cmd_inject(args) -> int:
@@ -199,7 +218,10 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("stat", help="space, cache and engine counters of a mounted delafs")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
-    s.add_argument("--json", action="store_true", help="everything, as JSON")
+    s.add_argument("--json", action="store_true",
+                   help="everything, as JSON (with --watch: one object per line)")
+    s.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                   help="print again every SECONDS (default 1) until interrupted")
     s.set_defaults(func=cmd_stat)
 
     i = sub.add_parser("inject", help="set errortags on a mounted delafs (TAG=N, 0 turns one off)")

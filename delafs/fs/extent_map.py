@@ -48,6 +48,7 @@ tops it up or trims it afterwards, the map only keeps the books.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
@@ -218,9 +219,12 @@ class ExtentMap:
             out.append(Extent(pos, end - pos, _HOLE))
         return out
 
-    def iter_extents(self, fblock: int = 0, end: int | None = None) -> Iterator[Extent]:
+    def iter_extents(self, fblock: int = 0, end: int | None = None,
+                     limit: int | None = None) -> Iterator[Extent]:
         """New Extents for the stored extents overlapping ``[fblock, end)``
-        (``end`` None: to the end of the file space), clipped to it.
+        (``end`` None: to the end of the file space), clipped to it; with
+        ``limit``, only the first ``limit`` of them (and only as many keys
+        looked at).
 
         Do not change the map while iterating.
         """
@@ -229,7 +233,7 @@ class ExtentMap:
         if end <= fblock:
             return
         m = self._map
-        for key in self._overlapping(fblock, end):
+        for key in self._overlapping(fblock, end, limit):
             ext = m[key]
             yield _piece(ext, max(ext.fblock, fblock), min(ext.fblock + ext.length, end))
 
@@ -315,8 +319,9 @@ class ExtentMap:
 
     # -- internals ---------------------------------------------------------
 
-    def _overlapping(self, start: int, end: int) -> list[int]:
-        """Keys of the stored extents overlapping ``[start, end)``, in order."""
+    def _overlapping(self, start: int, end: int, limit: int | None = None) -> list[int]:
+        """Keys of the stored extents overlapping ``[start, end)``, in order
+        (the first ``limit`` of them)."""
         m = self._map
         keys = []
         idx = m.bisect_left(start)
@@ -324,7 +329,8 @@ class ExtentMap:
             key, ext = m.peekitem(idx - 1)
             if key + ext.length > start:
                 keys.append(key)
-        keys.extend(m.irange(start, end, inclusive=(True, False)))
+        rest = m.irange(start, end, inclusive=(True, False))
+        keys.extend(rest if limit is None else itertools.islice(rest, max(0, limit - len(keys))))
         return keys
 
     def _cut_out(self, start: int, end: int, states: Container[ExtState] | None) -> list[Extent]:

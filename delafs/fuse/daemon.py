@@ -30,6 +30,7 @@ from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
 from ..vfs.mount import Mount
 from .control import ControlHandler
+from .inspect import InspectServer
 from .operations import Operations
 from .options import MountOptions
 
@@ -47,6 +48,8 @@ class Daemon:
         self.m: Mount | None = None
         self.dev: BlockDevice | None = None
         self.warnings: list[str] = []
+        self.inspect = InspectServer(self)
+        self.inspect_live = False
 
     # -- bring-up ------------------------------------------------------------------
 
@@ -118,7 +121,8 @@ class Daemon:
     def statistics(self) -> dict:
         stats = self.ops.m_statistics()
         stats["daemon"] = {"pid": os.getpid(), "image": self.image,
-                           "mountpoint": self.mountpoint, "readonly": self.readonly}
+                           "mountpoint": self.mountpoint, "readonly": self.readonly,
+                           "inspect": self.inspect.address if self.inspect_live else None}
         return stats
 
     # -- main loop ---------------------------------------------------------------------
@@ -127,6 +131,11 @@ class Daemon:
         async with trio.open_nursery() as n:
             await self.m.start(n)
             n.start_soon(self._signals)
+            try:
+                await n.start(self.inspect.serve)
+                self.inspect_live = True
+            except OSError as e:      # watching is optional; serving files is not
+                log.warning("no inspection socket (bmap, trace, top will not work): %s", e)
             try:
                 await pyfuse3.main()
             finally:

@@ -126,6 +126,40 @@ class AddressSpace:
         for folio in waiting:
             await folio.wait_writeback()
 
+    def cache_runs(self, start_block: int = 0, end_block: int | None = None,
+                   max_folios: int | None = None) -> list[tuple[int, int, str]]:
+        """What the cache holds of [start_block, end_block), for ``delafs
+        bmap`` and ``top``: runs (first block, blocks, state), ascending,
+        state "writeback" (the whole folio is under writeback), "dirty",
+        "uptodate" or "stale" (cached but not valid: never read, or a read
+        failed).  Blocks not cached are in no run.  Reads the bits without
+        folio locks: a snapshot for display, exact only when taken with no
+        await between it and what it is compared with.  ``max_folios`` bounds
+        the walk (the rest of the range is left out)."""
+        runs: list[list] = []
+
+        def add(first: int, n: int, state: str) -> None:
+            if runs and runs[-1][2] == state and runs[-1][0] + runs[-1][1] == first:
+                runs[-1][1] += n
+            else:
+                runs.append([first, n, state])
+
+        for i, folio in enumerate(self._walk(start_block, end_block)):
+            if max_folios is not None and i >= max_folios:
+                break
+            lo = max(folio.index, start_block)
+            hi = folio.index + folio.nblocks if end_block is None else min(folio.index + folio.nblocks,
+                                                                            end_block)
+            if folio.writeback:
+                add(lo, hi - lo, "writeback")
+                continue
+            dirty, uptodate = folio.dirty_blocks(), folio.uptodate_mask
+            for b in range(lo - folio.index, hi - folio.index):
+                bit = 1 << b
+                state = "dirty" if dirty & bit else "uptodate" if uptodate & bit else "stale"
+                add(folio.index + b, 1, state)
+        return [tuple(r) for r in runs]
+
     def oldest_dirtied_when(self) -> float | None:
         """When the longest-dirty folio became dirty (None if clean)."""
         for folio in self.dirty_order.values():

@@ -92,6 +92,10 @@ class PageCache:
             m = self._mappings[ino] = AddressSpace(self, ino)
         return m
 
+    def find_mapping(self, ino: int) -> AddressSpace | None:
+        """The inode's AddressSpace if it has one (never creates it)."""
+        return self._mappings.get(ino)
+
     def forget_mapping(self, ino: int) -> None:
         """The inode is evicted: drop its mapping, which must hold no folios."""
         m = self._mappings.get(ino)

@@ -16,6 +16,7 @@ import logging
 
 import trio
 
+from ..fs.extent_map import Extent, ExtState
 from ..fs.filesystem import Filesystem
 from ..fs.iomap_ops import FsIomapOps
 from ..iomap.buffered_io import Engine, IovIter
@@ -32,6 +33,11 @@ log = logging.getLogger("delafs")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+
+#: delafs top's column precedence: the most transient state first.
+_STRIP_ORDER = [ExtState.DELALLOC, ExtState.UNWRITTEN, ExtState.WRITTEN, ExtState.HOLE]
+_CACHE_ORDER = ["writeback", "dirty", "stale", "uptodate", "none"]
 
 
 class OpenFile:
@@ -149,6 +155,87 @@ class Mount:
                 async with vi.mapping.invalidate_lock.exclusive():
                     await vi.mapping.truncate_range(0, None)
             self.inodes.pop(ino, None)
+
+    # -- inspection (delafs bmap, top): read-only snapshots -------------------------
+
+    async def bmap(self, ino: int) -> dict:
+        """xfs_getbmap with the page cache laid over it: every extent from
+        block 0 to the end of the file or of its last extent (holes
+        included, post-EOF preallocation too), and the cache's runs.  Both
+        maps are read in one step with no await between them, so they show
+        the same instant."""
+        async with self.fs.transaction(write=False):
+            inode = await self.fs.iget(ino)
+            if not inode.is_reg:
+                raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
+            emap = await self.fs.extent_map(ino)
+            vi = self.inodes.get(ino)
+            size = vi.size if vi is not None else inode.size
+            stored = list(emap.iter_extents())
+            mapping = self.cache.find_mapping(ino)
+            cache = mapping.cache_runs() if mapping is not None else []
+        end = max((size + BLOCK_SIZE - 1) >> BLOCK_SHIFT, stored[-1].end if stored else 0)
+        extents, pos = [], 0
+        for ext in stored + [Extent(end, 0, ExtState.HOLE)]:
+            if ext.fblock > pos:
+                extents.append({"fblock": pos, "blocks": ext.fblock - pos, "state": "HOLE", "pblock": None})
+            if ext.length:
+                extents.append({"fblock": ext.fblock, "blocks": ext.length, "state": ext.state.name,
+                                "pblock": ext.pblock})
+            pos = ext.end
+        return {"ino": ino, "size": size, "block_size": BLOCK_SIZE, "extents": extents,
+                "cache": [{"fblock": f, "blocks": n, "state": st} for f, n, st in cache]}
+
+    async def bmap_strip(self, ino: int, width: int, *, per_column: int = 64) -> dict:
+        """The extent map and the cache squeezed into ``width`` columns
+        (``delafs top``).  A column names the most transient state present
+        in its range, so a short-lived state is never hidden by the scale:
+        DELALLOC before UNWRITTEN before WRITTEN before HOLE, and writeback
+        before dirty before uptodate/stale before not cached.  Each column
+        looks at no more than ``per_column`` extents and folios, so a map of
+        a million extents costs what a small one does (and may show such a
+        column inexactly)."""
+        async with self.fs.transaction(write=False):
+            inode = await self.fs.iget(ino)
+            if not inode.is_reg:
+                raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
+            emap = await self.fs.extent_map(ino)
+            vi = self.inodes.get(ino)
+            size = vi.size if vi is not None else inode.size
+            nblocks = (size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+            mapping = self.cache.find_mapping(ino)
+            per = max(1, -(-nblocks // width))
+            extents, cache = [], []
+            for col in range(min(width, -(-nblocks // per))):
+                lo, hi = col * per, min((col + 1) * per, nblocks)
+                seen = list(emap.iter_extents(lo, hi, per_column))
+                states = {e.state for e in seen}
+                if sum(e.length for e in seen) < hi - lo:
+                    states.add(ExtState.HOLE)
+                extents.append(min(states, key=_STRIP_ORDER.index).name)
+                runs = mapping.cache_runs(lo, hi, per_column) if mapping is not None else []
+                cstates = {r[2] for r in runs}
+                if sum(r[1] for r in runs) < hi - lo:
+                    cstates.add("none")
+                cache.append(min(cstates, key=_CACHE_ORDER.index))
+        return {"ino": ino, "size": size, "blocks_per_column": per, "extents": extents, "cache": cache,
+                "delalloc_blocks": emap.count_state(ExtState.DELALLOC),
+                "dirty_blocks": mapping.nrdirty if mapping is not None else 0,
+                "writeback_folios": mapping.nrwriteback if mapping is not None else 0,
+                "cached_blocks": mapping.nrpages if mapping is not None else 0}
+
+    def busiest(self, n: int) -> list[int]:
+        """The ``n`` inodes with the most blocks dirty, under writeback or
+        delalloc, then the most cached: the files ``delafs top`` shows."""
+        score: dict[int, list[int]] = {}
+        for mapping in self.cache.mappings():
+            if mapping.nrpages:
+                score[mapping.ino] = [mapping.nrdirty + mapping.nrwriteback, mapping.nrpages]
+        for ino, emap in self.fs.emaps.items():
+            delalloc = emap.count_state(ExtState.DELALLOC)
+            if delalloc:
+                score.setdefault(ino, [0, 0])[0] += delalloc
+        return sorted(score, key=lambda i: (score[i][0], score[i][1], -i), reverse=True)[:n]
 
     async def getattr(self, ino: int):
         attr = await self.fs.getattr(ino)
