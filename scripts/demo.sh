@@ -39,10 +39,28 @@ echo "== engine counters (delafs stat)"
 echo "== unmount, fsck, remount, verify"
 "$DELAFS" umount "$mnt"
 "$DELAFS" fsck -n "$img"
-"$DELAFS" mount "$img" "$mnt"
+"$DELAFS" mount "$img" "$mnt" -o dirty_expire=60   # written data stays delalloc until fsync
 diff -r delafs "$mnt/src" -x __pycache__ && echo "after remount: source tree identical"
 sqlite3 "$mnt/demo.db" "pragma integrity_check; select count(*) from t;"
 (cd "$mnt/repo" && git fsck --no-progress && echo "git fsck: ok")
+
+echo "== watch delalloc become written (delafs trace, bmap, top)"
+"$DELAFS" trace "$mnt" --json > "$work/trace.json" &
+tracer=$!
+sleep 1
+head -c 300000 /dev/urandom > "$mnt/watched"
+"$DELAFS" bmap "$mnt/watched"
+"$PY" -c 'import os, sys; os.fsync(os.open(sys.argv[1], os.O_RDWR))' "$mnt/watched"
+"$DELAFS" bmap "$mnt/watched"
+"$DELAFS" top "$mnt" --file "$mnt/watched" --files 0 -n 1 | tail -5
+sleep 0.5
+kill "$tracer"; wait "$tracer"
+"$PY" - "$work/trace.json" <<'PY'
+import collections, json, sys
+events = [json.loads(line) for line in open(sys.argv[1])]
+print("trace --json:", len(events), "events;",
+      ", ".join(f"{k} {v}" for k, v in collections.Counter(e["event"] for e in events).most_common()))
+PY
 "$DELAFS" umount "$mnt"
 "$DELAFS" fsck "$img"
 echo "image: $(du -k "$img" | cut -f1) KiB on disk for $(stat -c %s "$img") bytes"

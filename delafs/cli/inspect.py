@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -66,7 +67,14 @@ def ask(address: str, obj: dict) -> dict:
         raise InspectError(f"inspection socket {address}: {e.strerror or e}") from None
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _run(cmd: str, body, args) -> int:
+    # A script stops a stream with SIGTERM (or SIGINT, which a shell
+    # ignores for its background jobs): both end it cleanly, at a line.
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return body(args)
     except InspectError as e:

@@ -150,9 +150,9 @@ class Stream:
     def wait_for(self, pred, timeout: float = 20) -> bool:
         return wait_until(lambda: pred(self.poll()), timeout)
 
-    def interrupt(self) -> tuple[int, float]:
+    def interrupt(self, sig: int = signal.SIGINT) -> tuple[int, float]:
         t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(sig)
         try:
             rc = self.proc.wait(timeout=5)
         finally:
@@ -196,11 +196,14 @@ def test_trace_json_streams_the_life_of_a_write_and_stops_on_sigint(delafs_mount
     assert rc == 0 and took < 1.0, (rc, took, t.proc.stderr.read())
 
 
-def test_trace_stops_on_sigint_while_nothing_happens(delafs_mount):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_trace_stops_on_a_signal_while_nothing_happens(delafs_mount, sig):
+    """Ctrl-C, or SIGTERM from a script (a shell's background job ignores
+    SIGINT): a clean exit within a second."""
     m = delafs_mount(size="64M")
     t = Stream(m.mnt)
     time.sleep(1.0)
-    rc, took = t.interrupt()
+    rc, took = t.interrupt(sig)
     assert rc == 0 and took < 1.0, (rc, took, t.proc.stderr.read())
 
 
