@@ -141,7 +141,10 @@ exec {delafs} mount-helper "$@"
 
 
 def cmd_install_helper(args) -> int:
-    delafs = shutil.which("delafs") or os.path.join(os.path.dirname(sys.executable), "delafs")
+    # The delafs being run, not the first on PATH: `.venv/bin/delafs
+    # install-helper` must not point mount(8) at some other checkout's.
+    here = os.path.join(os.path.dirname(sys.executable), "delafs")
+    delafs = here if os.access(here, os.X_OK) else shutil.which("delafs") or here
     try:
         with open(args.path, "w") as f:
             f.write(HELPER_SCRIPT.format(delafs=delafs))

@@ -443,3 +443,20 @@ def test_mount_option_subtype():
     # A comma ends the option: what follows is refused as an option of its own.
     with pytest.raises(ValueError, match="'b'"):
         MountOptions.parse("subtype=a,b")
+
+
+@pytest.mark.skipif(not _SCRIPT.exists(), reason="needs the installed delafs script")
+def test_install_helper_points_at_the_delafs_being_run(tmp_path):
+    """Not at the first delafs on PATH: `.venv/bin/delafs install-helper`
+    from one checkout must not send mount(8) to another's."""
+    other = tmp_path / "bin" / "delafs"
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\nexit 99\n")
+    other.chmod(0o755)
+    helper = tmp_path / "mount.fuse.delafs"
+    env = dict(os.environ, PATH=f"{other.parent}:{os.environ['PATH']}")
+    r = subprocess.run([str(_SCRIPT), "install-helper", "--path", str(helper)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = helper.read_text()
+    assert str(other) not in text and f"exec {_SCRIPT} mount-helper" in text, text
