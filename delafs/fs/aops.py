@@ -1,8 +1,10 @@
 """The filesystem's writeback ops (xfs_aops.c in spirit): writeback_range
 maps a dirty range, converting delalloc to UNWRITTEN blocks, and queues it
-with iomap's add_to_ioend; submit writes the ioends, flushes once and
-completes them: UNWRITTEN becomes WRITTEN and the on-disk size moves, in one
-metadata operation, only after the data is on stable storage.  A range that
+with iomap's add_to_ioend; submit writes the ioends and completes them:
+UNWRITTEN becomes WRITTEN and the on-disk size moves, in one metadata
+operation, only after the data writes completed.  The transaction cannot
+commit before the data is durable: the journal flushes the device first
+(log/journal.py, REQ_PREFLUSH).  A range that
 cannot be mapped has its folio's delalloc discarded under the folio lock
 (xfs_discard_folio).
 
@@ -176,7 +178,8 @@ class FsWritebackOps:
         self.stats["writeback_errors"] += 1
 
     async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:
-        """The data is on stable storage: make it visible to recovery.  An
+        """The data writes completed: make them visible to recovery, in a
+        transaction the journal commits only after flushing them.  An
         overwrite of written blocks inside the on-disk size changes nothing
         (so an fdatasync after it needs no journal commit)."""
         fs = self.fs

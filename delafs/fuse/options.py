@@ -21,8 +21,9 @@ _PATH_OPTS = {"log", "log_writes"}
 _FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
                "ro", "rw", "noatime", "atime", "exec", "noexec"}
 # What a FUSE mount does anyway: accepted and dropped (libfuse 3 refuses
-# them by name).  Other atime flags (strictatime, lazytime, nodiratime)
-# cannot be passed through libfuse 3 and are refused like any unknown option.
+# them by name).  libfuse 3 cannot pass strictatime or nodiratime either:
+# the daemon implements them itself (_OWN_FLAGS); lazytime is refused like
+# any unknown option.
 _DEFAULT_FLAGS = {"rw", "relatime"}
 _OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
               # atime is the daemon's (the kernel only invalidates its cached

@@ -140,8 +140,9 @@ class WritebackOps(Protocol):
         folio's DELALLOC under the folio lock alone and raise."""
 
     async def writeback_submit(self, wpc: WritebackCtx) -> None:
-        """Write the ready ioends, flush, and complete them (convert
-        UNWRITTEN extents and move the on-disk size in one transaction)."""
+        """Write the ready ioends and complete them (convert UNWRITTEN
+        extents and move the on-disk size in one transaction, which the
+        journal commits only after a device flush)."""
 
 
 # --------------------------------------------------------------------------

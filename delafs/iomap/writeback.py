@@ -6,9 +6,10 @@ for I/O and it is put under writeback; every dirty block range inside EOF
 goes to the filesystem's ``writeback_range``, which maps a prefix,
 queues it on an ioend and returns the bytes it handled, the caller looping
 over the rest.  Adjacent ranges merge into one ioend, written with one
-vectored write.  ``writeback_submit`` writes the ioends, flushes, and
-completes them: only then are UNWRITTEN extents converted and the on-disk
-size moved, so a crash never exposes stale blocks.
+vectored write.  ``writeback_submit`` writes the ioends and completes
+them: only after the writes are UNWRITTEN extents converted and the
+on-disk size moved, and the journal flushes the device before it commits
+that conversion, so a crash never exposes stale blocks.
 
 A failed ``writeback_range`` has already discarded the folio's delalloc
 (under the folio lock alone); the error is recorded in the mapping's
