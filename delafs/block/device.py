@@ -380,6 +380,18 @@ class BlockDevice:
         durable."""
         return self._writes_done != self._writes_flushed
 
+    def writes_done(self) -> int:
+        """The count of completed writes: a flush starting now covers them."""
+        with self._stats_lock:
+            return self._writes_done
+
+    def note_flushed(self, covers: int) -> None:
+        """A flush that started when ``writes_done()`` was ``covers`` has
+        finished."""
+        with self._stats_lock:
+            self._writes_flushed = max(self._writes_flushed, covers)
+            self._stats["flushes"] += 1
+
     def flush_sync(self) -> None:
         """Make every completed write durable (``fdatasync``).
 
@@ -387,15 +399,12 @@ class BlockDevice:
         is what the log's commit records depend on.
         """
         check_request(self, "flush")
-        with self._stats_lock:
-            covers = self._writes_done      # a write completing from now on needs a later flush
+        covers = self.writes_done()         # a write completing from now on needs a later flush
         try:
             os.fdatasync(self._fd)
         except OSError as e:
             raise FsError(e.errno, f"flush of image {self.path} failed: {e.strerror}") from None
-        with self._stats_lock:
-            self._writes_flushed = max(self._writes_flushed, covers)
-            self._stats["flushes"] += 1
+        self.note_flushed(covers)
         if self.recorder is not None:
             self.recorder.events.append(("flush",))
 
