@@ -218,9 +218,14 @@ class TopView:
         self.prev: tuple[float, dict] | None = None
         self.rates: dict[str, float] | None = None
 
-    def sample(self, width: int) -> dict:
+    def sample(self, width: int, height: int | None = None) -> dict:
+        """One snapshot; with ``height``, no more busiest files than fit
+        (each takes 3 rows, the rest of the frame 9)."""
         now = time.monotonic()
-        snap = ask(self.address, {"cmd": "top", "files": self.nfiles, "pin": list(self.pins),
+        nfiles = self.nfiles
+        if height is not None:
+            nfiles = max(0, min(nfiles, (height - 9) // 3 - len(self.pins)))
+        snap = ask(self.address, {"cmd": "top", "files": nfiles, "pin": list(self.pins),
                                   "width": width})
         st = snap["stat"]
         if self.prev is not None:
@@ -341,7 +346,8 @@ def cmd_top(args) -> int:
             return 0
         with Live(console=console, screen=True, auto_refresh=False) as live:
             while args.iterations is None or frames < args.iterations:
-                live.update(view.render(view.sample(width()), args.interval), refresh=True)
+                live.update(view.render(view.sample(width(), console.height), args.interval),
+                            refresh=True)
                 frames += 1
                 time.sleep(args.interval)
         return 0
