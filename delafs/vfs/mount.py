@@ -158,6 +158,17 @@ class Mount:
 
     # -- inspection (delafs bmap, top): read-only snapshots -------------------------
 
+    async def _inspected(self, ino: int):
+        """A regular file's extent map, cache mapping (or None) and size
+        (the in-memory one: data not yet written back counts), under the
+        caller's read transaction."""
+        inode = await self.fs.iget(ino)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
+        emap = await self.fs.extent_map(ino)
+        vi = self.inodes.get(ino)
+        return emap, self.cache.find_mapping(ino), vi.size if vi is not None else inode.size
+
     async def bmap(self, ino: int) -> dict:
         """xfs_getbmap with the page cache laid over it: every extent from
         block 0 to the end of the file or of its last extent (holes
@@ -165,14 +176,8 @@ class Mount:
         maps are read in one step with no await between them, so they show
         the same instant."""
         async with self.fs.transaction(write=False):
-            inode = await self.fs.iget(ino)
-            if not inode.is_reg:
-                raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
-            emap = await self.fs.extent_map(ino)
-            vi = self.inodes.get(ino)
-            size = vi.size if vi is not None else inode.size
+            emap, mapping, size = await self._inspected(ino)
             stored = list(emap.iter_extents())
-            mapping = self.cache.find_mapping(ino)
             cache = mapping.cache_runs() if mapping is not None else []
         end = max((size + BLOCK_SIZE - 1) >> BLOCK_SHIFT, stored[-1].end if stored else 0)
         extents, pos = [], 0
@@ -196,14 +201,8 @@ class Mount:
         a million extents costs what a small one does (and may show such a
         column inexactly)."""
         async with self.fs.transaction(write=False):
-            inode = await self.fs.iget(ino)
-            if not inode.is_reg:
-                raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
-            emap = await self.fs.extent_map(ino)
-            vi = self.inodes.get(ino)
-            size = vi.size if vi is not None else inode.size
+            emap, mapping, size = await self._inspected(ino)
             nblocks = (size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-            mapping = self.cache.find_mapping(ino)
             per = max(1, -(-nblocks // width))
             extents, cache = [], []
             for col in range(min(width, -(-nblocks // per))):
