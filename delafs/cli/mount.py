@@ -80,10 +80,20 @@ def cmd_umount(args) -> int:
 
 
 def cmd_stat(args) -> int:
+    if args.mountpoint is None and args.watch is not None:
+        # `delafs stat --watch MOUNTPOINT`: argparse took the mount point
+        # for the optional SECONDS.
+        args.mountpoint, args.watch = args.watch, "1"
+    if args.mountpoint is None:
+        return fail("stat", "give the mount point")
     if args.watch is None:
         _print_stat(args, json.loads(_command(args, "stat")))
         return 0
-    if args.watch <= 0:
+    try:
+        args.watch = float(args.watch)
+    except ValueError:
+        args.watch = 0
+    if not args.watch > 0:
         return fail("stat", "--watch needs a positive number of seconds")
     try:
         while True:
@@ -220,10 +230,10 @@ def add_commands(sub) -> None:
     u.set_defaults(func=cmd_umount)
 
     s = sub.add_parser("stat", help="space, cache and engine counters of a mounted delafs")
-    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     s.add_argument("--json", action="store_true",
                    help="everything, as JSON (with --watch: one object per line)")
-    s.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+    s.add_argument("--watch", nargs="?", const="1", metavar="SECONDS",
                    help="print again every SECONDS (default 1) until interrupted")
     s.set_defaults(func=cmd_stat)
 

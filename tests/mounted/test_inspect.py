@@ -382,5 +382,14 @@ def test_stat_watch_streams_until_interrupted(delafs_mount):
         if p.poll() is None:
             p.kill()
             p.wait()
-    r = run([DELAFS, "stat", "--watch", "0", m.mnt], check=False)
-    assert r.returncode == 1 and "positive" in r.stderr
+    for bad in ("0", "-1", "soon"):
+        r = run([DELAFS, "stat", "--watch", bad, m.mnt], check=False)
+        assert r.returncode == 1 and "positive" in r.stderr, r
+    # SECONDS is optional: the mount point right after --watch is not it.
+    p = subprocess.Popen([DELAFS, "stat", "--watch", m.mnt], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip().count(":") == 2       # the time of the first table
+        assert p.stdout.readline().startswith("total blocks")
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=5) == 0
