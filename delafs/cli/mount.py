@@ -321,12 +321,29 @@ def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foregr
         os._exit(code)
 
 
+def exited(pid: int) -> bool:
+    """The process is gone or a zombie.  A zombie has exited: its files,
+    the image's lock among them, are closed.  The daemon's parent (delafs
+    mount) is long gone, so it waits for init to reap it, which some
+    inits do only now and then (here: over a second)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if exited(pid):
             return True
-        time.sleep(0.05)
-    return False
+        time.sleep(0.02)
+    return exited(pid)

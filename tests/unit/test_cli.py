@@ -460,3 +460,21 @@ def test_install_helper_points_at_the_delafs_being_run(tmp_path):
     assert r.returncode == 0, r.stderr
     text = helper.read_text()
     assert str(other) not in text and f"exec {_SCRIPT} mount-helper" in text, text
+
+
+def test_umount_counts_a_zombie_daemon_as_gone():
+    """delafs umount waits for the daemon to exit.  Its parent is gone, so
+    the exited daemon stays a zombie until init reaps it (over a second on
+    some machines): the wait must end when it exits, not when it is reaped."""
+    from delafs.cli.mount import wait_gone
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        t0 = time.monotonic()
+        while not os.path.exists(f"/proc/{child.pid}/stat") or \
+                open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
+        assert wait_gone(child.pid, 2.0)        # a zombie: not reaped yet
+        assert not wait_gone(os.getpid(), 0.1)  # a live process is not gone
+    finally:
+        child.wait()
