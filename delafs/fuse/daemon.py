@@ -116,7 +116,15 @@ class Daemon:
             fuse_opts.add("debug")
         if "ro" not in fuse_opts and self.readonly:
             fuse_opts.add("ro")
-        pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
+        try:
+            pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
+        except RuntimeError as e:
+            # libfuse printed the reason to a stderr that a daemonized
+            # mount has already pointed away; say what usually causes it.
+            raise FsError(errno.EPERM, f"{e}: the kernel or fusermount3 refused the mount "
+                                       f"(most often: no CAP_SYS_ADMIN; in a container add --cap-add "
+                                       f"SYS_ADMIN, and --security-opt apparmor=unconfined where "
+                                       f"AppArmor runs; delafs mount -f shows libfuse's own reason)") from None
 
     def statistics(self) -> dict:
         stats = self.ops.m_statistics()

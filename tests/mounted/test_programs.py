@@ -646,6 +646,21 @@ def test_mount_nonexistent_image(mount_dir, tmp_path):
     assert not (tmp_path / "missing.img").exists()
 
 
+def test_mount_without_cap_sys_admin_says_why(mount_dir, tmp_path):
+    """A container run without --cap-add SYS_ADMIN: libfuse's reason goes
+    to a stderr the daemonized mount has pointed away, so delafs says what
+    usually causes 'fuse_session_mount failed'."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    img = tmp_path / "d.img"
+    run([DELAFS, "mkfs", "-q", img, "--size", "64M"])
+    r = run(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+             *_mount_cmd(img, mount_dir)], check=False, timeout=60)
+    assert r.returncode == 1 and not is_mounted(mount_dir)
+    assert r.stderr.startswith("delafs mount: fuse_session_mount failed") and "CAP_SYS_ADMIN" in r.stderr, r
+    run([DELAFS, "fsck", "-n", img])                        # the image was released, untouched
+
+
 @pytest.mark.parametrize("content", ["random", "zeros"])
 def test_mount_not_a_delafs_image(mount_dir, tmp_path, content):
     img = tmp_path / "junk.img"
