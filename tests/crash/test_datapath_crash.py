@@ -8,10 +8,12 @@ than 10,000 over several seeds."""
 from __future__ import annotations
 
 import pytest
+import trio
 
 from delafs.mm.filemap import AddressSpace
 
 from .datapath import Harness, check_run
+from .workload import InlineDevice
 
 
 async def record_and_check(tmp_path, *, seed, ops_per_file=60, variants=4, max_images=None,
@@ -91,12 +93,31 @@ async def test_mutant_unmount_cancelling_the_flusher_is_caught(tmp_path, monkeyp
     assert v.violations, f"mutant survived {v.images} crash images"
 
 
+def discard_keeps_data(monkeypatch):
+    """A device whose discard leaves the old data in place, as a block
+    device may (discard is advisory).  On the image file a discard punches
+    a hole, so a freed block reused later reads as zeros, which hides stale
+    data whenever the discard won the race with the reuse: whether a crash
+    image could show stale data then depended on timing."""
+    async def keep(self, blk, count):
+        await trio.lowlevel.checkpoint()
+    monkeypatch.setattr(InlineDevice, "discard", keep)
+
+
+async def test_crash_states_expose_no_stale_data_when_discard_keeps_it(tmp_path, monkeypatch):
+    discard_keeps_data(monkeypatch)
+    run, v = await record_and_check(tmp_path, seed=6)
+    assert v.promises >= 30 and v.images >= 400
+    assert not v.violations, "\n".join(v.violations[:20])
+
+
 async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, monkeypatch):
     """Completion (UNWRITTEN -> WRITTEN, the on-disk size) made durable
     before the ioend's data is written: a crash in between exposes
     whatever the reused blocks held -- another block's, another file's."""
     from delafs.fs.aops import FsWritebackOps
     real = FsWritebackOps.writeback_submit
+    discard_keeps_data(monkeypatch)
 
     async def complete_first(self, wpc):
         ioends = wpc.ready + ([wpc.ioend] if wpc.ioend is not None else [])
@@ -106,7 +127,7 @@ async def test_mutant_conversion_committed_before_the_data_is_caught(tmp_path, m
         await real(self, wpc)
     monkeypatch.setattr(FsWritebackOps, "writeback_submit", complete_first)
     checked = 0
-    for seed in (6, 7, 9, 11, 13, 17, 19, 23, 29, 31):   # the stale block must be a reused one
+    for seed in (6, 7, 9):           # each caught it alone, 8 of 8 seeds tried
         work = tmp_path / str(seed)
         work.mkdir()
         _, v = await record_and_check(work, seed=seed, stop_at_first=True)
