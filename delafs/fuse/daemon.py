@@ -130,7 +130,8 @@ class Daemon:
         stats = self.ops.m_statistics()
         stats["daemon"] = {"pid": os.getpid(), "image": self.image,
                            "mountpoint": self.mountpoint, "readonly": self.readonly,
-                           "inspect": self.inspect.address if self.inspect_live else None}
+                           "inspect": self.inspect.address if self.inspect_live else None,
+                           "inspect_clients": self.inspect.clients}
         return stats
 
     # -- main loop ---------------------------------------------------------------------

@@ -50,6 +50,7 @@ log = logging.getLogger("delafs")
 TRACE_INTERVAL = 0.05        # seconds between batches sent to a trace reader
 TRACE_QUEUE = 16384          # events a trace reader may fall behind before drops
 MAX_REQUEST = 64 << 10
+REQUEST_WAIT = 10.0          # seconds a connection may take to send its request
 
 
 def peer_uid(sock) -> int:
@@ -94,14 +95,17 @@ class InspectServer:
 
     async def _request(self, stream) -> dict | None:
         buf = b""
-        while b"\n" not in buf:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return None
-            buf += chunk
-            if len(buf) > MAX_REQUEST:
-                await self._send(stream, {"error": "request too long", "errno": errno.EINVAL})
-                return None
+        with trio.move_on_after(REQUEST_WAIT):
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return None
+                buf += chunk
+                if len(buf) > MAX_REQUEST:
+                    await self._send(stream, {"error": "request too long", "errno": errno.EINVAL})
+                    return None
+        if b"\n" not in buf:
+            return None         # a connection that never asks is closed
         try:
             request = json.loads(buf.split(b"\n", 1)[0])
             if not isinstance(request, dict):
@@ -150,7 +154,10 @@ class InspectServer:
         m = self.daemon.m
         width = request.get("width", 60)
         nfiles = request.get("files", 3)
-        pins = [self._ino(i) for i in request.get("pin") or []]
+        pins = request.get("pin") or []
+        if not isinstance(pins, list):
+            raise FsError(errno.EINVAL, f"bad pin list {pins!r}")
+        pins = [self._ino(i) for i in pins]
         if not isinstance(width, int) or not 1 <= width <= 1000:
             raise FsError(errno.EINVAL, f"bad width {width!r}")
         if not isinstance(nfiles, int) or not 0 <= nfiles <= 100:

@@ -107,7 +107,7 @@ def test_inspection_socket_answers_questions_only(delafs_mount):
     assert address.startswith("@delafs-")
     for bad, err in [({"cmd": "sync"}, errno.EINVAL), ({"cmd": "inject", "args": ["short_copy=1"]}, errno.EINVAL),
                      ({"cmd": "bmap", "ino": "1"}, errno.EINVAL), ({"cmd": "bmap", "ino": 10**6}, errno.ENOENT),
-                     ({"cmd": "top", "width": 0}, errno.EINVAL)]:
+                     ({"cmd": "top", "width": 0}, errno.EINVAL), ({"cmd": "top", "pin": 5}, errno.EINVAL)]:
         with pytest.raises(FsError) as e:
             request(address, bad, timeout=10)
         assert e.value.errno == err, (bad, e.value)
@@ -117,6 +117,17 @@ def test_inspection_socket_answers_questions_only(delafs_mount):
         s.sendall(b"not json\n")
         assert b"bad request" in s.recv(4096)
     assert m.stat()["errortags"] == {}      # no errortag was set by any of it
+
+
+def test_a_connection_that_never_asks_is_closed(delafs_mount):
+    m = delafs_mount(size="64M")
+    address = m.stat()["daemon"]["inspect"]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect("\0" + address[1:])
+        assert wait_until(lambda: m.stat()["daemon"]["inspect_clients"] == 1, 5)
+        s.settimeout(30)
+        assert s.recv(100) == b""                     # closed by the daemon, unanswered
+    assert m.stat()["daemon"]["inspect_clients"] == 0
 
 
 def test_bmap_works_on_a_read_only_mount(delafs_mount):
@@ -202,9 +213,12 @@ def test_trace_stops_on_a_signal_while_nothing_happens(delafs_mount, sig):
     SIGINT): a clean exit within a second."""
     m = delafs_mount(size="64M")
     t = Stream(m.mnt)
-    time.sleep(1.0)
+    assert wait_until(lambda: m.stat()["daemon"]["inspect_clients"] == 1, 10)
     rc, took = t.interrupt(sig)
     assert rc == 0 and took < 1.0, (rc, took, t.proc.stderr.read())
+    # The daemon noticed the reader go, with no event to send it: its
+    # subscription (and the tracing it switched on) ended too.
+    assert wait_until(lambda: m.stat()["daemon"]["inspect_clients"] == 0, 5)
 
 
 def test_trace_filters_by_event_and_inode(delafs_mount):
