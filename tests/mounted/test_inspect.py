@@ -173,11 +173,18 @@ class Stream:
         return rc, time.monotonic() - t0
 
 
+def subscribed(m, readers: int = 1) -> None:
+    """Wait until the trace readers are connected (a loaded machine may take
+    more than a second to start one): events before that are not theirs."""
+    assert wait_until(lambda: m.stat()["daemon"]["inspect_clients"] == readers, 20)
+    time.sleep(0.1)          # connected, and past its request
+
+
 def test_trace_json_streams_the_life_of_a_write_and_stops_on_sigint(delafs_mount):
     m = delafs_mount(size="64M", opts=HOLD)
     t = Stream(m.mnt, "--json")
     try:
-        time.sleep(1.0)                                    # let it subscribe
+        subscribed(m)
         f = m.path("f")
         with open(f, "wb") as out:
             out.write(os.urandom(65536))
@@ -213,7 +220,7 @@ def test_trace_stops_on_a_signal_while_nothing_happens(delafs_mount, sig):
     SIGINT): a clean exit within a second."""
     m = delafs_mount(size="64M")
     t = Stream(m.mnt)
-    assert wait_until(lambda: m.stat()["daemon"]["inspect_clients"] == 1, 10)
+    subscribed(m)
     rc, took = t.interrupt(sig)
     assert rc == 0 and took < 1.0, (rc, took, t.proc.stderr.read())
     # The daemon noticed the reader go, with no event to send it: its
@@ -230,7 +237,7 @@ def test_trace_filters_by_event_and_inode(delafs_mount):
     t = Stream(m.mnt, "--event", "iomap_write_end", "--event", "xfs_unwritten_convert",
                "--inode", str(ino_b))
     try:
-        time.sleep(1.0)
+        subscribed(m)
         for name in "ab":
             with open(m.path(name), "r+b") as out:
                 out.write(b"22")
