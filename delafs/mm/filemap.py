@@ -153,11 +153,16 @@ class AddressSpace:
             if folio.writeback:
                 add(lo, hi - lo, "writeback")
                 continue
-            dirty, uptodate = folio.dirty_blocks(), folio.uptodate_mask
-            for b in range(lo - folio.index, hi - folio.index):
-                bit = 1 << b
-                state = "dirty" if dirty & bit else "uptodate" if uptodate & bit else "stale"
-                add(folio.index + b, 1, state)
+            # One step per run of blocks in a state, not per block: top
+            # asks for this several times a second over the whole cache.
+            span = Folio.block_range_mask(lo - folio.index, hi - lo)
+            dirty, uptodate = folio.dirty_blocks() & span, folio.uptodate_mask & span
+            pieces = [(first, n, state)
+                      for mask, state in ((dirty, "dirty"), (uptodate & ~dirty, "uptodate"),
+                                          (span & ~uptodate, "stale"))
+                      for first, n in Folio.mask_segments(mask)]
+            for first, n, state in sorted(pieces):
+                add(folio.index + first, n, state)
         return [tuple(r) for r in runs]
 
     def oldest_dirtied_when(self) -> float | None:
