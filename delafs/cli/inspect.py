@@ -19,7 +19,7 @@ from ..fuse.control import NotMounted, control_command
 from ..fuse.inspect import connect, request
 from ..lib.errors import FsError
 from ..lib.trace import EVENTS
-from ..lib.units import BLOCK_SIZE
+from ..lib.units import BLOCK_SIZE, format_size
 from .fail import fail
 
 
@@ -197,14 +197,6 @@ RATES = [("writes", "engine", "writes"), ("punches", "engine", "punches"),
 _SHOWN = ("writes", "punches", "ioends", "writeback ranges")
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 class TopView:
     """Samples the daemon and renders one frame; rates are the counters'
     changes between the last two samples."""
@@ -261,17 +253,19 @@ class TopView:
 
         st = snap["stat"]
         sp, cache = st["space"], st["cache"]
-        blocks = lambda n: human(n * BLOCK_SIZE)  # noqa: E731
+        blocks = lambda n: format_size(n * BLOCK_SIZE)  # noqa: E731
         lines = [line(("delafs top ", "bold"), f"{self.root}  pid {st['daemon']['pid']}  ",
                       time.strftime("%H:%M:%S"), f"  every {interval:g}s")]
         lines.append(line(f"space   free {blocks(sp['available'])}  used {blocks(sp['used'])}  "
                           f"delalloc {blocks(sp['reserved'])}  meta rsv {blocks(sp['metadata_reserve'])}"))
-        lines.append(line(f"cache   dirty {human(cache['dirty_bytes'])}/{human(cache['dirty_limit'])}  "
-                          f"writeback {human(cache['writeback_bytes'])}  "
-                          f"cached {human(cache['cached_bytes'])}/{human(cache['cache_size'])}"))
+        size = format_size
+        lines.append(line(f"cache   dirty {size(cache['dirty_bytes'])}/{size(cache['dirty_limit'])}  "
+                          f"writeback {size(cache['writeback_bytes'])}  "
+                          f"cached {size(cache['cached_bytes'])}/{size(cache['cache_size'])}"))
         if self.rates is None:
             lines.append(line("per s   (measuring)"))
-            lines.append(line(f"flusher passes {cache['flusher_runs']}  throttled now {cache['throttled_now']}"))
+            lines.append(line(f"flusher passes {cache['flusher_runs']}  "
+                              f"throttled now {cache['throttled_now']}"))
         else:
             lines.append(line("per s   " + "  ".join(f"{label} {self.rates[label]:.0f}"
                                                      for label, _, _ in RATES if label in _SHOWN)))
@@ -286,7 +280,7 @@ class TopView:
             if "error" in f:
                 lines.append(line(f"{name}: {f['error']}"))
                 continue
-            lines.append(line((name[:24], "bold"), f"  ino {f['ino']}  {human(f['size'])}  "
+            lines.append(line((name[:24], "bold"), f"  ino {f['ino']}  {format_size(f['size'])}  "
                               f"delalloc {f['delalloc_blocks']}  dirty {f['dirty_blocks']}  "
                               f"wb {f['writeback_folios']}  col={f['blocks_per_column']} blk"))
             lines.append(_strip("extents ", f["extents"], EXTENT_GLYPHS))

@@ -28,3 +28,13 @@ def parse_size(text: str) -> int:
         raise ValueError(f"bad size {text!r} (examples: 64M, 1G, 1073741824)")
     n = int(m.group(1))
     return n << (10 * " kmgtp".index(m.group(2).lower() or " "))
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 64.0 MiB (binary multiples, as
+    parse_size reads them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

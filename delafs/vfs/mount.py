@@ -230,10 +230,8 @@ class Mount:
         for mapping in self.cache.mappings():
             if mapping.nrpages:
                 score[mapping.ino] = [mapping.nrdirty + mapping.nrwriteback, mapping.nrpages]
-        for ino, emap in self.fs.emaps.items():
-            delalloc = emap.count_state(ExtState.DELALLOC)
-            if delalloc:
-                score.setdefault(ino, [0, 0])[0] += delalloc
+        for ino, delalloc in self.fs.delalloc_blocks().items():
+            score.setdefault(ino, [0, 0])[0] += delalloc
         return sorted(score, key=lambda i: (score[i][0], score[i][1], -i), reverse=True)[:n]
 
     async def getattr(self, ino: int):
