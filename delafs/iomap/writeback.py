@@ -100,7 +100,7 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
         folio.data[isize - folio.pos:] = bytes(folio.end - isize)
     mask = folio.clear_dirty_for_io()
     eof_blocks = (isize + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-    folio.start_writeback()
+    folio.start_writeback(mask)
     try:
         for first, n in folio.mask_segments(mask):
             b0 = folio.index + first

@@ -289,12 +289,12 @@ class AddressSpace:
         if starting:
             self.writeback_index.add(folio.index)
             self.nrwriteback += 1
-            cache.writeback_bytes += folio.size
+            cache.writeback_bytes += folio.wb_blocks << BLOCK_SHIFT
             cache._lru.pop(folio, None)
         else:
             self.writeback_index.discard(folio.index)
             self.nrwriteback -= 1
-            cache.writeback_bytes -= folio.size
+            cache.writeback_bytes -= folio.wb_blocks << BLOCK_SHIFT
             if not folio._dirty:
                 cache._lru[folio] = None
             cache._maybe_unthrottle()

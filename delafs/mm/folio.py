@@ -101,6 +101,9 @@ class Folio:
                     clean (drives dirty expiry)
       writeback     True between start_writeback and end_writeback; set
                     under the folio lock, cleared by I/O completion without it
+      wb_blocks     how many blocks that writeback is writing (what the
+                    cache counts as writeback bytes, as dirty bytes count
+                    dirty blocks)
       _owner        task holding the folio lock, or None
 
     A folio is on the cache's LRU exactly when it is in a mapping, clean and
@@ -108,7 +111,7 @@ class Folio:
     """
 
     __slots__ = ("mapping", "index", "nblocks", "data", "_uptodate", "_dirty",
-                 "dirtied_when", "writeback", "_owner", "_lot", "_wb_event")
+                 "dirtied_when", "writeback", "wb_blocks", "_owner", "_lot", "_wb_event")
 
     def __init__(self, mapping: "AddressSpace | None", index: int, nblocks: int):
         if nblocks < 1 or nblocks > MAX_FOLIO_BLOCKS or nblocks & (nblocks - 1):
@@ -124,6 +127,7 @@ class Folio:
         self._dirty = 0
         self.dirtied_when: float | None = None
         self.writeback = False
+        self.wb_blocks = 0
         self._owner = None
         self._lot: trio.lowlevel.ParkingLot | None = None
         self._wb_event: trio.Event | None = None
@@ -361,14 +365,16 @@ class Folio:
 
     # -- the writeback flag ---------------------------------------------------
 
-    def start_writeback(self) -> None:
-        """folio_start_writeback: I/O for some of its blocks is being
-        submitted.  Caller holds the folio lock; the flag outlives the lock
-        and is cleared by end_writeback at I/O completion."""
+    def start_writeback(self, mask: int | None = None) -> None:
+        """folio_start_writeback: I/O for the blocks of ``mask`` (what
+        clear_dirty_for_io returned; None: every block) is being submitted.
+        Caller holds the folio lock; the flag outlives the lock and is
+        cleared by end_writeback at I/O completion."""
         self.assert_locked()
         assert not self.writeback, f"start_writeback of a folio under writeback: {self!r}"
         assert self.mapping is not None
         self.writeback = True
+        self.wb_blocks = self.nblocks if mask is None else mask.bit_count()
         self.mapping._account_writeback(self, True)
 
     def end_writeback(self) -> None:

@@ -331,7 +331,7 @@ class PageCache:
                     assert f.dirtied_when is None, f
                 if f.writeback:
                     mwb += 1
-                    wb += f.size
+                    wb += f.wb_blocks << BLOCK_SHIFT
                 if not nd and not f.writeback:
                     lru_expect.add(f)
                 cached += f.size

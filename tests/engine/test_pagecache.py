@@ -812,3 +812,40 @@ def test_random_operations_keep_accounting_exact(ops):
             assert got == dirty
             assert cache.dirty_bytes == len(dirty) * B
     trio.run(run)
+
+
+async def test_writeback_counts_the_blocks_being_written_not_whole_folios(autojump_clock):
+    """Dirty bytes count blocks, so writeback bytes must too.  One dirty
+    block in each of 64 large folios puts 64 blocks in flight, not 64
+    folios: counting whole folios took a 4 KiB random writer over the dirty
+    limit with a tenth of it dirty, so every background pass stopped the
+    writer until all its I/O completed (190 ms stalls under fio)."""
+    cache = PageCache(cache_size=4096 * B, dirty_limit=256 * B, dirty_background=128 * B,
+                      writeback_interval=1.0, dirty_expire=30.0)
+    m = cache.mapping(1)
+    folios = [await make_folio(m, i * 16, 16) for i in range(64)]
+
+    async def slow_io(mapping, expired_only):
+        pass                                    # the I/O never completes in this test
+
+    async with trio.open_nursery() as n:
+        await n.start(cache.run_flusher, slow_io)
+        for f in folios:
+            await f.lock()
+            f.mark_dirty(3, 1)
+            mask = f.clear_dirty_for_io()
+            f.start_writeback(mask)
+            f.unlock()
+        assert cache.writeback_bytes == 64 * B and cache.dirty_bytes == 0
+        cache.verify()
+        await folios[0].lock()
+        folios[0].mark_dirty(5, 1)
+        folios[0].unlock()
+        with trio.fail_after(5):
+            await cache.balance_dirty_pages(m)
+        assert cache.statistics()["throttled"] == 0
+        for f in folios:
+            f.end_writeback()
+        assert cache.writeback_bytes == 0
+        cache.verify()
+        cache.stop()
