@@ -54,6 +54,7 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
                 if when is None or when > expired_before:
                     continue
             await POINTS.hit("writepages_folio")
+            await POINTS.cond_resched()
             await folio.lock()
             if folio.mapping is not mapping or not folio.test_dirty():
                 folio.unlock()
