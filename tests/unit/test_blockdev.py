@@ -602,3 +602,42 @@ def test_a_failed_flush_leaves_writes_unflushed(dev, monkeypatch):
     with pytest.raises(FsError):
         dev.flush_sync()
     assert dev.unflushed
+
+
+async def test_a_cancelled_caller_waits_for_its_device_write_to_finish(dev, monkeypatch):
+    """A cancelled request never returns while the write it started in a
+    worker thread may still be half-way onto the image; the write's errors
+    reach the caller like any exception."""
+    started, release = threading.Event(), threading.Event()
+    real = dev.write_sync
+    finished = []
+
+    def slow_write(blk, bufs):
+        started.set()
+        release.wait(5)
+        real(blk, bufs)
+        finished.append(blk)
+
+    async def writer(scope):
+        with scope:
+            await dev.write(3, [b"c" * BLOCK_SIZE])
+        returned.append(finished[:])
+
+    monkeypatch.setattr(dev, "write_sync", slow_write)
+    returned = []
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as n:
+        n.start_soon(writer, scope)
+        await trio.to_thread.run_sync(started.wait)
+        scope.cancel()
+        await trio.sleep(0.05)
+        assert not returned                     # still waiting for its write
+        release.set()
+    assert returned == [[3]] and dev.read_sync(3, 1) == b"c" * BLOCK_SIZE
+    monkeypatch.setattr(dev, "write_sync", real)
+    dev.faults.add("write", start=5, count=1)
+    with pytest.raises(FsError) as e:
+        await dev.write(5, [b"d" * BLOCK_SIZE])
+    assert e.value.errno == errno.EIO
+    errors = await dev.submit([(5, [b"e" * BLOCK_SIZE]), (6, [b"f" * BLOCK_SIZE])])
+    assert isinstance(errors[0], FsError) and errors[1] is None
