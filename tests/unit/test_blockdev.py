@@ -181,8 +181,67 @@ async def test_read_into_mixes_host_cached_and_uncached_blocks(dev, monkeypatch)
     before = dev.statistics()["reads"]
     await dev.read_into(10, views)
     assert b"".join(bytes(v) for v in views) == data
-    assert calls[:2] == [os.RWF_NOWAIT, os.RWF_NOWAIT] and calls[2:] and not any(calls[2:])
+    nowaits = calls.index(0)                    # polled the host cache, then the thread
+    assert nowaits >= 2 and set(calls[:nowaits]) == {os.RWF_NOWAIT} and not any(calls[nowaits:])
     assert dev.statistics()["reads"] == before + 1
+
+
+async def test_a_cold_read_polls_the_host_cache_before_it_waits_in_a_thread(dev, monkeypatch):
+    """A RWF_NOWAIT miss has started the host's I/O: read_into polls for
+    the data, giving other tasks a turn between polls, and needs no worker
+    thread when it lands within read_poll.  Without polling every cold 4 KiB
+    read paid a thread round trip (fio randread: 1,073 IOPS median against
+    2,235 with a 150 us poll, 5 alternating runs each)."""
+    data = os.urandom(4 * BLOCK_SIZE)
+    dev.write_sync(7, [data])
+    real = os.preadv
+    misses = []
+
+    def preadv(fd, bufs, offset, flags=0):
+        if flags and len(misses) < 3:           # in flight for three polls
+            misses.append(offset)
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real(fd, bufs, offset)
+
+    async def no_thread(*args):
+        raise AssertionError("waited in a worker thread")
+
+    others = []
+
+    async def another_request():
+        while len(misses) < 3:
+            others.append(len(misses))
+            await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr("delafs.block.device.in_worker_thread", no_thread)
+    dev.read_poll = 5.0
+    view = memoryview(bytearray(4 * BLOCK_SIZE))
+    async with trio.open_nursery() as n:
+        n.start_soon(another_request)
+        await dev.read_into(7, [view])
+    assert bytes(view) == data and len(misses) == 3
+    assert any(0 < n < 3 for n in others)       # it ran while the read polled
+
+
+async def test_a_read_the_host_cache_never_gets_in_time_waits_in_a_thread(dev, monkeypatch):
+    data = os.urandom(2 * BLOCK_SIZE)
+    dev.write_sync(9, [data])
+    real = os.preadv
+    flags_seen = []
+
+    def preadv(fd, bufs, offset, flags=0):
+        flags_seen.append(flags)
+        if flags:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    dev.read_poll = 0.002
+    view = memoryview(bytearray(2 * BLOCK_SIZE))
+    await dev.read_into(9, [view])
+    assert bytes(view) == data
+    assert flags_seen[0] == os.RWF_NOWAIT and flags_seen[-1] == 0 and flags_seen.count(0) == 1
 
 
 async def test_read_into_on_a_host_without_nowait_reads(dev, monkeypatch):
