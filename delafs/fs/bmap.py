@@ -45,12 +45,7 @@ class BmapOps:
         assert_owned(self.meta_lock, "extent_map")
         emap = self.emaps.get(ino)
         if emap is None:
-            emap = ExtentMap()
-            # A mapping taken from an earlier copy of this map (since
-            # evicted) must look stale: each load starts the cookie in a
-            # range of its own, above every value an earlier copy reached.
-            self._emap_loads += 1
-            emap.cookie = self._emap_loads << 40
+            emap = self._new_extent_map()
             held = 0
             for key, val, blk in await self.tree.scan((ino, T_XATTR, 0), (ino, T_EXTENT + 1, 0),
                                                       with_block=True):
@@ -69,6 +64,15 @@ class BmapOps:
                 raise CorruptionError(f"inode {ino}", None,
                                       f"block count {inode.blocks}, its extents and values hold {held}")
             self.emaps[ino] = emap
+        return emap
+
+    def _new_extent_map(self) -> ExtentMap:
+        emap = ExtentMap()
+        # A mapping taken from an earlier copy of this map (since evicted)
+        # must look stale: each copy starts the cookie in a range of its
+        # own, above every value an earlier copy reached.
+        self._emap_loads += 1
+        emap.cookie = self._emap_loads << 40
         return emap
 
     def delalloc_blocks(self) -> dict[int, int]:

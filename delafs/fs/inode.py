@@ -129,6 +129,10 @@ class InodeOps:
         self.store.mark_dirty(self.info)
         await self.tree.insert((ino, T_INODE, 0), inode.encode())
         self.inodes[ino] = inode
+        if inode.is_reg:
+            # Nothing to load: a new file has no extents (its first write
+            # would otherwise scan the tree for them).
+            self.emaps[ino] = self._new_extent_map()
         return inode
 
     def attach_errortags(self, tags) -> None:
