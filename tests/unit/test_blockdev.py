@@ -224,19 +224,27 @@ async def test_a_cold_read_polls_the_host_cache_before_it_waits_in_a_thread(dev,
     assert any(0 < n < 3 for n in others)       # it ran while the read polled
 
 
-async def test_a_read_the_host_cache_never_gets_in_time_waits_in_a_thread(dev, monkeypatch):
-    data = os.urandom(2 * BLOCK_SIZE)
-    dev.write_sync(9, [data])
+def refuse_nowait_reads(monkeypatch, error: OSError) -> list[int]:
+    """Make every RWF_NOWAIT read raise ``error``; returns the flags of
+    every preadv, in order."""
     real = os.preadv
     flags_seen = []
 
     def preadv(fd, bufs, offset, flags=0):
         flags_seen.append(flags)
         if flags:
-            raise BlockingIOError(errno.EAGAIN, "would block")
+            raise error
         return real(fd, bufs, offset)
-
     monkeypatch.setattr(os, "preadv", preadv)
+    return flags_seen
+
+
+async def test_a_read_the_host_cache_never_gets_in_time_waits_in_a_thread(dev, monkeypatch):
+    """On a slow disk the poll gives up after read_poll and the read waits
+    in a worker thread, once."""
+    data = os.urandom(2 * BLOCK_SIZE)
+    dev.write_sync(9, [data])
+    flags_seen = refuse_nowait_reads(monkeypatch, BlockingIOError(errno.EAGAIN, "would block"))
     dev.read_poll = 0.002
     view = memoryview(bytearray(2 * BLOCK_SIZE))
     await dev.read_into(9, [view])
@@ -249,15 +257,7 @@ async def test_read_into_on_a_host_without_nowait_reads(dev, monkeypatch):
     gets every read through the thread, and is not asked again."""
     data = os.urandom(4 * BLOCK_SIZE)
     dev.write_sync(3, [data])
-    real = os.preadv
-    flags_seen = []
-
-    def preadv(fd, bufs, offset, flags=0):
-        flags_seen.append(flags)
-        if flags:
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        return real(fd, bufs, offset)
-    monkeypatch.setattr(os, "preadv", preadv)
+    flags_seen = refuse_nowait_reads(monkeypatch, OSError(errno.EOPNOTSUPP, "Operation not supported"))
     for _ in range(2):
         view = memoryview(bytearray(4 * BLOCK_SIZE))
         await dev.read_into(3, [view])
