@@ -147,7 +147,7 @@ class Operations(pyfuse3.Operations):
         # Invalidations get threads of their own: one stuck in the kernel
         # must never hold a thread the device's I/O needs.
         self._inval_threads = trio.CapacityLimiter(4)
-        self.stats = {"invalidations": 0, "invalidations_late": 0}
+        self.stats = {"invalidations": 0, "invalidations_late": 0, "evicted_inodes": 0}
         self._next_fh = 1
         self.control = control
         self.control_out: dict[int, bytes] = {}
@@ -258,16 +258,21 @@ class Operations(pyfuse3.Operations):
 
     async def _drop_inode(self, ino: int) -> None:
         """The kernel forgot the inode: drop its reference (the filesystem
-        frees an unlinked inode once no reference is left)."""
+        frees an unlinked inode once no reference is left) and, if it is
+        still unused, its clean pages and in-memory inode."""
         await self._evict_if_unlinked(ino)
         await self.fs.close_ref(ino)
+        if self._unused(ino) and self.m.evict_clean(ino):
+            self.stats["evicted_inodes"] += 1
+
+    def _unused(self, ino: int) -> bool:
+        """The kernel no longer knows the inode and no file holds it open."""
+        return ino not in self.lookups and not any(
+            isinstance(f, OpenFile) and f.inode.ino == ino for f in self.files.values())
 
     async def _evict_if_unlinked(self, ino: int) -> None:
-        """The kernel no longer knows the inode and no file holds it open."""
-        if ino in self.lookups or any(isinstance(f, OpenFile) and f.inode.ino == ino
-                                      for f in self.files.values()):
-            return
-        await self.m.evict_if_unlinked(ino)
+        if self._unused(ino):
+            await self.m.evict_if_unlinked(ino)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -646,6 +651,6 @@ class Operations(pyfuse3.Operations):
     def m_statistics(self) -> dict:
         stats = self.m.statistics()
         stats["vfs"] = {"known_inodes": len(self.lookups), "open_files": len(self.files),
-                        **self.stats}
+                        "cached_inodes": len(self.m.inodes), **self.stats}
         return stats
 

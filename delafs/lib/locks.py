@@ -187,6 +187,11 @@ class RWSemaphore:
                  else f"shared x{len(self._readers)}" if self._readers else "free")
         return f"<RWSemaphore {self.name} {state}, {len(self._waiters)} waiting>"
 
+    @property
+    def idle(self) -> bool:
+        """Nobody holds it and nobody waits for it."""
+        return self._writer is None and not self._readers and not self._waiters
+
     # -- acquiring ----------------------------------------------------------
 
     def _check_not_held(self, task) -> None:

@@ -156,6 +156,38 @@ class Mount:
                     await vi.mapping.truncate_range(0, None)
             self.inodes.pop(ino, None)
 
+    def evict_clean(self, ino: int) -> bool:
+        """The kernel forgot a linked inode that no file holds open: let it
+        go if nothing of it is in flight, as the kernel's inode eviction
+        truncates a clean inode's pages and frees it.  Without this every
+        inode ever touched kept its VInode, its AddressSpace and its clean
+        folios for the life of the mount.  Dirty data, writeback, a held
+        lock or an in-memory size the filesystem has not seen keep it (the
+        next FORGET is the next chance).  Synchronous: nothing reaches the
+        inode between the checks and the drop.  Returns whether it went."""
+        vi = self.inodes.get(ino)
+        if vi is None:
+            return False
+        mapping = vi.mapping
+        fsinode = self.fs.inodes.get(ino)
+        if (vi.writers or mapping.nrdirty or mapping.nrwriteback
+                or not vi.i_rwsem.idle or not mapping.invalidate_lock.idle
+                or fsinode is None or fsinode.size != vi.size):
+            return False
+        locked = []
+        for folio in mapping.folios.values():
+            if not folio.trylock():
+                for f in locked:
+                    f.unlock()
+                return False
+            locked.append(folio)
+        for folio in locked:
+            mapping.remove(folio)
+            folio.unlock()
+        del self.inodes[ino]
+        self.cache.forget_mapping(ino)
+        return True
+
     # -- inspection (delafs bmap, top): read-only snapshots -------------------------
 
     async def _inspected(self, ino: int):

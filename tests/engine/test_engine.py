@@ -589,3 +589,31 @@ async def test_a_new_file_starts_with_an_empty_extent_map_without_reading_the_tr
     assert await m.read(f, 0, 5000) == b"n" * 5000
     await rig.unmount()
     await rig.fsck()
+
+
+async def test_evict_clean_lets_a_forgotten_clean_inode_go_and_keeps_a_busy_one(rig):
+    """Mount.evict_clean (the kernel's evict of an inode it forgot): a clean
+    one loses its VInode, its mapping and its folios and reads back from the
+    image; dirty pages, writeback or a held lock keep it."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"e" * 70000)
+    await m.release(f)
+    assert not m.evict_clean(ino)                    # dirty: kept
+    assert m.inodes[ino].mapping.nrdirty
+    await m.syncfs()
+    vi = m.inodes[ino]
+    async with vi.i_rwsem.shared():
+        assert not m.evict_clean(ino)                # in use: kept
+    cached = m.cache.cached_bytes
+    assert m.evict_clean(ino)
+    assert ino not in m.inodes and m.cache.find_mapping(ino) is None
+    assert m.cache.cached_bytes <= cached - 70000
+    m.cache.verify()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 0, 70000) == b"e" * 70000
+    await m.release(f)
+    check_invariants(m)
+    await rig.unmount()
+    await rig.fsck()
