@@ -470,7 +470,9 @@ class BlockDevice:
     # onto the image.
 
     async def read(self, blk: int, count: int) -> bytes:
-        return await in_worker_thread(self.read_sync, blk, count)
+        buf = bytearray(count * BLOCK_SIZE)
+        await self.read_into(blk, [memoryview(buf)])
+        return bytes(buf)
 
     async def read_into(self, blk: int, views: Sequence[memoryview]) -> None:
         """What the host's page cache holds is read at once, without a trip

@@ -700,3 +700,22 @@ async def test_a_cancelled_caller_waits_for_its_device_write_to_finish(dev, monk
     assert e.value.errno == errno.EIO
     errors = await dev.submit([(5, [b"e" * BLOCK_SIZE]), (6, [b"f" * BLOCK_SIZE])])
     assert isinstance(errors[0], FsError) and errors[1] is None
+
+
+async def test_a_read_the_host_cache_holds_needs_no_worker_thread(dev, monkeypatch):
+    """dev.read (metadata blocks, journal replay, fsck) takes the same fast
+    path as read_into: a block the host's page cache holds is read on the
+    loop, not after a worker-thread round trip (185 us or more here), which
+    every metadata-cache miss of a cold directory walk used to pay."""
+    data = os.urandom(3 * BLOCK_SIZE)
+    dev.write_sync(11, [data])
+    dev.read_sync(11, 3)                        # now in the host's page cache
+
+    async def no_thread(*args):
+        raise AssertionError("waited in a worker thread")
+
+    monkeypatch.setattr("delafs.block.device.in_worker_thread", no_thread)
+    before = dev.statistics()
+    assert await dev.read(11, 3) == data
+    after = dev.statistics()
+    assert after["reads"] == before["reads"] + 1 and after["blocks_read"] == before["blocks_read"] + 3
