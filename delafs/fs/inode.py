@@ -47,6 +47,12 @@ class InodeOps:
         self.inodes[ino] = inode
         return inode
 
+    def cached_size(self, ino: int) -> int | None:
+        """The size of ``ino`` if its inode is cached, else None (never
+        reads the tree: for callers that must not sleep)."""
+        inode = self.inodes.get(ino)
+        return None if inode is None else inode.size
+
     async def log_inode(self, inode: Inode) -> None:
         await self.tree.update((inode.ino, T_INODE, 0), inode.encode())
         self.dirty_times.discard(inode.ino)

@@ -169,10 +169,9 @@ class Mount:
         if vi is None:
             return False
         mapping = vi.mapping
-        fsinode = self.fs.inodes.get(ino)
         if (vi.writers or mapping.nrdirty or mapping.nrwriteback
                 or not vi.i_rwsem.idle or not mapping.invalidate_lock.idle
-                or fsinode is None or fsinode.size != vi.size):
+                or self.fs.cached_size(ino) != vi.size):
             return False
         locked = []
         for folio in mapping.folios.values():
