@@ -5,7 +5,9 @@ iomap engine needs: ``iomap_begin`` looks a file range up here, buffered
 writes add DELALLOC extents, writeback turns them into UNWRITTEN ones with
 real blocks, I/O completion turns those WRITTEN, and punch/truncate remove
 them. It is on the hot path of every write, so lookups are O(log n) bisects
-over a ``SortedDict`` and nothing is copied that a caller does not receive.
+(in C) and nothing is copied that a caller does not receive; the extents
+themselves are packed records in :mod:`delafs.fs.iext_tree`, so a file of a
+million extents costs tens of MiB, not hundreds.
 
 Ranges are half-open ``[fblock, fblock + length)`` in filesystem blocks, as
 everywhere in delafs: adjacent ranges then share a boundary value and a
@@ -48,11 +50,10 @@ tops it up or trims it afterwards, the map only keeps the books.
 from __future__ import annotations
 
 import enum
-import itertools
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
-from sortedcontainers import SortedDict
+from .iext_tree import IextTree, Record
 
 #: End of the file block space: a hole with nothing after it runs up to here.
 MAX_FBLOCK = 2**63
@@ -131,26 +132,25 @@ class ExtentMap:
     ``cookie``
         The validity cookie: incremented by every :meth:`set` or
         :meth:`remove` that changed the map, and only by those.
-    ``_map``
-        SortedDict ``fblock -> Extent``. Stored extents never overlap, are
+    ``_tree``
+        IextTree ``fblock -> record``. Stored extents never overlap, are
         never empty, are never HOLE, and no two touching extents are
         mergeable (see :func:`_mergeable`), so each map content has exactly
-        one representation. Stored objects never leave this class while
-        stored; callers get copies.
+        one representation. Callers get new Extent objects, never the store.
     ``_counts``
         Blocks per state, indexed by ExtState, kept current so that
         :meth:`count_state` is O(1).
     """
 
-    __slots__ = ("cookie", "_map", "_counts")
+    __slots__ = ("cookie", "_tree", "_counts")
 
     def __init__(self) -> None:
         self.cookie = 0
-        self._map: SortedDict = SortedDict()
+        self._tree = IextTree()
         self._counts = [0, 0, 0, 0]
 
     def __len__(self) -> int:
-        return len(self._map)
+        return len(self._tree)
 
     def count_state(self, state: ExtState) -> int:
         if state == _HOLE:
@@ -170,38 +170,35 @@ class ExtentMap:
         """
         if limit is not None and limit < 1:
             raise ValueError(f"lookup limit {limit} < 1")
-        m = self._map
-        idx = m.bisect_right(fblock)
-        if idx:
-            ext = m.peekitem(idx - 1)[1]
-            end = ext.fblock + ext.length
+        rec, nxt = self._tree.floor_and_next(fblock)
+        if rec is not None:
+            end = rec[0] + rec[1]
             if end > fblock:
                 if limit is not None and fblock + limit < end:
                     end = fblock + limit
-                return _piece(ext, fblock, end)
-        end = m.peekitem(idx)[0] if idx < len(m) else MAX_FBLOCK
+                return _piece(_extent(rec), fblock, end)
+        end = MAX_FBLOCK if nxt is None else nxt
         if limit is not None and fblock + limit < end:
             end = fblock + limit
         return Extent(fblock, end - fblock, _HOLE)
 
     def extent_at(self, fblock: int) -> Extent | None:
         """A copy of the whole stored extent containing ``fblock``, or None."""
-        m = self._map
-        idx = m.bisect_right(fblock)
-        if idx:
-            ext = m.peekitem(idx - 1)[1]
-            if ext.fblock + ext.length > fblock:
-                return _piece(ext, ext.fblock, ext.fblock + ext.length)
+        rec = self._tree.floor(fblock)
+        if rec is not None and rec[0] + rec[1] > fblock:
+            return _extent(rec)
         return None
 
     def set_indlen(self, fblock: int, indlen: int) -> None:
         """Replace the indlen of the DELALLOC extent starting at ``fblock``
         (the filesystem trims it after a merge).  The mapping itself is
         unchanged, so the cookie is too."""
-        ext = self._map[fblock]
-        if ext.state != _DELALLOC or indlen < 0:
-            raise ValueError(f"cannot set indlen {indlen} on {ext}")
-        ext.indlen = indlen
+        rec = self._tree.get(fblock)
+        if rec is None:
+            raise KeyError(fblock)
+        if rec[2] != _DELALLOC or indlen < 0:
+            raise ValueError(f"cannot set indlen {indlen} on {_extent(rec)}")
+        self._tree.put(fblock, rec[1], rec[2], None, indlen)
 
     def lookup_range(self, fblock: int, count: int) -> list[Extent]:
         """New Extents covering exactly ``[fblock, fblock + count)`` in
@@ -223,8 +220,8 @@ class ExtentMap:
                      limit: int | None = None) -> Iterator[Extent]:
         """New Extents for the stored extents overlapping ``[fblock, end)``
         (``end`` None: to the end of the file space), clipped to it; with
-        ``limit``, only the first ``limit`` of them (and only as many keys
-        looked at).
+        ``limit``, only the first ``limit`` of them (and only as many
+        records looked at).
 
         Do not change the map while iterating.
         """
@@ -232,10 +229,12 @@ class ExtentMap:
             end = MAX_FBLOCK
         if end <= fblock:
             return
-        m = self._map
-        for key in self._overlapping(fblock, end, limit):
-            ext = m[key]
-            yield _piece(ext, max(ext.fblock, fblock), min(ext.fblock + ext.length, end))
+        for ext in self._overlapping(fblock, end, limit):
+            e_end = ext.fblock + ext.length
+            if ext.fblock >= fblock and e_end <= end:
+                yield ext
+            else:
+                yield _piece(ext, max(ext.fblock, fblock), min(e_end, end))
 
     # -- changes -----------------------------------------------------------
 
@@ -294,18 +293,18 @@ class ExtentMap:
         def fail(msg: str) -> None:
             raise AssertionError(f"extent map: {msg}")
 
+        self._tree.check()
         counts = [0, 0, 0, 0]
         prev = None
-        for key, ext in self._map.items():
-            if key != ext.fblock:
-                fail(f"{ext} stored under key {key}")
-            if ext.length < 1 or ext.fblock < 0:
-                fail(f"{ext} is empty or negative")
-            if not isinstance(ext.state, ExtState) or ext.state == _HOLE:
-                fail(f"{ext} has a state that is never stored")
+        for rec in self._tree:
+            if rec[2] not in _STORED:
+                fail(f"record {rec} has a state that is never stored")
+            ext = _extent(rec)
+            if ext.length < 1:
+                fail(f"{ext} is empty")
             if (ext.pblock is None) != (ext.state == _DELALLOC):
                 fail(f"{ext} pblock presence does not match its state")
-            if ext.indlen < 0 or (ext.indlen and ext.state != _DELALLOC):
+            if ext.indlen and ext.state != _DELALLOC:
                 fail(f"{ext} has a bad indlen")
             if prev is not None:
                 if prev.end > ext.fblock:
@@ -319,50 +318,47 @@ class ExtentMap:
 
     # -- internals ---------------------------------------------------------
 
-    def _overlapping(self, start: int, end: int, limit: int | None = None) -> list[int]:
-        """Keys of the stored extents overlapping ``[start, end)``, in order
+    def _overlapping(self, start: int, end: int, limit: int | None = None) -> list[Extent]:
+        """The stored extents overlapping ``[start, end)``, whole, in order
         (the first ``limit`` of them)."""
-        m = self._map
-        keys = []
-        idx = m.bisect_left(start)
-        if idx:
-            key, ext = m.peekitem(idx - 1)
-            if key + ext.length > start:
-                keys.append(key)
-        rest = m.irange(start, end, inclusive=(True, False))
-        keys.extend(rest if limit is None else itertools.islice(rest, max(0, limit - len(keys))))
-        return keys
+        tree = self._tree
+        out = []
+        rec = tree.floor(start - 1)
+        if rec is not None and rec[0] + rec[1] > start:
+            out.append(_extent(rec))
+        if limit is not None:
+            limit = max(0, limit - len(out))
+        out.extend(map(_extent, tree.range(start, end, limit)))
+        return out
+
+    def _store(self, ext: Extent) -> None:
+        self._tree.put(ext.fblock, ext.length, ext.state, ext.pblock, ext.indlen)
 
     def _cut_out(self, start: int, end: int, states: Container[ExtState] | None) -> list[Extent]:
         """Remove ``[start, end)`` of the extents whose state is in
         ``states`` and return the removed pieces. Removal never makes two
         stored extents touch that did not touch before, so no merge follows.
         """
-        m = self._map
+        tree = self._tree
         counts = self._counts
         removed = []
-        for key in self._overlapping(start, end):
-            ext = m[key]
+        for ext in self._overlapping(start, end):
             if states is not None and ext.state not in states:
                 continue
+            key = ext.fblock
             ext_end = key + ext.length
             cut_start = key if key > start else start
             cut_end = ext_end if ext_end < end else end
             counts[ext.state] -= cut_end - cut_start
             if cut_start == key and cut_end == ext_end:
-                del m[key]
+                tree.pop(key)
                 removed.append(ext)
                 continue
             left, mid, right = _indlen_shares(ext, cut_start, cut_end)
             pblock = ext.pblock
             if cut_end < ext_end:
-                m[cut_end] = Extent(
-                    cut_end,
-                    ext_end - cut_end,
-                    ext.state,
-                    None if pblock is None else pblock + cut_end - key,
-                    right,
-                )
+                tree.put(cut_end, ext_end - cut_end, ext.state,
+                         None if pblock is None else pblock + cut_end - key, right)
             removed.append(
                 Extent(
                     cut_start,
@@ -373,27 +369,37 @@ class ExtentMap:
                 )
             )
             if cut_start > key:
-                ext.length = cut_start - key
-                ext.indlen = left
+                tree.put(key, cut_start - key, ext.state, pblock, left)
             else:
-                del m[key]
+                tree.pop(key)
         return removed
 
     def _insert(self, new: Extent) -> None:
         """Store ``new`` over a range known to be empty, merging it with the
         extents touching its edges when they are mergeable."""
-        m = self._map
+        tree = self._tree
         self._counts[new.state] += new.length
-        idx = m.bisect_left(new.fblock)
-        left = m.peekitem(idx - 1)[1] if idx else None
-        if left is not None and left.fblock + left.length == new.fblock and _mergeable(left, new):
-            left.length += new.length
-            left.indlen += new.indlen
-            new = left
-        else:
-            m[new.fblock] = new
-        right = m.get(new.fblock + new.length)
-        if right is not None and _mergeable(new, right):
-            del m[right.fblock]
-            new.length += right.length
-            new.indlen += right.indlen
+        rec = tree.floor(new.fblock - 1)
+        if rec is not None and rec[0] + rec[1] == new.fblock:
+            left = _extent(rec)
+            if _mergeable(left, new):
+                left.length += new.length
+                left.indlen += new.indlen
+                new = left
+        rec = tree.get(new.fblock + new.length)
+        if rec is not None:
+            right = _extent(rec)
+            if _mergeable(new, right):
+                tree.pop(right.fblock)
+                new.length += right.length
+                new.indlen += right.indlen
+        self._store(new)
+
+
+_STATES = tuple(ExtState)
+_STORED = frozenset((ExtState.DELALLOC, ExtState.UNWRITTEN, ExtState.WRITTEN))
+
+
+def _extent(rec: Record) -> Extent:
+    """A new Extent for a record of the tree."""
+    return Extent(rec[0], rec[1], _STATES[rec[2]], rec[3], rec[4])

@@ -256,7 +256,7 @@ def test_check_detects_corruption():
     m = ExtentMap()
     m.set(Extent(0, 4, W, pblock=1))
     m.set(Extent(4, 4, U, pblock=5))
-    m._map[0].state = U
+    m._tree.put(0, 4, U, 1, 0)          # behind the map's back
     with pytest.raises(AssertionError, match="not merged"):
         m.check()
 
