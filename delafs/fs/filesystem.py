@@ -31,7 +31,7 @@ from collections import OrderedDict
 from ..lib.errors import CorruptionError, DelafsError, FsError, NotDelafsError
 from ..lib.locks import Mutex
 from ..log import journal as journal_log
-from ..log.metabuf import MetaStore
+from ..log.metabuf import CACHE_BLOCKS, MetaStore
 from ..ondisk import (
     BITS_PER_BITMAP_BLOCK,
     BLOCK_SIZE,
@@ -204,7 +204,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         return sb, problems
 
     @classmethod
-    async def open(cls, dev, *, readonly: bool = False, cache_blocks: int = 8192,
+    async def open(cls, dev, *, readonly: bool = False, cache_blocks: int = CACHE_BLOCKS,
                    metadata_reserve: int | None = None) -> "Filesystem":
         """Open an image: replay the journal, load the allocator, reap orphans.
 

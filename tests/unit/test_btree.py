@@ -155,3 +155,26 @@ def test_decode_detects_damage():
     img[100] ^= 1
     with pytest.raises(CorruptionError, match="btree node at block 55: checksum"):
         Node.decode(bytes(img), 55)
+
+
+def test_the_metadata_cache_full_of_extent_leaves_stays_within_its_budget():
+    # The decoded cache must leave room for the page cache and the extent
+    # maps (issue 11: RSS <= cache_size + 150 MiB with a million extents);
+    # 8192 decoded leaves were about 175 MiB.
+    import tracemalloc
+
+    from delafs.fs.btree import ITEM_HDR
+    from delafs.fs.items import encode_extent
+    from delafs.log.metabuf import CACHE_BLOCKS
+
+    n = NODE_CAP // (ITEM_HDR + len(encode_extent(1, 1, 3)))
+    image = Node(7, 0, [(10**6, 3, 10**7 + 2 * i) for i in range(n)],
+                 [encode_extent(10**9 + i, 1, 3) for i in range(n)]).encode(1)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        leaves = [Node.decode(image, 7) for _ in range(50)]
+        per_leaf = (tracemalloc.get_traced_memory()[0] - before) / len(leaves)
+    finally:
+        tracemalloc.stop()
+    assert CACHE_BLOCKS * per_leaf <= 48 << 20, f"{CACHE_BLOCKS} x {per_leaf:.0f} B"
