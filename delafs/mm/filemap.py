@@ -26,6 +26,27 @@ if TYPE_CHECKING:
 
 
 
+class _NoFolios(SortedDict):
+    """The one empty folio map that every mapping without folios shares (a
+    SortedDict costs about 1.2 KiB even empty, and most cached inodes have
+    no folios).  Read-only: a mapping gets its own map on its first folio."""
+
+    def __setitem__(self, key, value):
+        raise TypeError("the shared empty folio map is read-only")
+
+
+class _NoIndex(SortedSet):
+    """The one empty tag index (dirty or writeback) that mappings share
+    while no folio carries the tag; read-only, as _NoFolios."""
+
+    def add(self, value):
+        raise TypeError("the shared empty tag index is read-only")
+
+
+_NO_FOLIOS = _NoFolios()
+_NO_INDEX = _NoIndex()
+
+
 class AddressSpace:
     """Per-inode mapping (struct address_space).
 
@@ -42,6 +63,10 @@ class AddressSpace:
                        is dirtied_when order: the oldest is the first
       writeback_index  SortedSet of first blocks of folios under writeback
                        (the writeback tag)
+                       The three sorted containers are shared empty ones
+                       (_NO_FOLIOS, _NO_INDEX) while empty: a mapping gets
+                       its own on the first insertion and gives it back
+                       when it empties again.
       invalidate_lock  RWSemaphore ordering folio instantiation (read, fault)
                        against removal (truncate, punch); see locks.py
       nrpages          blocks cached; nrdirty: dirty blocks;
@@ -52,10 +77,10 @@ class AddressSpace:
     def __init__(self, cache: "PageCache", ino: int):
         self.cache = cache
         self.ino = ino
-        self.folios: SortedDict = SortedDict()
-        self.dirty_index: SortedSet = SortedSet()
+        self.folios: SortedDict = _NO_FOLIOS
+        self.dirty_index: SortedSet = _NO_INDEX
         self.dirty_order: OrderedDict[int, Folio] = OrderedDict()
-        self.writeback_index: SortedSet = SortedSet()
+        self.writeback_index: SortedSet = _NO_INDEX
         self.invalidate_lock = RWSemaphore(f"invalidate_lock[{ino}]")
         self.nrpages = 0
         self.nrdirty = 0
@@ -236,6 +261,8 @@ class AddressSpace:
         folio = Folio(self, block & ~(n - 1), n)
         if lock:
             folio.lock_new()
+        if folios is _NO_FOLIOS:
+            folios = self.folios = SortedDict()
         folios[folio.index] = folio
         self.nrpages += n
         self.cache._folio_added(folio)
@@ -252,6 +279,8 @@ class AddressSpace:
         assert not folio._dirty, f"remove of a dirty folio {folio!r}"
         assert not folio.writeback, f"remove of a folio under writeback {folio!r}"
         del self.folios[folio.index]
+        if not self.folios:
+            self.folios = _NO_FOLIOS
         folio.mapping = None
         self.nrpages -= folio.nblocks
         self.cache._folio_removed(folio)
@@ -262,6 +291,8 @@ class AddressSpace:
         cache = self.cache
         if was_clean:
             folio.dirtied_when = trio.current_time()
+            if self.dirty_index is _NO_INDEX:
+                self.dirty_index = SortedSet()
             self.dirty_index.add(folio.index)
             self.dirty_order[folio.index] = folio
             cache._lru.pop(folio, None)
@@ -277,6 +308,8 @@ class AddressSpace:
         if now_clean:
             folio.dirtied_when = None
             self.dirty_index.discard(folio.index)
+            if not self.dirty_index:
+                self.dirty_index = _NO_INDEX
             del self.dirty_order[folio.index]
             if not folio.writeback:
                 cache._lru[folio] = None
@@ -287,12 +320,16 @@ class AddressSpace:
     def _account_writeback(self, folio: Folio, starting: bool) -> None:
         cache = self.cache
         if starting:
+            if self.writeback_index is _NO_INDEX:
+                self.writeback_index = SortedSet()
             self.writeback_index.add(folio.index)
             self.nrwriteback += 1
             cache.writeback_bytes += folio.wb_blocks << BLOCK_SHIFT
             cache._lru.pop(folio, None)
         else:
             self.writeback_index.discard(folio.index)
+            if not self.writeback_index:
+                self.writeback_index = _NO_INDEX
             self.nrwriteback -= 1
             cache.writeback_bytes -= folio.wb_blocks << BLOCK_SHIFT
             if not folio._dirty:

@@ -849,3 +849,38 @@ async def test_writeback_counts_the_blocks_being_written_not_whole_folios(autoju
         assert cache.writeback_bytes == 0
         cache.verify()
         cache.stop()
+
+
+async def test_a_mapping_without_folios_owns_no_sorted_containers():
+    """Most cached inodes have no folios (created, stat'ed, written back
+    and evicted); their three sorted containers were 3.9 of the 7.1 KiB an
+    empty file cost the daemon.  A mapping shares read-only empty ones until
+    it needs its own and gives them back when they empty again."""
+    import tracemalloc
+
+    cache = PageCache()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        mappings = [cache.mapping(ino) for ino in range(1, 501)]
+        per_mapping = (tracemalloc.get_traced_memory()[0] - before) / len(mappings)
+    finally:
+        tracemalloc.stop()
+    assert per_mapping < 1500, f"{per_mapping:.0f} bytes per empty mapping"
+
+    a, b = mappings[0], mappings[1]
+    f = await make_folio(a, 0, 4, unlock=False)
+    assert len(a.folios) == 1 and len(b.folios) == 0       # a's own map, b untouched
+    f.mark_dirty()
+    assert list(a.dirty_index) == [0] and not b.dirty_index
+    f.start_writeback(f.clear_dirty_for_io())
+    assert list(a.writeback_index) == [0] and not a.dirty_index and not b.writeback_index
+    f.end_writeback()
+    a.remove(f)
+    f.unlock()
+    assert a.folios is b.folios and a.dirty_index is b.dirty_index is b.writeback_index
+    cache.verify()
+    with pytest.raises(TypeError):
+        b.folios[3] = f                        # the shared empties cannot be filled by mistake
+    with pytest.raises(TypeError):
+        b.dirty_index.add(3)
