@@ -42,6 +42,10 @@ class MetaBlock(Protocol):
 #: its 4 KiB image, so 2048 blocks bound the cache near 44 MiB.  A miss costs
 #: a pread the host's page cache usually answers and a decode (~0.2 ms).
 CACHE_BLOCKS = 2048
+#: Committed images kept in memory until a checkpoint writes them home.  The
+#: log alone would let them reach three quarters of the journal (up to 96 MiB
+#: for the largest), so a checkpoint also runs once this many are waiting.
+PENDING_BLOCKS = 4096
 
 
 @dataclass
@@ -58,13 +62,15 @@ class MetaStore:
       revokes    blocks freed in the running transaction (meta_lock)
       committing images frozen but not yet durable (set under meta_lock,
                  drained under commit_lock)
-      pending    durable images not yet written home (commit_lock)
+      pending    durable images not yet written home (commit_lock); a
+                 commit checkpoints first when the log runs short or
+                 ``pending_blocks`` images are waiting
       running_seq  sequence number the running transaction will commit as
       durable_seq  newest transaction known to be on stable storage
     """
 
     def __init__(self, dev, journal: Journal | None, meta_lock: Mutex, *,
-                 cache_blocks: int = CACHE_BLOCKS,
+                 cache_blocks: int = CACHE_BLOCKS, pending_blocks: int = PENDING_BLOCKS,
                  on_home: Callable[[int], None] | None = None,
                  overlay: dict[int, bytes] | None = None):
         self.dev = dev
@@ -73,6 +79,7 @@ class MetaStore:
         self.commit_lock = Mutex()
         self.cache: OrderedDict[int, MetaBlock] = OrderedDict()
         self.cache_blocks = cache_blocks
+        self.pending_blocks = pending_blocks
         self.dirty: dict[int, MetaBlock] = {}
         self.revokes: set[int] = set()
         self.committing: dict[int, bytes] = {}
@@ -178,7 +185,7 @@ class MetaStore:
         need = log_blocks_needed(len(frozen.images), len(frozen.revokes))
         if need > j.L // 2:
             raise FsError(errno.EFBIG, f"metadata transaction of {need} log blocks exceeds half the journal ({j.L} blocks)")
-        if j.free() < need + j.L // 4:
+        if j.free() < need + j.L // 4 or len(self.pending) >= self.pending_blocks:
             await self._checkpoint()
         j.next_seq = frozen.seq + 1
         await j.write_transaction(frozen.seq, frozen.images, frozen.revokes)

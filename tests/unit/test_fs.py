@@ -346,3 +346,27 @@ async def test_rename_whiteout(image):
     assert stat.S_ISCHR((await fs.lookup(d.ino, b"f")).mode)
     await fsck_clean(dev)
     dev.close()
+
+
+async def test_committed_images_waiting_for_a_checkpoint_stay_bounded(image):
+    # Issue 11's memory target: the log alone let durable images pile up
+    # in memory to three quarters of the journal (up to 96 MiB).
+    dev, fs = await fresh(image, log_blocks=2048)   # room for far more than 16
+    fs.store.pending_blocks = 16
+    checkpoints = fs.store.journal.stats["checkpoints"]
+    most = 0
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    for i in range(600):
+        f = await fs.create(d.ino, b"%04d" % i, 0o644)
+        await fs.pwrite(f.ino, 0, b"%d" % i)
+        if i % 20 == 19:
+            await fs.commit()
+            most = max(most, len(fs.store.pending))
+    assert fs.store.journal.stats["checkpoints"] > checkpoints
+    assert most <= 16 + 20, most                 # the bound plus one transaction
+    dev, fs = await reopen(dev)                  # recovery after those checkpoints
+    for i in range(600):
+        f = await fs.lookup(d.ino, b"%04d" % i)
+        assert await fs.pread(f.ino, 0, 10) == b"%d" % i
+    await fs.close()
+    await fsck_clean(dev)
