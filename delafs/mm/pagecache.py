@@ -23,6 +23,7 @@ from collections import OrderedDict
 import trio
 
 from ..lib.units import BLOCK_SHIFT
+from . import heap
 from .filemap import AddressSpace
 from .folio import Folio, assert_no_folio_locks_held
 
@@ -81,7 +82,9 @@ class PageCache:
         self._passes_done = 0
         self._pass_event = trio.Event()
         self._stats = {"evictions": 0, "throttled": 0, "flusher_runs": 0,
-                       "flusher_errors": 0, "flusher_calls": 0, "expired_calls": 0}
+                       "flusher_errors": 0, "flusher_calls": 0, "expired_calls": 0,
+                       "heap_trims": 0}
+        self._untrimmed = 0           # bytes evicted since the flusher last trimmed the heap
 
     # -- mappings -------------------------------------------------------------
 
@@ -147,6 +150,7 @@ class PageCache:
             if not folio.trylock():
                 busy.append(folio)
                 continue
+            self._untrimmed += folio.size
             folio.mapping.remove(folio)
             folio.unlock()
             evicted += 1
@@ -240,6 +244,8 @@ class PageCache:
         write at least the folios ``mapping.dirty_folios(dirtied_before=
         cache.expire_cutoff())`` returns.  Exceptions from writeback_fn are
         logged and counted; the engine records them in mapping.wb_err.
+        After a pass, once the cache has evicted ``heap.TRIM_AFTER`` bytes
+        since the last time, it hands the freed memory back (mm/heap.py).
         """
         if self._flusher_running:
             raise RuntimeError("run_flusher: a flusher is already running")
@@ -260,6 +266,10 @@ class PageCache:
                     self._passes_done += 1
                     ev, self._pass_event = self._pass_event, trio.Event()
                     ev.set()
+                if self._untrimmed >= heap.TRIM_AFTER:
+                    self._untrimmed = 0
+                    await trio.to_thread.run_sync(heap.trim)
+                    self._stats["heap_trims"] += 1
         finally:
             self._flusher_running = False
             self._pass_event.set()
