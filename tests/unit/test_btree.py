@@ -178,3 +178,48 @@ def test_the_metadata_cache_full_of_extent_leaves_stays_within_its_budget():
     finally:
         tracemalloc.stop()
     assert CACHE_BLOCKS * per_leaf <= 48 << 20, f"{CACHE_BLOCKS} x {per_leaf:.0f} B"
+
+
+def _leaf_image(entries, values_at, n=None, level=0):
+    """A sealed node image with the given directory entries (key, offset,
+    length) and value bytes placed at offsets: checksums valid, so only
+    decode's structural checks can refuse it."""
+    import struct
+
+    from delafs.ondisk import BLOCK_SIZE, HDR_SIZE, MAGIC_NODE, seal
+
+    buf = bytearray(BLOCK_SIZE)
+    off = HDR_SIZE
+    for (a, b, c), voff, vlen in entries:
+        struct.pack_into("<QBQHH", buf, off, a, b, c, voff, vlen)
+        off += 21
+    for voff, data in values_at:
+        buf[voff:voff + len(data)] = data
+    n = len(entries) if n is None else n
+    return seal(buf, MAGIC_NODE, 9, 1, level | n << 8)
+
+
+@pytest.mark.parametrize("case, why", [
+    ("order", "keys out of order"),
+    ("bounds", "value out of bounds"),
+    ("overlap", "item values overlap"),
+    ("count", "items do not fit"),
+])
+def test_decode_refuses_each_kind_of_damaged_leaf(case, why):
+    good = [((5, 1, 10), 4000, 8), ((5, 1, 11), 3992, 8), ((5, 1, 12), 3984, 8)]
+    vals = [(4000, b"a" * 8), (3992, b"b" * 8), (3984, b"c" * 8)]
+    node = Node.decode(_leaf_image(good, vals), 9)
+    assert node.keys == [(5, 1, 10), (5, 1, 11), (5, 1, 12)]
+    assert node.vals == [b"a" * 8, b"b" * 8, b"c" * 8] and all(type(v) is bytes for v in node.vals)
+    bad = list(good)
+    n = None
+    if case == "order":
+        bad[1], bad[2] = (bad[2][0], 3992, 8), (bad[1][0], 3984, 8)
+    elif case == "bounds":
+        bad[2] = (bad[2][0], 40, 8)                 # inside the item directory
+    elif case == "overlap":
+        bad[2] = (bad[2][0], 3996, 8)               # runs into the first value
+    elif case == "count":
+        n = 4064 // 21 + 1
+    with pytest.raises(CorruptionError, match=why):
+        Node.decode(_leaf_image(bad, vals, n), 9)
