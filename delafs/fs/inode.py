@@ -8,6 +8,7 @@ metadata operations under ``meta_lock``)."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import stat
 import time
@@ -62,7 +63,10 @@ class InodeOps:
         if excess <= 0:
             return
         # Oldest first; an inode whose times are not in the tree yet stays.
-        victims = [ino for ino in self.inodes if ino not in self.dirty_times][:excess]
+        # Lazily: the cache holds 65536 inodes and an operation evicts one
+        # or two, so listing them all made every operation O(cache).
+        dirty = self.dirty_times
+        victims = list(itertools.islice((ino for ino in self.inodes if ino not in dirty), excess))
         for ino in victims:
             del self.inodes[ino]
             emap = self.emaps.get(ino)

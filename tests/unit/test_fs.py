@@ -370,3 +370,31 @@ async def test_committed_images_waiting_for_a_checkpoint_stay_bounded(image):
         assert await fs.pread(f.ino, 0, 10) == b"%d" % i
     await fs.close()
     await fsck_clean(dev)
+
+
+async def test_inode_cache_eviction_looks_only_at_the_oldest_inodes(image):
+    # Once more than inode_cache_size inodes were cached, every operation
+    # listed all of them to pick its few victims: creating 100k files in a
+    # directory fell to ~700/s in process (py-spy: 40 % of samples there).
+    from collections import OrderedDict
+
+    class CountingCache(OrderedDict):
+        looked_at = 0
+
+        def __iter__(self):
+            for key in OrderedDict.__iter__(self):
+                CountingCache.looked_at += 1
+                yield key
+
+    dev, fs = await fresh(image)
+    fs.inode_cache_size = 50
+    for i in range(400):
+        await fs.create(ROOT, b"f%d" % i, 0o644)
+    await fs.commit()                            # their times are in the tree
+    fs.inodes = CountingCache(fs.inodes)
+    for i in range(20):
+        await fs.create(ROOT, b"g%d" % i, 0o644)
+    assert len(fs.inodes) <= 50 + 1
+    assert CountingCache.looked_at < 20 * 10, CountingCache.looked_at
+    await fs.close()
+    await fsck_clean(dev)
