@@ -37,6 +37,16 @@ async def reopen(dev, fs=None, *, clean=False):
     return dev, await Filesystem.open(dev)
 
 
+async def assert_files_survive_reopen(dev, d, n):
+    """Reopen without a clean close; files 0000.. of ``d`` hold their number."""
+    dev, fs = await reopen(dev)
+    for i in range(n):
+        f = await fs.lookup(d.ino, b"%04d" % i)
+        assert await fs.pread(f.ino, 0, 10) == b"%d" % i
+    await fs.close()
+    await fsck_clean(dev)
+
+
 async def fsck_clean(dev):
     import io
     out = io.StringIO()
@@ -284,12 +294,7 @@ async def test_reopen_without_clean_close_keeps_committed(image):
         await fs.pwrite(f.ino, 0, b"%d" % i)
     await fs.commit()
     await fs.create(d.ino, b"uncommitted", 0o644)      # may or may not survive
-    dev, fs = await reopen(dev)
-    for i in range(300):
-        f = await fs.lookup(d.ino, b"%04d" % i)
-        assert await fs.pread(f.ino, 0, 10) == b"%d" % i
-    await fs.close()
-    await fsck_clean(dev)
+    await assert_files_survive_reopen(dev, d, 300)
 
 
 async def test_readonly_open_writes_nothing(image):
@@ -364,12 +369,7 @@ async def test_committed_images_waiting_for_a_checkpoint_stay_bounded(image):
             most = max(most, len(fs.store.pending))
     assert fs.store.journal.stats["checkpoints"] > checkpoints
     assert most <= 16 + 20, most                 # the bound plus one transaction
-    dev, fs = await reopen(dev)                  # recovery after those checkpoints
-    for i in range(600):
-        f = await fs.lookup(d.ino, b"%04d" % i)
-        assert await fs.pread(f.ino, 0, 10) == b"%d" % i
-    await fs.close()
-    await fsck_clean(dev)
+    await assert_files_survive_reopen(dev, d, 600)   # recovery after those checkpoints
 
 
 async def test_inode_cache_eviction_looks_only_at_the_oldest_inodes(image):
