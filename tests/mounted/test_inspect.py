@@ -139,6 +139,13 @@ def test_bmap_works_on_a_read_only_mount(delafs_mount):
     assert states(bmap(m.path("f"))) == ["WRITTEN"]
 
 
+def _as_at_a_terminal() -> None:
+    """Child setup: Ctrl-C reaches it as it would at a terminal.  A job a
+    non-interactive shell starts in the background inherits SIGINT
+    ignored, and so would every command these tests interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # -- trace ---------------------------------------------------------------------------------
 
 class Stream:
@@ -146,7 +153,7 @@ class Stream:
 
     def __init__(self, *argv: str):
         self.proc = subprocess.Popen([DELAFS, "trace", *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=_as_at_a_terminal)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -392,7 +399,7 @@ def test_top_prints_plain_frames_when_not_a_terminal(delafs_mount, tmp_path):
 def test_stat_watch_streams_until_interrupted(delafs_mount):
     m = delafs_mount(size="64M")
     p = subprocess.Popen([DELAFS, "stat", "--watch", "0.2", "--json", m.mnt], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_as_at_a_terminal)
     try:
         lines = [p.stdout.readline() for _ in range(3)]
         assert all(json.loads(x)["daemon"]["pid"] == m.pid for x in lines)
@@ -407,7 +414,8 @@ def test_stat_watch_streams_until_interrupted(delafs_mount):
         r = run([DELAFS, "stat", "--watch", bad, m.mnt], check=False)
         assert r.returncode == 1 and "positive" in r.stderr, r
     # SECONDS is optional: the mount point right after --watch is not it.
-    p = subprocess.Popen([DELAFS, "stat", "--watch", m.mnt], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([DELAFS, "stat", "--watch", m.mnt], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=_as_at_a_terminal)
     try:
         assert p.stdout.readline().strip().count(":") == 2       # the time of the first table
         assert p.stdout.readline().startswith("total blocks")
