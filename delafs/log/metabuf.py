@@ -70,7 +70,7 @@ class MetaStore:
     """
 
     def __init__(self, dev, journal: Journal | None, meta_lock: Mutex, *,
-                 cache_blocks: int = CACHE_BLOCKS, pending_blocks: int = PENDING_BLOCKS,
+                 cache_blocks: int = CACHE_BLOCKS,
                  on_home: Callable[[int], None] | None = None,
                  overlay: dict[int, bytes] | None = None):
         self.dev = dev
@@ -79,7 +79,7 @@ class MetaStore:
         self.commit_lock = Mutex()
         self.cache: OrderedDict[int, MetaBlock] = OrderedDict()
         self.cache_blocks = cache_blocks
-        self.pending_blocks = pending_blocks
+        self.pending_blocks = PENDING_BLOCKS
         self.dirty: dict[int, MetaBlock] = {}
         self.revokes: set[int] = set()
         self.committing: dict[int, bytes] = {}
