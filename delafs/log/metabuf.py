@@ -37,10 +37,11 @@ class MetaBlock(Protocol):
     def encode(self, seq: int) -> bytes: ...
 
 
-#: Decoded blocks the cache keeps.  A decoded full leaf is about 22 KiB of
-#: Python objects (tuples, ints and bytes for 119 extent items), five times
-#: its 4 KiB image, so 2048 blocks bound the cache near 44 MiB.  A miss costs
-#: a pread the host's page cache usually answers and a decode (~0.2 ms).
+#: Decoded blocks the cache keeps.  A decoded full leaf is about 18 KiB of
+#: Python objects (tuples, ints and bytes for 119 extent items), four and a
+#: half times its 4 KiB image, so 2048 blocks bound the cache near 37 MiB.
+#: A miss costs a pread the host's page cache usually answers and a decode
+#: (~0.1 ms).
 CACHE_BLOCKS = 2048
 #: Committed images kept in memory until a checkpoint writes them home.  The
 #: log alone would let them reach three quarters of the journal (up to 96 MiB
