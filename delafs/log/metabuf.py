@@ -51,7 +51,7 @@ PENDING_BLOCKS = 4096
 #: if an eighth of the log is less).  A dirty block stays decoded in the
 #: cache, beside the CACHE_BLOCKS clean ones, until it commits: rolling at
 #: an eighth of a large log let the sparse job hold 2,674 (~60 MiB).  Each
-#: roll is a commit (two device flushes), one per 512 blocks dirtied.
+#: roll is a commit (a log write and its flush), one per 512 blocks dirtied.
 DIRTY_ROLL = 512
 
 
