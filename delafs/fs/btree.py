@@ -96,6 +96,9 @@ class Node:
         if level > MAX_LEVEL:
             bad(f"level {level}")
         view = memoryview(buf)
+        # A node's keys nearly all name one inode or a few: they share its
+        # int (32 bytes a key) instead of one each from the unpack.
+        share = {}.setdefault
         if level == 0:
             dir_end = HDR_SIZE + n * ITEM_HDR
             if dir_end - HDR_SIZE > NODE_CAP:
@@ -107,16 +110,12 @@ class Node:
                     bad(f"item {i} value out of bounds")
             if not isinstance(buf, bytes):
                 buf = bytes(buf)
-            # A node's keys nearly all name one inode or a few: they share
-            # its int (32 bytes a key) instead of one each from the unpack.
-            share = {}.setdefault
             keys = [(share(a, a), b, c) for a, b, c, _, _ in ents]
             vals = [buf[o:o + ln] for o, ln in spans]
         else:
             if n > INT_MAX or n == 0:
                 bad(f"{n} entries in an internal node")
             ents = list(_INT_ENT.iter_unpack(view[HDR_SIZE:HDR_SIZE + n * _INT_ENT.size]))
-            share = {}.setdefault
             keys = [(share(a, a), b, c) for a, b, c, _ in ents]
             vals = [e[3] for e in ents]
         if not all(map(operator.lt, keys, keys[1:])):

@@ -373,9 +373,9 @@ async def test_committed_images_waiting_for_a_checkpoint_stay_bounded(image):
 
 
 async def test_the_running_transaction_rolls_before_its_dirty_blocks_pile_up(image):
-    # Issue 11's memory target: a dirty block stays decoded (~22 KiB for a
+    # Issue 11's memory target: a dirty block stays decoded (~18 KiB for a
     # full extent leaf) until it commits, and rolling only at an eighth of
-    # the log let the sparse job hold 2,674 of them (~60 MiB) at once.
+    # the log let the sparse job hold 2,674 of them (~60 MiB then) at once.
     dev, fs = await fresh(image, log_blocks=2048)   # an eighth of the log: 256
     fs.store.dirty_roll = 16
     commits = fs.store.stats["commits"]
