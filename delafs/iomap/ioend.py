@@ -30,5 +30,6 @@ def add_to_ioend(wpc: WritebackCtx, folio, pos: int, n: int, addr: int, typ: Iom
         io = wpc.ioend = Ioend(wpc.inode.ino, pos, addr, typ)
     io.bufs.append(data)
     io.size += n
+    wpc.queued += n
     if not io.folios or io.folios[-1] is not folio:
         io.folios.append(folio)

@@ -133,6 +133,7 @@ class WritebackCtx:
     iomap: Iomap | None = None
     error: int = 0
     nr_ranges: int = 0
+    queued: int = 0             # bytes queued on ioends since the last submit
 
 
 class WritebackOps(Protocol):

@@ -11,6 +11,13 @@ them: only after the writes are UNWRITTEN extents converted and the
 on-disk size moved, and the journal flushes the device before it commits
 that conversion, so a crash never exposes stale blocks.
 
+The walk submits as it goes, as the kernel sends each ioend off once the
+next range cannot join it: here once ``WRITEBACK_BATCH`` bytes are queued,
+between folios, so one worker-thread trip still carries many small
+ioends.  An ioend holds a copy of its folios' data, and those folios stay
+under writeback until it completes: queuing a whole pass held a copy of
+everything dirty in the file at once.
+
 A failed ``writeback_range`` has already discarded the folio's delalloc
 (under the folio lock alone); the error is recorded in the mapping's
 errseq and reported by the next fsync of every open description that
@@ -28,6 +35,10 @@ from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
 from .types import POINTS, VInode, WritebackCtx
 
 log = logging.getLogger("delafs")
+
+#: Queued ioend bytes at which a writeback walk submits before mapping more
+#: (one ioend's cap): bounds the copies and folios a pass holds under I/O.
+WRITEBACK_BATCH = 8 << 20
 
 
 async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
@@ -72,17 +83,27 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
                     under_io.append(folio)
                 raise
             written += 1
+            if wpc.queued >= WRITEBACK_BATCH:
+                await _submit(ops, wpc, under_io)
     finally:
         # Whatever was queued reaches the disk even if the walk failed:
         # those folios are already clean, so skipping the submit would
         # end their writeback with their data written nowhere.
-        try:
-            await POINTS.hit("writeback_submit")
-            await ops.writeback_submit(wpc)
-        finally:
-            for folio in under_io:
-                folio.end_writeback()
+        await _submit(ops, wpc, under_io)
     return written
+
+
+async def _submit(ops, wpc: WritebackCtx, under_io: list) -> None:
+    """Write and complete every queued ioend, then end the writeback of the
+    folios they came from (all of them: the walk is between folios)."""
+    try:
+        await POINTS.hit("writeback_submit")
+        await ops.writeback_submit(wpc)
+    finally:
+        wpc.queued = 0
+        for folio in under_io:
+            folio.end_writeback()
+        under_io.clear()
 
 
 async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:

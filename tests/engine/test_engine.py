@@ -563,6 +563,63 @@ async def test_a_writeback_walk_lets_other_requests_run_between_folios(rig):
     await rig.fsck()
 
 
+async def test_a_writeback_pass_submits_as_it_goes_and_holds_a_bounded_copy(rig):
+    """Writeback copies each folio's dirty blocks into its ioend.  A pass
+    that queued every ioend of the walk and submitted them only at its end
+    held a copy of all the file's dirty data at once (up to dirty_limit,
+    64 MiB by default, on top of the cache) and kept every folio of it under
+    writeback until the last write: the one-million-write sparse job's
+    peak RSS.  Like the kernel, which sends each ioend on its way as the
+    walk moves on, a pass submits once WRITEBACK_BATCH bytes are queued and
+    ends those folios' writeback before it maps more."""
+    import tracemalloc
+
+    from delafs.iomap.writeback import WRITEBACK_BATCH
+    rig.opts.update(dirty_limit=256 << 20, dirty_expire=1000.0, writeback_interval=1000.0)
+    m = await rig.mount(format=True, size=192 << 20)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    nfolios = 6144                              # 24 MiB, three batches
+    assert nfolios * BS >= 3 * WRITEBACK_BATCH
+    for i in range(nfolios):                    # one block every other: an ioend each
+        await m.write(f, 2 * i * BS, i.to_bytes(4, "little") * (BS // 4))
+    submits = []
+    real_submit = m.fs.dev.submit
+
+    async def submit(writes):
+        submits.append((sum(len(b) for _, bufs in writes for b in bufs), m.cache.writeback_bytes))
+        return await real_submit(writes)
+
+    m.fs.dev.submit = submit
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        await m.fsync(f)
+        held = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    m.fs.dev.submit = real_submit
+    data_submits = [s for s in submits if s[0] > 16 * BS]
+    assert len(data_submits) >= 3, submits
+    assert max(n for n, _ in data_submits) <= WRITEBACK_BATCH, submits
+    assert max(wb for _, wb in data_submits) <= WRITEBACK_BATCH, submits
+    # The old single submit held ~36 MiB here (24 MiB of copies plus an
+    # ioend object per block); a batch of copies is 8 MiB.
+    assert held < 2 * WRITEBACK_BATCH, f"fsync held {held >> 20} MiB"
+    assert m.cache.writeback_bytes == 0 and m.cache.dirty_bytes == 0
+    await m.release(f)
+    check_invariants(m)
+    await rig.unmount()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    for i in (0, 1, 2047, 2048, 4095, 4096, nfolios - 1):
+        assert await m.read(f, 2 * i * BS, BS) == i.to_bytes(4, "little") * (BS // 4)
+    await m.release(f)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_a_new_file_starts_with_an_empty_extent_map_without_reading_the_tree(rig):
     """A file just created has no extents: its first write must not scan
     the tree for them (and re-read its inode to check the block count), a
