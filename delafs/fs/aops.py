@@ -74,6 +74,9 @@ class FsWritebackOps:
                 self.stats["writeback_errors"] += 1
                 raise
             wpc.iomap = self._iomap(ext, emap.cookie, 0)
+            # No request runs between the conversions of an fsync's walk
+            # to roll the transaction for it.
+            await fs.roll_if_full()
         n = min(length, (ext.end << BLOCK_SHIFT) - pos)
         addr = (ext.pblock << BLOCK_SHIFT) + (pos - (ext.fblock << BLOCK_SHIFT))
         typ = EXT_TO_IOMAP[ext.state]
@@ -202,7 +205,17 @@ class FsWritebackOps:
                 end = max(end, io.offset + io.size)
                 if TRACE.on:
                     TRACE.emit("iomap_ioend_completion", ino=io.ino, offset=io.offset, size=io.size)
-            new_size = min(inode.size, end)
-            if new_size > fsinode.size:
-                fsinode.size = new_size
-            await fs.log_inode(fsinode)
+                if len(fs.store.dirty) > fs.store.roll_threshold:
+                    # A rolled commit carries the size up to what is done,
+                    # as a shorter batch would have (ioends are in file order).
+                    await self._set_disk_size(fsinode, inode, end)
+                    await fs.roll_if_full()
+            await self._set_disk_size(fsinode, inode, end)
+
+    async def _set_disk_size(self, fsinode, inode: VInode, end: int) -> None:
+        """xfs_setfilesize: move the on-disk size up to ``end`` (never past
+        the in-memory size) and log the inode."""
+        new_size = min(inode.size, end)
+        if new_size > fsinode.size:
+            fsinode.size = new_size
+        await self.fs.log_inode(fsinode)

@@ -181,9 +181,8 @@ class BmapOps:
             await self.sync_extents(inode.ino, emap, fblock, batch_end)
             await self.log_inode(inode)
             fblock = batch_end
-            if len(self.store.dirty) > self.store.roll_threshold and fblock < end:
-                self.stats["rolls"] += 1
-                await self.store.commit_locked()
+            if fblock < end:
+                await self.roll_if_full()
 
     async def allocate(self, ino: int, fblock: int, count: int) -> None:
         """fallocate's allocation: UNWRITTEN blocks over the holes of the

@@ -271,6 +271,16 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         await self._discard()
         return seq
 
+    async def roll_if_full(self) -> None:
+        """Inside a long operation (meta_lock held, the changes so far
+        consistent on their own): commit the running transaction once it
+        holds ``roll_threshold`` dirty blocks, so a punch of a million
+        extents or a writeback pass over thousands of scattered blocks
+        never pins them all decoded until its end."""
+        if len(self.store.dirty) > self.store.roll_threshold:
+            self.stats["rolls"] += 1
+            await self.store.commit_locked()
+
     async def sync(self) -> None:
         """Commit and checkpoint: everything home, the log empty."""
         self.check_alive()

@@ -620,6 +620,52 @@ async def test_a_writeback_pass_submits_as_it_goes_and_holds_a_bounded_copy(rig)
     await rig.fsck()
 
 
+async def test_fsync_writeback_rolls_its_transaction_before_dirty_leaves_pile_up(rig):
+    """The one-million-write sparse job peaked in its final fsync: with no
+    request running between them to roll the transaction, writeback's
+    delalloc conversions and the ioend completion dirtied one extent leaf
+    per scattered block, thousands of decoded leaves pinned until the
+    fsync's commit (+30 MiB).  Both roll at the running transaction's
+    bound, as a punch does, and what they committed recovers."""
+    m = await rig.mount(format=True, size=128 << 20)
+    m.fs.store.dirty_roll = 16
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    nblocks = 3000                              # ~40 extent leaves
+    for i in range(nblocks):
+        await m.write(f, 2 * i * BS, i.to_bytes(4, "little") * (BS // 4))
+    store = m.fs.store
+    most = 0
+    real_mark, real_add = store.mark_dirty, store.add
+
+    def mark_dirty(obj):
+        nonlocal most
+        real_mark(obj)
+        most = max(most, len(store.dirty))
+
+    def add(obj):
+        nonlocal most
+        real_add(obj)
+        most = max(most, len(store.dirty))
+
+    store.mark_dirty, store.add = mark_dirty, add
+    rolls = m.fs.stats["rolls"]
+    await m.fsync(f)
+    store.mark_dirty, store.add = real_mark, real_add
+    assert most <= 16 + 8, most                 # the bound plus what one step dirties
+    assert m.fs.stats["rolls"] > rolls
+    check_invariants(m)
+    await rig.crash()                           # the rolled commits and fsync's recover
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    for i in (0, 1, 999, 1000, 2998, nblocks - 1):
+        assert await m.read(f, 2 * i * BS, BS) == i.to_bytes(4, "little") * (BS // 4)
+    assert (await m.iget(ino)).size == (2 * nblocks - 1) * BS
+    await m.release(f)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_a_new_file_starts_with_an_empty_extent_map_without_reading_the_tree(rig):
     """A file just created has no extents: its first write must not scan
     the tree for them (and re-read its inode to check the block count), a
