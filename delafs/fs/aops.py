@@ -205,7 +205,7 @@ class FsWritebackOps:
                 end = max(end, io.offset + io.size)
                 if TRACE.on:
                     TRACE.emit("iomap_ioend_completion", ino=io.ino, offset=io.offset, size=io.size)
-                if len(fs.store.dirty) > fs.store.roll_threshold:
+                if fs.store.should_roll():
                     # A rolled commit carries the size up to what is done,
                     # as a shorter batch would have (ioends are in file order).
                     await self._set_disk_size(fsinode, inode, end)

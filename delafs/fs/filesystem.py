@@ -277,7 +277,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         holds ``roll_threshold`` dirty blocks, so a punch of a million
         extents or a writeback pass over thousands of scattered blocks
         never pins them all decoded until its end."""
-        if len(self.store.dirty) > self.store.roll_threshold:
+        if self.store.should_roll():
             self.stats["rolls"] += 1
             await self.store.commit_locked()
 
@@ -424,7 +424,7 @@ class _Transaction:
             fs.stats["ops"] += 1
             fs.store.evict()
             fs._evict_inodes()
-            if exc is None and len(fs.store.dirty) > fs.store.roll_threshold:
+            if exc is None and fs.store.should_roll():
                 await fs.store.commit_locked()
         finally:
             fs.meta_lock.release()

@@ -97,6 +97,6 @@ class OrphanOps:
                         self.stats["orphans_recovered"] += 1
                     else:
                         await self.tree.delete(key)
-                    if len(self.store.dirty) > self.store.roll_threshold:
+                    if self.store.should_roll():
                         await self.store.commit_locked()
         await self.commit()

@@ -171,6 +171,11 @@ class MetaStore:
         less, so a transaction always fits."""
         return max(8, min(self.journal.L // 8, self.dirty_roll)) if self.journal else 1 << 30
 
+    def should_roll(self) -> bool:
+        """The running transaction holds enough dirty blocks to commit
+        before an operation goes on (or, between operations, ends)."""
+        return len(self.dirty) > self.roll_threshold
+
     def has_changes(self) -> bool:
         return bool(self.dirty or self.revokes)
 
