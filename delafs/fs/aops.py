@@ -209,7 +209,7 @@ class FsWritebackOps:
                     # A rolled commit carries the size up to what is done,
                     # as a shorter batch would have (ioends are in file order).
                     await self._set_disk_size(fsinode, inode, end)
-                    await fs.roll_if_full()
+                await fs.roll_if_full()
             await self._set_disk_size(fsinode, inode, end)
 
     async def _set_disk_size(self, fsinode, inode: VInode, end: int) -> None:

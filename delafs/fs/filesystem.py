@@ -273,13 +273,16 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
 
     async def roll_if_full(self) -> None:
         """Inside a long operation (meta_lock held, the changes so far
-        consistent on their own): commit the running transaction once it
-        holds ``roll_threshold`` dirty blocks, so a punch of a million
-        extents or a writeback pass over thousands of scattered blocks
-        never pins them all decoded until its end."""
+        consistent on their own, no decoded block held): trim the metadata
+        cache, which otherwise waits for the operation's end, and commit
+        the running transaction once it holds ``roll_threshold`` dirty
+        blocks.  So a punch of a million extents or a writeback pass over
+        thousands of scattered blocks never keeps every block it read or
+        dirtied decoded until its end."""
         if self.store.should_roll():
             self.stats["rolls"] += 1
             await self.store.commit_locked()
+        self.store.evict()          # after the commit: what it wrote is clean now
 
     async def sync(self) -> None:
         """Commit and checkpoint: everything home, the log empty."""
@@ -422,10 +425,10 @@ class _Transaction:
                 fs.shut_down(f"{typ.__name__} in the middle of an update: {exc}")
             fs.space.end_op()
             fs.stats["ops"] += 1
-            fs.store.evict()
             fs._evict_inodes()
             if exc is None and fs.store.should_roll():
                 await fs.store.commit_locked()
+            fs.store.evict()        # after a commit: what it wrote is clean now
         finally:
             fs.meta_lock.release()
         return False

@@ -97,6 +97,5 @@ class OrphanOps:
                         self.stats["orphans_recovered"] += 1
                     else:
                         await self.tree.delete(key)
-                    if self.store.should_roll():
-                        await self.store.commit_locked()
+                    await self.roll_if_full()
         await self.commit()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Protocol
 
 from ..lib.errors import FsError
@@ -149,11 +150,14 @@ class MetaStore:
         self.revokes.add(blk)
 
     def evict(self) -> None:
-        """Trim clean blocks to the cache limit (call between operations)."""
+        """Trim clean blocks to the cache limit: between operations, or
+        inside one where it holds no decoded block (Filesystem.roll_if_full)."""
         excess = len(self.cache) - self.cache_blocks
         if excess <= 0:
             return
-        for blk in list(self.cache):
+        # The oldest ``excess`` clean blocks lie among the oldest
+        # excess + dirty keys: no need to copy the whole order.
+        for blk in list(islice(self.cache, excess + len(self.dirty))):
             if excess <= 0:
                 break
             if blk in self.dirty:

@@ -666,6 +666,46 @@ async def test_fsync_writeback_rolls_its_transaction_before_dirty_leaves_pile_up
     await rig.fsck()
 
 
+async def test_fsync_writeback_keeps_the_metadata_cache_to_its_bound(rig):
+    """The cache of decoded metadata blocks was trimmed only when a
+    request's transaction ended.  An fsync's writeback runs no request
+    between its conversions, so every extent leaf it read or split stayed
+    decoded until it returned: the one-million-write sparse job's final
+    fsync grew the cache from its 2,048 blocks to 3,340 (~23 MiB).  The
+    roll points trim it too."""
+    m = await rig.mount(format=True, size=128 << 20)
+    store = m.fs.store
+    store.dirty_roll = 16
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    nblocks = 3000                              # ~40 extent leaves
+    for i in range(nblocks):
+        await m.write(f, 2 * i * BS, i.to_bytes(4, "little") * (BS // 4))
+    store.cache_blocks = 8
+    most = 0
+    real_get, real_add = store.get, store.add
+
+    async def get(blk, decode):
+        nonlocal most
+        obj = await real_get(blk, decode)
+        most = max(most, len(store.cache) - len(store.dirty))
+        return obj
+
+    def add(obj):
+        nonlocal most
+        real_add(obj)
+        most = max(most, len(store.cache) - len(store.dirty))
+
+    store.get, store.add = get, add
+    await m.fsync(f)
+    store.get, store.add = real_get, real_add
+    assert most <= 8 + 8, most                  # the bound plus what one step reads
+    check_invariants(m)
+    await m.release(f)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_a_new_file_starts_with_an_empty_extent_map_without_reading_the_tree(rig):
     """A file just created has no extents: its first write must not scan
     the tree for them (and re-read its inode to check the block count), a
