@@ -44,21 +44,53 @@ MAX_VALUE = 1024
 MAX_LEVEL = 16
 KEY_MIN: Key = (0, 0, 0)
 KEY_MAX: Key = (2**64 - 1, 255, 2**64 - 1)
+_M64 = 2**64 - 1
+
+
+def pack_key(k: Key) -> int:
+    """A key as one int that orders as the tuple does.  Decoded nodes keep
+    their keys packed: a three-int tuple cost 96 bytes a key, the packed int
+    40, a third of what a decoded extent leaf holds."""
+    return (k[0] << 72) | (k[1] << 64) | k[2]
+
+
+def unpack_key(p: int) -> Key:
+    return p >> 72, (p >> 64) & 0xFF, p & _M64
 
 
 class Node:
-    """A decoded tree node.  ``vals`` holds item values (leaf) or child block
-    numbers (internal); ``nbytes`` is the payload in use (leaf)."""
+    """A decoded tree node.  ``pkeys`` holds its keys packed (pack_key),
+    ``vals`` item values (leaf) or child block numbers (internal);
+    ``nbytes`` is the payload in use (leaf)."""
 
-    __slots__ = ("blocknr", "level", "keys", "vals", "nbytes")
+    __slots__ = ("blocknr", "level", "pkeys", "vals", "nbytes")
 
-    def __init__(self, blocknr: int, level: int, keys: list, vals: list):
+    def __init__(self, blocknr: int, level: int, keys: list[Key], vals: list):
+        self._set(blocknr, level, [pack_key(k) for k in keys], vals)
+
+    @classmethod
+    def packed(cls, blocknr: int, level: int, pkeys: list[int], vals: list) -> "Node":
+        node = cls.__new__(cls)
+        node._set(blocknr, level, pkeys, vals)
+        return node
+
+    def _set(self, blocknr: int, level: int, pkeys: list[int], vals: list) -> None:
         self.blocknr = blocknr
         self.level = level
-        self.keys = keys
+        self.pkeys = pkeys
         self.vals = vals
-        self.nbytes = (sum(len(v) for v in vals) + ITEM_HDR * len(keys)) if level == 0 \
-            else _INT_ENT.size * len(keys)
+        self.nbytes = (sum(len(v) for v in vals) + ITEM_HDR * len(pkeys)) if level == 0 \
+            else _INT_ENT.size * len(pkeys)
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        """The keys as tuples, for readers outside the tree (a copy: an
+        item assignment to it fails instead of changing nothing)."""
+        return tuple(unpack_key(k) for k in self.pkeys)
+
+    @keys.setter
+    def keys(self, keys) -> None:
+        self.pkeys = [pack_key(k) for k in keys]
 
     @property
     def is_leaf(self) -> bool:
@@ -72,19 +104,22 @@ class Node:
         off = HDR_SIZE
         if self.level == 0:
             end = BLOCK_SIZE
-            for k, v in zip(self.keys, self.vals):
+            for k, v in zip(self.pkeys, self.vals):
                 end -= len(v)
                 buf[end:end + len(v)] = v
-                _LEAF_ENT.pack_into(buf, off, k[0], k[1], k[2], end, len(v))
+                _LEAF_ENT.pack_into(buf, off, k >> 72, (k >> 64) & 0xFF, k & _M64, end, len(v))
                 off += ITEM_HDR
         else:
-            for k, c in zip(self.keys, self.vals):
-                _INT_ENT.pack_into(buf, off, k[0], k[1], k[2], c)
+            for k, c in zip(self.pkeys, self.vals):
+                _INT_ENT.pack_into(buf, off, k >> 72, (k >> 64) & 0xFF, k & _M64, c)
                 off += _INT_ENT.size
-        return seal(buf, MAGIC_NODE, self.blocknr, seq, self.level | len(self.keys) << 8)
+        return seal(buf, MAGIC_NODE, self.blocknr, seq, self.level | len(self.pkeys) << 8)
 
     @classmethod
-    def decode(cls, buf: bytes, blocknr: int) -> "Node":
+    def decode(cls, buf: bytes, blocknr: int,
+               check_item: Callable[[Key, bytes], str | None] | None = None) -> "Node":
+        """``check_item`` judges each leaf item's content: a leaf holding
+        an item it rejects is as corrupt as one with a bad checksum."""
         # Every metadata-cache miss pays this, so the entries are unpacked
         # in one iter_unpack and the checks run over the lists (a third of
         # the per-item loop's time).
@@ -96,9 +131,6 @@ class Node:
         if level > MAX_LEVEL:
             bad(f"level {level}")
         view = memoryview(buf)
-        # A node's keys nearly all name one inode or a few: they share its
-        # int (32 bytes a key) instead of one each from the unpack.
-        share = {}.setdefault
         if level == 0:
             dir_end = HDR_SIZE + n * ITEM_HDR
             if dir_end - HDR_SIZE > NODE_CAP:
@@ -110,18 +142,18 @@ class Node:
                     bad(f"item {i} value out of bounds")
             if not isinstance(buf, bytes):
                 buf = bytes(buf)
-            keys = [(share(a, a), b, c) for a, b, c, _, _ in ents]
+            keys = [(a << 72) | (b << 64) | c for a, b, c, _, _ in ents]
             vals = [buf[o:o + ln] for o, ln in spans]
         else:
             if n > INT_MAX or n == 0:
                 bad(f"{n} entries in an internal node")
             ents = list(_INT_ENT.iter_unpack(view[HDR_SIZE:HDR_SIZE + n * _INT_ENT.size]))
-            keys = [(share(a, a), b, c) for a, b, c, _ in ents]
+            keys = [(a << 72) | (b << 64) | c for a, b, c, _ in ents]
             vals = [e[3] for e in ents]
         if not all(map(operator.lt, keys, keys[1:])):
             i = next(i for i in range(1, n) if keys[i - 1] >= keys[i])
             bad(f"keys out of order at entry {i}")
-        node = cls(blocknr, level, keys, vals)
+        node = cls.packed(blocknr, level, keys, vals)
         if node.nbytes > NODE_CAP:
             bad("items overlap")
         if level == 0 and n > 1:
@@ -132,6 +164,10 @@ class Node:
                 for (o1, l1), (o2, _) in zip(spans, spans[1:]):
                     if o1 + l1 > o2:
                         bad("item values overlap")
+        if check_item is not None and level == 0:
+            for (a, b, c, _, _), v in zip(ents, vals):
+                if why := check_item((a, b, c), v):
+                    bad(f"item {(a, b, c)}: {why}")
         return node
 
 
@@ -198,12 +234,7 @@ class BTree:
         return await self.store.get(blk, self._decode)
 
     def _decode(self, buf: bytes, blk: int) -> Node:
-        node = Node.decode(buf, blk)
-        if node.is_leaf and self.check_item is not None:
-            for k, v in zip(node.keys, node.vals):
-                if why := self.check_item(k, v):
-                    raise CorruptionError("btree node", blk, f"item {k}: {why}")
-        return node
+        return Node.decode(buf, blk, self.check_item)
 
     async def _child(self, path: list[list], d: int) -> Node:
         """The child that ``path[d]`` points at, checked against its parent."""
@@ -214,8 +245,8 @@ class BTree:
         except CorruptionError as e:
             resume = None
             for node, j in reversed(path[:d + 1]):
-                if j + 1 < len(node.keys):
-                    resume = node.keys[j + 1]
+                if j + 1 < len(node.pkeys):
+                    resume = unpack_key(node.pkeys[j + 1])
                     break
             raise DamagedSubtree(e, resume) from None
         return child
@@ -227,8 +258,8 @@ class BTree:
         if child.level != parent.level - 1:
             raise CorruptionError("btree node", child.blocknr,
                                   f"level {child.level} under a level {parent.level} node")
-        if child.keys and (child.keys[0] < parent.keys[i]
-                           or (i + 1 < len(parent.keys) and child.keys[-1] >= parent.keys[i + 1])):
+        ck, pk = child.pkeys, parent.pkeys
+        if ck and (ck[0] < pk[i] or (i + 1 < len(pk) and ck[-1] >= pk[i + 1])):
             raise CorruptionError("btree node", child.blocknr,
                                   f"keys outside the range node {parent.blocknr} gives it")
 
@@ -238,36 +269,39 @@ class BTree:
 
     # -- descending ---------------------------------------------------------------
 
-    async def _path(self, key: Key, inserting: bool = False) -> list[list]:
-        """[[node, index], ...] from the root to the leaf that owns ``key``."""
+    async def _path(self, pk: int, inserting: bool = False) -> list[list]:
+        """[[node, index], ...] from the root to the leaf that owns the
+        packed key ``pk``."""
         path = []
         node = await self.node(self.holder.root_block)
         while not node.is_leaf:
-            i = bisect_right(node.keys, key) - 1
+            i = bisect_right(node.pkeys, pk) - 1
             if i < 0:
                 i = 0
                 if inserting:
-                    node.keys[0] = key
+                    node.pkeys[0] = pk
                     self.store.mark_dirty(node)
             path.append([node, i])
             node = await self._child(path, len(path) - 1)
-        path.append([node, bisect_left(node.keys, key)])
+        path.append([node, bisect_left(node.pkeys, pk)])
         return path
 
     async def lookup(self, key: Key) -> bytes | None:
-        leaf, i = (await self._path(key))[-1]
-        if i < len(leaf.keys) and leaf.keys[i] == key:
+        pk = pack_key(key)
+        leaf, i = (await self._path(pk))[-1]
+        if i < len(leaf.pkeys) and leaf.pkeys[i] == pk:
             return leaf.vals[i]
         return None
 
     async def lookup_item(self, key: Key) -> tuple[bytes, int] | None:
         """(value, leaf block) of ``key``: the block names the leaf in errors."""
-        leaf, i = (await self._path(key))[-1]
-        if i < len(leaf.keys) and leaf.keys[i] == key:
+        pk = pack_key(key)
+        leaf, i = (await self._path(pk))[-1]
+        if i < len(leaf.pkeys) and leaf.pkeys[i] == pk:
             return leaf.vals[i], leaf.blocknr
         return None
 
-    async def _step(self, path: list[list], forward: bool, hi: Key | None = None) -> bool:
+    async def _step(self, path: list[list], forward: bool, hi: int | None = None) -> bool:
         """Move the path's leaf to its next (or previous) sibling leaf.  Going
         forward, a separator at or past ``hi`` ends the walk without reading
         the next leaf: its keys are all past the range, so a scan never
@@ -276,8 +310,8 @@ class BTree:
         while depth >= 0:
             node, i = path[depth]
             j = i + 1 if forward else i - 1
-            if 0 <= j < len(node.keys):
-                if hi is not None and node.keys[j] >= hi:
+            if 0 <= j < len(node.pkeys):
+                if hi is not None and node.pkeys[j] >= hi:
                     return False
                 path[depth][1] = j
                 break
@@ -286,22 +320,23 @@ class BTree:
             return False
         for d in range(depth + 1, len(path)):
             child = await self._child(path, d - 1)
-            path[d] = [child, 0 if forward else len(child.keys) - 1]
+            path[d] = [child, 0 if forward else len(child.pkeys) - 1]
         if not forward:
-            path[-1][1] = len(path[-1][0].keys)
+            path[-1][1] = len(path[-1][0].pkeys)
         return True
 
     async def lookup_le(self, key: Key) -> tuple[Key, bytes] | None:
         """The item with the greatest key <= ``key``."""
-        path = await self._path(key)
+        pk = pack_key(key)
+        path = await self._path(pk)
         leaf, i = path[-1]
-        if i < len(leaf.keys) and leaf.keys[i] == key:
+        if i < len(leaf.pkeys) and leaf.pkeys[i] == pk:
             return key, leaf.vals[i]
         while i == 0:
             if not await self._step(path, forward=False):
                 return None
             leaf, i = path[-1]
-        return leaf.keys[i - 1], leaf.vals[i - 1]
+        return unpack_key(leaf.pkeys[i - 1]), leaf.vals[i - 1]
 
     async def scan(self, lo: Key, hi: Key, limit: int | None = None, *,
                    with_block: bool = False,
@@ -327,19 +362,21 @@ class BTree:
 
     async def _scan(self, lo: Key, hi: Key, limit: int | None, with_block: bool,
                     out: list[tuple]) -> None:
-        path = await self._path(lo)
+        phi = pack_key(hi)
+        path = await self._path(pack_key(lo))
         while True:
             leaf, i = path[-1]
-            keys = leaf.keys
+            keys = leaf.pkeys
             while i < len(keys):
                 k = keys[i]
-                if k >= hi:
+                if k >= phi:
                     return
-                out.append((k, leaf.vals[i], leaf.blocknr) if with_block else (k, leaf.vals[i]))
+                key = (k >> 72, (k >> 64) & 0xFF, k & _M64)
+                out.append((key, leaf.vals[i], leaf.blocknr) if with_block else (key, leaf.vals[i]))
                 if limit is not None and len(out) >= limit:
                     return
                 i += 1
-            if not await self._step(path, forward=True, hi=hi):
+            if not await self._step(path, forward=True, hi=phi):
                 return
 
     # -- changing -------------------------------------------------------------------
@@ -348,15 +385,16 @@ class BTree:
         self._assert_locked("insert")
         if len(value) > MAX_VALUE:
             raise ValueError(f"btree value of {len(value)} bytes exceeds {MAX_VALUE}")
-        path = await self._path(key, inserting=True)
+        pk = pack_key(key)
+        path = await self._path(pk, inserting=True)
         leaf, i = path[-1]
-        if i < len(leaf.keys) and leaf.keys[i] == key:
+        if i < len(leaf.pkeys) and leaf.pkeys[i] == pk:
             if not replace:
                 raise KeyError(key)
             leaf.nbytes += len(value) - len(leaf.vals[i])
             leaf.vals[i] = value
         else:
-            leaf.keys.insert(i, key)
+            leaf.pkeys.insert(i, pk)
             leaf.vals.insert(i, value)
             leaf.nbytes += ITEM_HDR + len(value)
         self.store.mark_dirty(leaf)
@@ -366,9 +404,10 @@ class BTree:
     async def update(self, key: Key, value: bytes) -> None:
         """Replace the value of an existing item."""
         self._assert_locked("update")
-        path = await self._path(key)
+        pk = pack_key(key)
+        path = await self._path(pk)
         leaf, i = path[-1]
-        if not (i < len(leaf.keys) and leaf.keys[i] == key):
+        if not (i < len(leaf.pkeys) and leaf.pkeys[i] == pk):
             raise KeyError(key)
         if len(value) > MAX_VALUE:
             raise ValueError(f"btree value of {len(value)} bytes exceeds {MAX_VALUE}")
@@ -380,18 +419,19 @@ class BTree:
 
     async def delete(self, key: Key) -> bool:
         self._assert_locked("delete")
-        path = await self._path(key)
+        pk = pack_key(key)
+        path = await self._path(pk)
         leaf, i = path[-1]
-        if not (i < len(leaf.keys) and leaf.keys[i] == key):
+        if not (i < len(leaf.pkeys) and leaf.pkeys[i] == pk):
             return False
-        del leaf.keys[i]
+        del leaf.pkeys[i]
         leaf.nbytes -= ITEM_HDR + len(leaf.vals.pop(i))
         self.store.mark_dirty(leaf)
         await self._rebalance(path)
         return True
 
-    def _new_node(self, level: int, keys: list, vals: list, goal: int) -> Node:
-        node = Node(self.alloc_node(goal), level, keys, vals)
+    def _new_node(self, level: int, pkeys: list[int], vals: list, goal: int) -> Node:
+        node = Node.packed(self.alloc_node(goal), level, pkeys, vals)
         self.store.add(node)
         return node
 
@@ -406,23 +446,23 @@ class BTree:
                 while acc < half:
                     acc += ITEM_HDR + len(node.vals[mid])
                     mid += 1
-                mid = min(max(mid, 1), len(node.keys) - 1)
+                mid = min(max(mid, 1), len(node.pkeys) - 1)
             else:
-                mid = len(node.keys) // 2
-            right = self._new_node(node.level, node.keys[mid:], node.vals[mid:], node.blocknr)
-            del node.keys[mid:]
+                mid = len(node.pkeys) // 2
+            right = self._new_node(node.level, node.pkeys[mid:], node.vals[mid:], node.blocknr)
+            del node.pkeys[mid:]
             del node.vals[mid:]
             node.nbytes -= right.nbytes
             self.store.mark_dirty(node)
             if depth == 0:
-                root = self._new_node(node.level + 1, [node.keys[0], right.keys[0]],
+                root = self._new_node(node.level + 1, [node.pkeys[0], right.pkeys[0]],
                                       [node.blocknr, right.blocknr], node.blocknr)
                 self.holder.root_block = root.blocknr
                 self.holder.root_level = root.level
                 self.holder.root_changed()
                 return
             parent, i = path[depth - 1]
-            parent.keys.insert(i + 1, right.keys[0])
+            parent.pkeys.insert(i + 1, right.pkeys[0])
             parent.vals.insert(i + 1, right.blocknr)
             parent.nbytes += _INT_ENT.size
             self.store.mark_dirty(parent)
@@ -437,17 +477,17 @@ class BTree:
         while depth > 0:
             node = path[depth][0]
             parent, i = path[depth - 1]
-            if node.keys and node.nbytes >= NODE_CAP // 4:
+            if node.pkeys and node.nbytes >= NODE_CAP // 4:
                 return
-            if not node.keys:
-                del parent.keys[i]
+            if not node.pkeys:
+                del parent.pkeys[i]
                 del parent.vals[i]
                 parent.nbytes -= _INT_ENT.size
                 self.store.mark_dirty(parent)
                 self._drop(node)
             else:
                 # Merge with a sibling when both fit in one node.
-                if i + 1 < len(parent.keys):
+                if i + 1 < len(parent.pkeys):
                     left, right, ri = node, await self.node(parent.vals[i + 1]), i + 1
                 elif i > 0:
                     left, right, ri = await self.node(parent.vals[i - 1]), node, i
@@ -455,20 +495,20 @@ class BTree:
                     return
                 if left.nbytes + right.nbytes > NODE_CAP:
                     return
-                left.keys.extend(right.keys)
+                left.pkeys.extend(right.pkeys)
                 left.vals.extend(right.vals)
                 left.nbytes += right.nbytes
                 self.store.mark_dirty(left)
-                del parent.keys[ri]
+                del parent.pkeys[ri]
                 del parent.vals[ri]
                 parent.nbytes -= _INT_ENT.size
                 self.store.mark_dirty(parent)
                 self._drop(right)
             depth -= 1
         root = path[0][0]
-        if not root.is_leaf and len(root.keys) == 1:
+        if not root.is_leaf and len(root.pkeys) == 1:
             # Collapse a root with a single child, possibly several levels.
-            while not root.is_leaf and len(root.keys) == 1:
+            while not root.is_leaf and len(root.pkeys) == 1:
                 child = await self.node(root.vals[0])
                 self._drop(root)
                 root = child
@@ -488,7 +528,7 @@ class BTree:
                 raise CorruptionError("btree node", blk, f"level {node.level}, expected {level}")
             visit(node, lo, hi)
             if not node.is_leaf:
-                for j in range(len(node.keys) - 1, -1, -1):
-                    clo = node.keys[j]
-                    chi = hi if j + 1 == len(node.keys) else node.keys[j + 1]
-                    stack.append((node.vals[j], clo, chi, level - 1))
+                keys = node.keys
+                for j in range(len(keys) - 1, -1, -1):
+                    chi = hi if j + 1 == len(keys) else keys[j + 1]
+                    stack.append((node.vals[j], keys[j], chi, level - 1))

@@ -38,9 +38,10 @@ class MetaBlock(Protocol):
     def encode(self, seq: int) -> bytes: ...
 
 
-#: Decoded blocks the cache keeps.  A decoded full leaf is about 18 KiB of
-#: Python objects (tuples, ints and bytes for 119 extent items), four and a
-#: half times its 4 KiB image, so 2048 blocks bound the cache near 37 MiB.
+#: Decoded blocks the cache keeps.  A decoded full leaf is about 12 KiB of
+#: Python objects (a packed int key, a bytes value and two list slots for
+#: each of 119 extent items), three times its 4 KiB image, so 2048 blocks
+#: bound the cache near 24 MiB.
 #: A miss costs a pread the host's page cache usually answers and a decode
 #: (~0.1 ms).
 CACHE_BLOCKS = 2048

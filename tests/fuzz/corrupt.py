@@ -86,7 +86,7 @@ from mounted.conftest import (
 )
 
 from delafs.block import BlockDevice
-from delafs.fs.btree import ITEM_HDR, Node
+from delafs.fs.btree import ITEM_HDR, Node, pack_key
 from delafs.fs.filesystem import Filesystem
 from delafs.fs.fsck import EXIT_UNCORRECTED, check
 from delafs.fs.items import (
@@ -552,7 +552,7 @@ def _edit_item_type(node, buf, seq, aux, src, r):
     i = r.randrange(len(node.keys))
     o, t, off = node.keys[i]
     new = r.choice([0, 7, 100, 255] + [x for x in (T_INODE, T_XATTR, T_DIRENT, T_EXTENT, T_SYMLINK) if x != t])
-    node.keys[i] = (o, new, off)
+    node.pkeys[i] = pack_key((o, new, off))
     return _encode(node, seq, f"item type: item {i} {(o, t, off)} type {t} -> {new}")
 
 
@@ -560,7 +560,7 @@ def _edit_key_swap(node, buf, seq, aux, src, r):
     if len(node.keys) < 2:
         return None
     i, j = sorted(r.sample(range(len(node.keys)), 2))
-    node.keys[i], node.keys[j] = node.keys[j], node.keys[i]
+    node.pkeys[i], node.pkeys[j] = node.pkeys[j], node.pkeys[i]
     return _encode(node, seq, f"key swap: entries {i} and {j}")
 
 
@@ -568,7 +568,7 @@ def _edit_key_duplicate(node, buf, seq, aux, src, r):
     if len(node.keys) < 2:
         return None
     i = r.randrange(1, len(node.keys))
-    node.keys[i] = node.keys[i - 1]
+    node.pkeys[i] = node.pkeys[i - 1]
     return _encode(node, seq, f"key duplicate: entry {i} = entry {i - 1} {node.keys[i]}")
 
 
@@ -700,7 +700,7 @@ def _edit_separator(node, buf, seq, aux, src, r):
         return None
     j = r.randrange(1, len(node.keys))
     o, t, off = node.keys[j]
-    node.keys[j] = (o, t, off + r.choice((1, 1 << 8, 1 << 40)))
+    node.pkeys[j] = pack_key((o, t, off + r.choice((1, 1 << 8, 1 << 40))))
     return _encode(node, seq, f"separator key {j}: {(o, t, off)} -> {node.keys[j]}")
 
 

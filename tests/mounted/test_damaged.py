@@ -18,6 +18,7 @@ import tempfile
 
 import pytest
 
+from delafs.fs.btree import pack_key
 from delafs.fs.items import T_DIRENT, T_EXTENT, T_INODE
 from delafs.testing.crashsim import sparse_copy
 from delafs.testing.damage import reseal_node, tree_leaves, zero_block
@@ -240,7 +241,7 @@ def test_a_resealed_leaf_with_wrong_content_answers_eio_not_wrong_data(damaged, 
         k = node.keys[i]
         v = bytearray(node.vals[i])
         if edit == "unknown_type":
-            node.keys[i] = (k[0], 0xEE, k[2])
+            node.pkeys[i] = pack_key((k[0], 0xEE, k[2]))
         elif edit == "extent_outside":
             v[0:8] = (2**40).to_bytes(8, "little")
         elif edit == "extent_length":
