@@ -295,7 +295,7 @@ class AddressSpace:
                 self.dirty_index = SortedSet()
             self.dirty_index.add(folio.index)
             self.dirty_order[folio.index] = folio
-            cache._lru.pop(folio, None)
+            cache._lru.discard(folio)
             if not self.nrdirty:
                 cache._dirty_mappings[self.ino] = self
         self.nrdirty += nblocks
@@ -312,7 +312,7 @@ class AddressSpace:
                 self.dirty_index = _NO_INDEX
             del self.dirty_order[folio.index]
             if not folio.writeback:
-                cache._lru[folio] = None
+                cache._lru.add(folio)
             if not self.nrdirty:
                 cache._dirty_mappings.pop(self.ino, None)
         cache._maybe_unthrottle()
@@ -325,7 +325,7 @@ class AddressSpace:
             self.writeback_index.add(folio.index)
             self.nrwriteback += 1
             cache.writeback_bytes += folio.wb_blocks << BLOCK_SHIFT
-            cache._lru.pop(folio, None)
+            cache._lru.discard(folio)
         else:
             self.writeback_index.discard(folio.index)
             if not self.writeback_index:
@@ -333,7 +333,7 @@ class AddressSpace:
             self.nrwriteback -= 1
             cache.writeback_bytes -= folio.wb_blocks << BLOCK_SHIFT
             if not folio._dirty:
-                cache._lru[folio] = None
+                cache._lru.add(folio)
             cache._maybe_unthrottle()
 
     # -- SEEK_DATA / SEEK_HOLE over the cache ------------------------------------

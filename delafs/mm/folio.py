@@ -111,7 +111,8 @@ class Folio:
     """
 
     __slots__ = ("mapping", "index", "nblocks", "data", "_uptodate", "_dirty",
-                 "dirtied_when", "writeback", "wb_blocks", "_owner", "_lot", "_wb_event")
+                 "dirtied_when", "writeback", "wb_blocks", "_owner", "_lot", "_wb_event",
+                 "lru_prev", "lru_next")
 
     def __init__(self, mapping: "AddressSpace | None", index: int, nblocks: int):
         if nblocks < 1 or nblocks > MAX_FOLIO_BLOCKS or nblocks & (nblocks - 1):
@@ -131,6 +132,8 @@ class Folio:
         self._owner = None
         self._lot: trio.lowlevel.ParkingLot | None = None
         self._wb_event: trio.Event | None = None
+        # Links of the page cache's LRU (pagecache.FolioLru); None: not on it.
+        self.lru_prev = self.lru_next = None
 
     def __repr__(self) -> str:
         ino = self.mapping.ino if self.mapping is not None else "-"

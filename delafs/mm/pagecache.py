@@ -18,7 +18,7 @@ on the write path and is usually free.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections.abc import Iterator
 
 import trio
 
@@ -28,6 +28,62 @@ from .filemap import AddressSpace
 from .folio import Folio, assert_no_folio_locks_held
 
 log = logging.getLogger(__name__)
+
+
+class FolioLru:
+    """The LRU of clean idle folios, least recently used first: a doubly
+    linked list through two slots of each folio, as the kernel links
+    folio->lru.  An OrderedDict cost 67 bytes a folio more than the two
+    slots (4 MiB for a cache full of 4 KiB folios).  Every operation is
+    O(1) and synchronous."""
+
+    __slots__ = ("lru_prev", "lru_next", "_n")
+
+    def __init__(self) -> None:
+        # The list head: a ring through this object.
+        self.lru_prev = self.lru_next = self
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, folio: Folio) -> bool:
+        return folio.lru_next is not None
+
+    def __iter__(self) -> Iterator[Folio]:
+        f = self.lru_next
+        while f is not self:
+            yield f
+            f = f.lru_next
+
+    def add(self, folio: Folio) -> None:
+        """At the young end; a folio already on the list stays where it is."""
+        if folio.lru_next is not None:
+            return
+        last = self.lru_prev
+        folio.lru_prev, folio.lru_next = last, self
+        last.lru_next = self.lru_prev = folio
+        self._n += 1
+
+    def discard(self, folio: Folio) -> None:
+        prev, nxt = folio.lru_prev, folio.lru_next
+        if nxt is None:
+            return
+        prev.lru_next, nxt.lru_prev = nxt, prev
+        folio.lru_prev = folio.lru_next = None
+        self._n -= 1
+
+    def move_to_end(self, folio: Folio) -> None:
+        if folio.lru_next is not None:
+            self.discard(folio)
+            self.add(folio)
+
+    def popleft(self) -> Folio | None:
+        folio = self.lru_next
+        if folio is self:
+            return None
+        self.discard(folio)
+        return folio
 
 
 
@@ -46,9 +102,8 @@ class PageCache:
       _mappings         ino -> AddressSpace
       _dirty_mappings   ino -> AddressSpace with dirty blocks, in the order
                         they became dirty (the kernel's b_dirty list)
-      _lru              OrderedDict Folio -> None, least recently used first:
-                        exactly the cached folios that are clean and not
-                        under writeback
+      _lru              FolioLru, least recently used first: exactly the
+                        cached folios that are clean and not under writeback
 
     Dirty limits, as the kernel measures them: writers are throttled on
     dirty + writeback bytes (memory not yet reclaimable), the background
@@ -69,7 +124,7 @@ class PageCache:
         self.writeback_bytes = 0
         self._mappings: dict[int, AddressSpace] = {}
         self._dirty_mappings: dict[int, AddressSpace] = {}
-        self._lru: OrderedDict[Folio, None] = OrderedDict()
+        self._lru = FolioLru()
         self._nfolios = 0
         # throttling
         self._unthrottle: trio.Event | None = None
@@ -119,18 +174,16 @@ class PageCache:
         if self.cached_bytes > self.cache_size:
             self.shrink()
         # Only now on the LRU: the new folio is never its own victim.
-        self._lru[folio] = None
+        self._lru.add(folio)
 
     def _folio_removed(self, folio: Folio) -> None:
         self.cached_bytes -= folio.size
         self._nfolios -= 1
-        self._lru.pop(folio, None)
+        self._lru.discard(folio)
 
     def mark_accessed(self, folio: Folio) -> None:
         """folio_mark_accessed: move a clean folio to the young end."""
-        lru = self._lru
-        if folio in lru:
-            lru.move_to_end(folio)
+        self._lru.move_to_end(folio)
 
     def shrink(self, target: int | None = None) -> int:
         """Evict least recently used clean folios until cached_bytes <=
@@ -146,7 +199,7 @@ class PageCache:
         evicted = 0
         busy = []
         while self.cached_bytes > target and lru:
-            folio, _ = lru.popitem(last=False)
+            folio = lru.popleft()
             if not folio.trylock():
                 busy.append(folio)
                 continue
@@ -155,7 +208,7 @@ class PageCache:
             folio.unlock()
             evicted += 1
         for folio in busy:
-            lru[folio] = None
+            lru.add(folio)
         self._stats["evictions"] += evicted
         return evicted
 
@@ -358,7 +411,10 @@ class PageCache:
         assert dirty == self.dirty_bytes, (dirty, self.dirty_bytes)
         assert wb == self.writeback_bytes, (wb, self.writeback_bytes)
         assert nfolios == self._nfolios
-        assert lru_expect == set(self._lru), "LRU is not exactly the clean idle folios"
+        lru = list(self._lru)
+        assert lru_expect == set(lru) and len(lru) == len(self._lru), \
+            "LRU is not exactly the clean idle folios"
+        assert all(f.lru_next.lru_prev is f for f in lru), "LRU links broken"
 
     def statistics(self) -> dict:
         return {

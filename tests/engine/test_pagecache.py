@@ -927,3 +927,26 @@ def test_heap_trim_runs_here():
     from delafs.mm import heap
 
     assert heap.trim() is True
+
+
+async def test_a_cached_4k_folio_costs_little_beside_its_data():
+    """The one-million-write sparse job fills the cache with 65,536 folios
+    of one block: what each costs beside its 4 KiB counts against the
+    daemon's memory target (cache_size + 150 MiB).  The LRU was an
+    OrderedDict; it is now two links in the folio."""
+    import tracemalloc
+
+    cache = PageCache(cache_size=1 << 30)
+    m = cache.mapping(5)
+    n = 4096
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            await make_folio(m, 10**6 + 2 * i)
+        per_folio = (tracemalloc.get_traced_memory()[0] - before) / n - B
+    finally:
+        tracemalloc.stop()
+    assert len(cache._lru) == n and list(cache._lru)[0].index == 10**6
+    cache.verify()
+    assert per_folio <= 300, f"{per_folio:.0f} bytes per folio beside its data"   # 346 with the OrderedDict
