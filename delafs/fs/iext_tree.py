@@ -6,13 +6,16 @@ extent.
 Why packed: a ``SortedDict`` of ``Extent`` objects cost about 260 bytes per
 extent (a dict slot, a sorted-key slot, a 72-byte object and its integers),
 so a file of one million extents held 250 MiB of map. Here a record is one
-slot in each of five typed arrays of its leaf, 33 bytes, and a leaf of up to
+slot in each of four typed arrays of its leaf, 25 bytes, and a leaf of up to
 ``LEAF_MAX`` records adds a few hundred bytes.
 
 A record is the tuple ``(fblock, length, state, pblock, indlen)``: ``state``
-an int (the ExtState value), ``pblock`` None for delalloc. The tree knows
-nothing of states or merging; it is an ordered map from ``fblock`` to the
-rest, and ExtentMap keeps its invariants on top of it.
+an int (the ExtState value), ``pblock`` None for delalloc. Only delalloc
+extents have an ``indlen`` (the metadata reserved for their conversion),
+and at most the dirty data's worth of them exist at a time, so nonzero
+indlens live in a dict by fblock instead of a column every record pays
+for. The tree knows nothing of states or merging; it is an ordered map
+from ``fblock`` to the rest, and ExtentMap keeps its invariants on top of it.
 
 Layout: ``_leaves[i]`` holds records in ``fblock`` order, ``_firsts[i]`` is
 the first fblock of ``_leaves[i]``; no leaf is empty. A lookup bisects
@@ -31,32 +34,33 @@ LEAF_MAX = 256
 #: A leaf shorter than this joins a neighbour (after punches emptied most of it).
 LEAF_MIN = LEAF_MAX // 4
 
-_FB, _LN, _PB, _IL, _ST = range(5)
+_FB, _LN, _PB, _ST = range(4)
 _NO_PBLOCK = -1
 
 Record = tuple[int, int, int, "int | None", int]
 
 
 def _new_leaf() -> list[array]:
-    # fblock, length, pblock (-1: none), indlen, state
-    return [array("Q"), array("Q"), array("q"), array("Q"), array("B")]
-
-
-def _record(leaf: list[array], i: int) -> Record:
-    pb = leaf[_PB][i]
-    return (leaf[_FB][i], leaf[_LN][i], leaf[_ST][i], None if pb == _NO_PBLOCK else pb, leaf[_IL][i])
+    # fblock, length, pblock (-1: none), state
+    return [array("Q"), array("Q"), array("q"), array("B")]
 
 
 class IextTree:
     """An ordered map ``fblock -> record`` in packed leaves. Synchronous;
     the caller (ExtentMap) holds the inode's extent-map lock."""
 
-    __slots__ = ("_firsts", "_leaves", "_n")
+    __slots__ = ("_firsts", "_leaves", "_n", "_indlen")
 
     def __init__(self) -> None:
         self._firsts: list[int] = []
         self._leaves: list[list[array]] = []
         self._n = 0
+        self._indlen: dict[int, int] = {}     # fblock -> indlen, where not 0
+
+    def _record(self, leaf: list[array], i: int) -> Record:
+        fb, pb = leaf[_FB][i], leaf[_PB][i]
+        return (fb, leaf[_LN][i], leaf[_ST][i], None if pb == _NO_PBLOCK else pb,
+                self._indlen.get(fb, 0))
 
     def __len__(self) -> int:
         return self._n
@@ -64,7 +68,7 @@ class IextTree:
     def __iter__(self) -> Iterator[Record]:
         for leaf in self._leaves:
             for i in range(len(leaf[_FB])):
-                yield _record(leaf, i)
+                yield self._record(leaf, i)
 
     # -- lookups -----------------------------------------------------------
 
@@ -82,7 +86,7 @@ class IextTree:
         if not self._n:
             return None
         li, i = self._find(key)
-        return _record(self._leaves[li], i - 1) if i else None
+        return self._record(self._leaves[li], i - 1) if i else None
 
     def floor_and_next(self, key: int) -> tuple[Record | None, int | None]:
         """:meth:`floor` and the first fblock after ``key`` (None if none),
@@ -91,7 +95,7 @@ class IextTree:
             return None, None
         li, i = self._find(key)
         leaf = self._leaves[li]
-        rec = _record(leaf, i - 1) if i else None
+        rec = self._record(leaf, i - 1) if i else None
         if i < len(leaf[_FB]):
             return rec, leaf[_FB][i]
         if li + 1 < len(self._leaves):
@@ -116,7 +120,7 @@ class IextTree:
             for j in range(i, len(fbs)):
                 if fbs[j] >= end:
                     return out
-                out.append(_record(leaf, j))
+                out.append(self._record(leaf, j))
                 if limit is not None and len(out) >= limit:
                     return out
             li, i = li + 1, 0
@@ -127,6 +131,10 @@ class IextTree:
     def put(self, fblock: int, length: int, state: int, pblock: int | None, indlen: int) -> None:
         """Store the record, replacing the one at ``fblock`` if there is one."""
         pb = _NO_PBLOCK if pblock is None else pblock
+        if indlen:
+            self._indlen[fblock] = indlen
+        else:
+            self._indlen.pop(fblock, None)
         if not self._n:
             self._leaves = [_new_leaf()]
             self._firsts = [fblock]
@@ -138,13 +146,12 @@ class IextTree:
                 i -= 1
                 leaf[_LN][i] = length
                 leaf[_PB][i] = pb
-                leaf[_IL][i] = indlen
                 leaf[_ST][i] = state
                 return
             if fblock < self._firsts[li]:        # only ever before the first leaf's first record
                 self._firsts[li] = fblock
         leaf = self._leaves[li]
-        for arr, v in zip(leaf, (fblock, length, pb, indlen, state)):
+        for arr, v in zip(leaf, (fblock, length, pb, state)):
             arr.insert(i, v)
         self._n += 1
         if len(leaf[_FB]) > LEAF_MAX:
@@ -158,6 +165,7 @@ class IextTree:
         leaf = self._leaves[li]
         for arr in leaf:
             del arr[i - 1]
+        self._indlen.pop(fblock, None)
         self._n -= 1
         n = len(leaf[_FB])
         if not n:
@@ -207,3 +215,6 @@ class IextTree:
             n += len(leaf[_FB])
         if n != self._n:
             raise AssertionError(f"iext tree: counts {self._n} records, holds {n}")
+        for fb, il in self._indlen.items():
+            if not il or self.get(fb) is None:
+                raise AssertionError(f"iext tree: indlen {il} kept for fblock {fb}")
