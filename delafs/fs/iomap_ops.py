@@ -84,15 +84,22 @@ class FsIomapOps(FsWritebackOps):
         async with fs.transaction(write=bool(flags & (IOMAP_WRITE | IOMAP_ZERO)) and not flags & IOMAP_REPORT,
                           items=0):
             emap = await fs.extent_map(inode.ino)
+            ext = None
+            new = False
             if flags & IOMAP_WRITE and not flags & IOMAP_REPORT:
                 if flags & IOMAP_FAULT:
                     new = await self._reserve_all(inode, emap, fblock, nblocks)
                 else:
-                    new, nblocks = await self._reserve_first(inode, emap, fblock, nblocks,
-                                                             pos + length)
-            else:
-                new = False
-            ext = emap.lookup(fblock, limit=nblocks)
+                    # Most writes land on a mapping that exists (an append
+                    # into its own delalloc): that lookup is the answer.
+                    ext = emap.lookup(fblock, limit=nblocks)
+                    if ext.state == ExtState.HOLE:
+                        new = True
+                        nblocks = await self._reserve_hole(inode, emap, fblock, ext.length, nblocks,
+                                                           pos + length)
+                        ext = None
+            if ext is None:
+                ext = emap.lookup(fblock, limit=nblocks)
             return self._iomap(ext, emap.cookie, IOMAP_F_NEW if new and ext.state in
                                (ExtState.DELALLOC, ExtState.UNWRITTEN) else 0)
 
@@ -106,21 +113,17 @@ class FsIomapOps(FsWritebackOps):
         a = self.fs.space.alloc
         return a.available < max(64, int(a.total * NONDA_FREE_FRACTION))
 
-    async def _reserve_first(self, inode: VInode, emap, fblock: int, nblocks: int,
-                             write_end: int) -> tuple[bool, int]:
-        """Reserve the hole at ``fblock`` (if it is one), clipped to the write.
-        Returns whether blocks are new, and how far the mapping may reach.
+    async def _reserve_hole(self, inode: VInode, emap, fblock: int, n: int, nblocks: int,
+                            write_end: int) -> int:
+        """Reserve the hole of ``n`` blocks at ``fblock`` (already clipped to
+        the write).  Returns how far the mapping may reach.
 
         A directly allocated run may touch an older UNWRITTEN extent (a
         KEEP_SIZE fallocate) and merge with it: the mapping marked NEW must
         stop where the new blocks do, or a failed write's iomap_end would
         free the older ones."""
-        ext = emap.lookup(fblock, limit=nblocks)
-        if ext.state != ExtState.HOLE:
-            return False, nblocks
-        n = ext.length
         if self._low_space():
-            return True, await self._allocate_unwritten(inode, emap, fblock, n)
+            return await self._allocate_unwritten(inode, emap, fblock, n)
         extra = 0
         if write_end > inode.size and fblock + n == (write_end + BLOCK_SIZE - 1) >> BLOCK_SHIFT:
             # An extending write: reserve speculatively past EOF so a
@@ -138,7 +141,7 @@ class FsIomapOps(FsWritebackOps):
         if extra:
             start = fblock + n
             self.prealloc[inode.ino] = min(self.prealloc.get(inode.ino, start), start)
-        return True, nblocks
+        return nblocks
 
     async def _reserve_all(self, inode: VInode, emap, fblock: int, nblocks: int) -> bool:
         """page_mkwrite: reserve every hole of the range, or none of them."""
