@@ -586,8 +586,29 @@ def _edit_level(node, buf, seq, aux, src, r):
         f"level {node.level} -> {new}"
 
 
+def _inline_rest(key, val) -> bool:
+    """The item's value runs to its end: an inline xattr value or symlink
+    target, with no length of its own."""
+    try:
+        if key[1] == T_XATTR:
+            return not isinstance(decode_xattr(val)[1], OutOfLine)
+        if key[1] == T_SYMLINK:
+            return not isinstance(decode_symlink(val), OutOfLine)
+    except DelafsError:
+        pass
+    return False
+
+
 def _edit_value_length(node, buf, seq, aux, src, r):
-    i = r.randrange(len(node.keys))
+    # A resealed leaf that gives an inline xattr value or symlink target
+    # another length gives it another value, which no reader can tell from
+    # the real one (like a resealed file size): such an edit measures
+    # nothing about delafs's checks, so it picks the other items.
+    keys = node.keys
+    told = [i for i, (k, v) in enumerate(zip(keys, node.vals)) if not _inline_rest(k, v)]
+    if not told:
+        return None
+    i = r.choice(told)
     at = HDR_SIZE + i * ITEM_HDR + ITEM_HDR - 2             # the entry's u16 value length
     (vlen,) = struct.unpack_from("<H", buf, at)
     new = max(0, vlen + r.choice((-16, -3, -1, 1, 5, 40)))
