@@ -332,9 +332,10 @@ class Checker:
             self.node_claims.append(blk)
             try:
                 node = Node.decode(await self._read(blk), blk)
+                keys = node.keys            # a tuple built from the packed keys: once
                 if node.level != level:
                     raise CorruptionError("btree node", blk, f"level {node.level}, its parent expects {level}")
-                if node.keys and (node.keys[0] < lo or node.keys[-1] >= hi):
+                if keys and (keys[0] < lo or keys[-1] >= hi):
                     raise CorruptionError("btree node", blk, "keys outside the bounds its parent gives")
             except CorruptionError as e:
                 self._lose(lo, hi)
@@ -345,13 +346,13 @@ class Checker:
             self.node_count += 1
             self.progress.tick("nodes", self.node_count)
             if node.is_leaf:
-                self.items.extend((k, v, blk) for k, v in zip(node.keys, node.vals))
+                self.items.extend((k, v, blk) for k, v in zip(keys, node.vals))
             else:
-                if len(node.keys) > INT_MAX:
+                if len(keys) > INT_MAX:
                     self.error(f"btree node at block {blk}: too many entries")
-                for j in range(len(node.keys) - 1, -1, -1):
-                    chi = hi if j + 1 == len(node.keys) else node.keys[j + 1]
-                    stack.append((node.vals[j], node.keys[j], chi, level - 1, f"node {blk}"))
+                for j in range(len(keys) - 1, -1, -1):
+                    chi = hi if j + 1 == len(keys) else keys[j + 1]
+                    stack.append((node.vals[j], keys[j], chi, level - 1, f"node {blk}"))
         self.items.sort(key=lambda t: t[0])
 
     def _lose(self, lo, hi) -> None:

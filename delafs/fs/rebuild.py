@@ -67,17 +67,17 @@ def pick_items(leaves: list[tuple[int, Node]], lost: list[tuple[Key, Key]],
         return any(lo <= k < hi for lo, hi in ranges)
 
     for _, leaf in leaves:
-        keys = [k for k in leaf.keys if in_ranges(k, lost)]
-        if not keys:
+        leaf_keys = leaf.keys
+        if not any(in_ranges(k, lost) for k in leaf_keys):
             continue
-        for k, v in zip(leaf.keys, leaf.vals):
+        for k, v in zip(leaf_keys, leaf.vals):
             if k in taken or not in_ranges(k, lost):
                 continue
             if any(lo <= k <= hi for lo, hi in covered):
                 continue
             if check(k, v) is None:
                 taken[k] = (v, leaf.blocknr)
-        covered.append((leaf.keys[0], leaf.keys[-1]))
+        covered.append((leaf_keys[0], leaf_keys[-1]))
     return [(k, v, b) for k, (v, b) in sorted(taken.items())]
 
 
