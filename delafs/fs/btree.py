@@ -88,10 +88,6 @@ class Node:
         item assignment to it fails instead of changing nothing)."""
         return tuple(unpack_key(k) for k in self.pkeys)
 
-    @keys.setter
-    def keys(self, keys) -> None:
-        self.pkeys = [pack_key(k) for k in keys]
-
     @property
     def is_leaf(self) -> bool:
         return self.level == 0
@@ -107,11 +103,11 @@ class Node:
             for k, v in zip(self.pkeys, self.vals):
                 end -= len(v)
                 buf[end:end + len(v)] = v
-                _LEAF_ENT.pack_into(buf, off, k >> 72, (k >> 64) & 0xFF, k & _M64, end, len(v))
+                _LEAF_ENT.pack_into(buf, off, *unpack_key(k), end, len(v))
                 off += ITEM_HDR
         else:
             for k, c in zip(self.pkeys, self.vals):
-                _INT_ENT.pack_into(buf, off, k >> 72, (k >> 64) & 0xFF, k & _M64, c)
+                _INT_ENT.pack_into(buf, off, *unpack_key(k), c)
                 off += _INT_ENT.size
         return seal(buf, MAGIC_NODE, self.blocknr, seq, self.level | len(self.pkeys) << 8)
 
@@ -371,7 +367,7 @@ class BTree:
                 k = keys[i]
                 if k >= phi:
                     return
-                key = (k >> 72, (k >> 64) & 0xFF, k & _M64)
+                key = unpack_key(k)
                 out.append((key, leaf.vals[i], leaf.blocknr) if with_block else (key, leaf.vals[i]))
                 if limit is not None and len(out) >= limit:
                     return
