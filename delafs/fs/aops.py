@@ -150,7 +150,8 @@ class FsWritebackOps:
         for io in ioends:
             self.stats["ioends"] += 1
             self.stats["ioend_bytes"] += io.size
-            await self.errortags.delay("delay_writeback")
+            if self.errortags.active:
+                await self.errortags.delay("delay_writeback")
             if self.errortags.fires("writeback_eio"):
                 self._ioend_failed(wpc, io, FsError(errno.EIO, "injected writeback I/O error"))
             else:

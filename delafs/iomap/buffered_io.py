@@ -199,11 +199,14 @@ class Engine:
             folio_bytes = length - processed
             await self.cache.balance_dirty_pages(mapping)
             # Faulting the source in may sleep (a page fault on the user buffer).
-            await POINTS.hit("fault_in")
+            if POINTS.explorer is not None:
+                await POINTS.hit("fault_in")
             if src.fault_in(min(folio_bytes, BLOCK_SIZE)) == 0:
                 return processed, "fault"
-            await self.errortags.delay("delay_write_begin")
-            await POINTS.hit("write_begin")
+            if self.errortags.active:
+                await self.errortags.delay("delay_write_begin")
+            if POINTS.explorer is not None:
+                await POINTS.hit("write_begin")
             folio = await self.write_begin(inode, iomap, pos, folio_bytes)
             if folio is None:
                 self.stats["stale_mappings"] += 1
@@ -226,7 +229,8 @@ class Engine:
         mapping = inode.mapping
         folio = await mapping.get_folio(pos >> BLOCK_SHIFT, create=True,
                                         nblocks_hint=folio_hint(length, pos))
-        await POINTS.hit("write_begin_locked")
+        if POINTS.explorer is not None:
+            await POINTS.hit("write_begin_locked")
         if not self.ops.iomap_valid(inode, iomap):
             folio.unlock()
             return None
@@ -299,8 +303,10 @@ class Engine:
         self.stats["punches"] += 1
         mapping = inode.mapping
         async with mapping.invalidate_lock.exclusive():
-            await self.errortags.delay("delay_punch")
-            await POINTS.hit("punch_locked")
+            if self.errortags.active:
+                await self.errortags.delay("delay_punch")
+            if POINTS.explorer is not None:
+                await POINTS.hit("punch_locked")
             if self.punch_mode == "legacy":
                 await mapping.truncate_range(start, end)
                 await self._punch(inode, start, end)
@@ -312,7 +318,8 @@ class Engine:
         if TRACE.on:
             TRACE.emit("iomap_delalloc_punch", ino=inode.ino, pos=start, length=end - start)
         # The filesystem's punch takes its inode lock (it may sleep).
-        await POINTS.hit("delalloc_punch")
+        if POINTS.explorer is not None:
+            await POINTS.hit("delalloc_punch")
         await self.ops.punch(inode, start, end - start)
 
     async def delalloc_release(self, inode: VInode, start: int, end: int) -> None:
@@ -360,7 +367,8 @@ class Engine:
             if folio.mapping is not mapping or not folio.contains(start >> BLOCK_SHIFT):
                 folio.unlock()
                 continue
-            await POINTS.hit("delalloc_scan_folio")
+            if POINTS.explorer is not None:
+                await POINTS.hit("delalloc_scan_folio")
             lo = max(start, folio.pos)
             hi = min(end, folio.end)
             for first, n in self.dirty_runs(folio):
@@ -394,13 +402,15 @@ class Engine:
         mapping = inode.mapping
         self.stats["page_mkwrites"] += 1
         async with mapping.invalidate_lock.shared():
-            await self.errortags.delay("delay_fault")
+            if self.errortags.active:
+                await self.errortags.delay("delay_fault")
             folio = await mapping.get_folio(block, create=False)
             if folio is None or folio.pos >= inode.size:
                 if folio is not None:
                     folio.unlock()
                 raise FsError(errno.EFAULT, "page fault beyond EOF or on an uncached page (SIGBUS)")
-            await POINTS.hit("page_mkwrite_locked")
+            if POINTS.explorer is not None:
+                await POINTS.hit("page_mkwrite_locked")
             end = min(folio.end, round_up(inode.size))
             pos = folio.pos
             try:
@@ -679,7 +689,8 @@ class Engine:
         mapping = inode.mapping
         old = inode.size
         async with mapping.invalidate_lock.exclusive():
-            await POINTS.hit("truncate_locked")
+            if POINTS.explorer is not None:
+                await POINTS.hit("truncate_locked")
             # An ioend in flight over the EOF block carries the bytes it had
             # when it was queued: zeroing the cached tail now would be
             # undone at its completion, and an UNWRITTEN block it holds is

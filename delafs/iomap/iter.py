@@ -66,7 +66,7 @@ class IomapIter:
             return False
         self.processed = 0
         self.stale = False
-        if self.yield_point is not None:
+        if self.yield_point is not None and POINTS.explorer is not None:
             # The filesystem's iomap_begin takes its inode lock (it may sleep).
             await POINTS.hit(self.yield_point)
         iomap = await self.ops.iomap_begin(self.inode, self.pos, self.len, self.flags)

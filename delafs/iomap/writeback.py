@@ -64,7 +64,8 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
                 when = folio.dirtied_when
                 if when is None or when > expired_before:
                     continue
-            await POINTS.hit("writepages_folio")
+            if POINTS.explorer is not None:
+                await POINTS.hit("writepages_folio")
             await POINTS.cond_resched()
             await folio.lock()
             if folio.mapping is not mapping or not folio.test_dirty():
@@ -97,7 +98,8 @@ async def _submit(ops, wpc: WritebackCtx, under_io: list) -> None:
     """Write and complete every queued ioend, then end the writeback of the
     folios they came from (all of them: the walk is between folios)."""
     try:
-        await POINTS.hit("writeback_submit")
+        if POINTS.explorer is not None:
+            await POINTS.hit("writeback_submit")
         await ops.writeback_submit(wpc)
     finally:
         wpc.queued = 0
@@ -131,7 +133,8 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
             length = max(0, (b1 - b0) << BLOCK_SHIFT)
             while length > 0:
                 # Allocation in writeback_range may sleep (the folio stays locked).
-                await POINTS.hit("writeback_range")
+                if POINTS.explorer is not None:
+                    await POINTS.hit("writeback_range")
                 try:
                     done = await engine.ops.writeback_range(wpc, folio, pos, length, isize)
                 except Exception as e:

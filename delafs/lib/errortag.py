@@ -80,6 +80,8 @@ class ErrorTags:
         return False
 
     async def delay(self, tag: str) -> None:
+        """Call sites test ``active`` first, so a delay tag costs nothing
+        more than that while every tag is off."""
         if self.active and self.values[tag]:
             self.hits[tag] += 1
             await trio.sleep(self.values[tag] / 1000)

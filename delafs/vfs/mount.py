@@ -301,7 +301,8 @@ class Mount:
         one that records when its bytes land in the page cache)."""
         if not f.writable:
             raise FsError(errno.EBADF, "file not open for writing")
-        await self.errortags.delay("delay_write")
+        if self.errortags.active:
+            await self.errortags.delay("delay_write")
         for attempt in (0, 1):
             try:
                 async with f.inode.i_rwsem.exclusive():
@@ -440,7 +441,8 @@ class Mount:
         while True:
             await self._read_fault(inode, b)
             # The read fault returns; the store faults again for write access.
-            await POINTS.hit("mmap_write_fault")
+            if POINTS.explorer is not None:
+                await POINTS.hit("mmap_write_fault")
             if self.stamp_cmtime:
                 await self.fs.file_update_time(ino)     # as the fault handler does
             try:
