@@ -771,6 +771,39 @@ async def test_switched_off_yield_points_and_delays_cost_no_await(rig, monkeypat
     await rig.fsck()
 
 
+async def test_mapping_a_read_of_a_loaded_file_opens_no_transaction(rig, monkeypatch):
+    """A read's iomap_begin only looks the range up (XFS maps a read under
+    the inode lock, shared, with no transaction): once the extent map is
+    loaded it takes meta_lock and nothing else, and still fails on a shut
+    down filesystem."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    data = os.urandom(64 * BS)
+    await m.write(f, 0, data)
+    await m.fsync(f)
+    m.cache.shrink(0)
+    assert f.inode.mapping.nrpages == 0
+    opened = []
+    real = m.fs.transaction
+
+    def transaction(**kw):
+        opened.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(m.fs, "transaction", transaction)
+    assert await m.read(f, 5 * BS, 3 * BS) == data[5 * BS:8 * BS]
+    assert await m.read(f, 40 * BS + 7, 100) == data[40 * BS + 7:40 * BS + 107]
+    # (The atime update may open a transaction of its own, a writing one.)
+    assert [kw for kw in opened if not kw.get("write", True)] == []
+    monkeypatch.undo()
+    await m.release(f)
+    m.fs.shut_down("test")
+    with pytest.raises(FsError) as e:
+        await m.engine.ops.iomap_begin(f.inode, 50 * BS, BS, 0)
+    assert e.value.errno == errno.EIO
+
+
 async def test_a_new_file_starts_with_an_empty_extent_map_without_reading_the_tree(rig):
     """A file just created has no extents: its first write must not scan
     the tree for them (and re-read its inode to check the block count), a
