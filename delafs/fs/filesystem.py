@@ -329,9 +329,11 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
     # Operation framing: locking, reservation, shutdown
     # ======================================================================
 
-    def check_alive(self) -> None:
+    def check_alive(self, *, write: bool = False) -> None:
         if self.shutdown:
             raise FsError(errno.EIO, f"filesystem is shut down: {self.shutdown}")
+        if write and self.readonly:
+            raise FsError(errno.EROFS, "filesystem is mounted read-only")
 
     def shut_down(self, why: str) -> None:
         if not self.shutdown:
@@ -392,9 +394,7 @@ class _Transaction:
         fs = self.fs
         await fs.meta_lock.acquire()
         try:
-            fs.check_alive()
-            if self.write and fs.readonly:
-                raise FsError(errno.EROFS, "filesystem is mounted read-only")
+            fs.check_alive(write=self.write)
             need = self.data + (worst_case_nodes(self.items, self.item_size, fs.tree.levels)
                                 if self.items else 0)
             fallback = "available"

@@ -81,30 +81,33 @@ class FsIomapOps(FsWritebackOps):
         fs = self.fs
         fblock = pos >> BLOCK_SHIFT
         nblocks = ((pos + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT) - fblock
-        if not flags & (IOMAP_WRITE | IOMAP_ZERO) or flags & IOMAP_REPORT:
-            # Mapping a read (or a report) from a loaded extent map changes
-            # nothing: it needs meta_lock, since an update may be between two
-            # of its awaits, but not a transaction's reservation, roll check
-            # and cache trim, which were a tenth of a cold 4 KiB read.
+        write = bool(flags & (IOMAP_WRITE | IOMAP_ZERO)) and not flags & IOMAP_REPORT
+        reserve = bool(flags & IOMAP_WRITE) and not flags & IOMAP_REPORT
+        if not flags & IOMAP_FAULT:
+            # Most calls find the range already mapped in a loaded extent map
+            # (a read, an overwrite, an append into its own delalloc): the
+            # lookup is the answer.  As XFS maps without a transaction unless
+            # it allocates, that needs meta_lock (an update may be between two
+            # of its awaits) and not a transaction's reservation, roll check
+            # and cache trims: they were a sixth of a 4 KiB overwrite.
             await fs.meta_lock.acquire()
             try:
                 emap = fs.emaps.get(inode.ino)
                 if emap is not None:
-                    fs.check_alive()
-                    return self._iomap(emap.lookup(fblock, limit=nblocks), emap.cookie, 0)
+                    fs.check_alive(write=write)
+                    ext = emap.lookup(fblock, limit=nblocks)
+                    if not reserve or ext.state != ExtState.HOLE:
+                        return self._iomap(ext, emap.cookie, 0)
             finally:
                 fs.meta_lock.release()
-        async with fs.transaction(write=bool(flags & (IOMAP_WRITE | IOMAP_ZERO)) and not flags & IOMAP_REPORT,
-                          items=0):
+        async with fs.transaction(write=write, items=0):
             emap = await fs.extent_map(inode.ino)
             ext = None
             new = False
-            if flags & IOMAP_WRITE and not flags & IOMAP_REPORT:
+            if reserve:
                 if flags & IOMAP_FAULT:
                     new = await self._reserve_all(inode, emap, fblock, nblocks)
                 else:
-                    # Most writes land on a mapping that exists (an append
-                    # into its own delalloc): that lookup is the answer.
                     ext = emap.lookup(fblock, limit=nblocks)
                     if ext.state == ExtState.HOLE:
                         new = True

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from delafs.fs.extent_map import ExtentMap, ExtState
-from delafs.iomap.types import YieldPoints
+from delafs.iomap.types import IOMAP_WRITE, YieldPoints
 from delafs.lib.errors import FsError
 from delafs.lib.errortag import ErrorTags
 from delafs.ondisk import BLOCK_SIZE as BS
@@ -771,15 +771,15 @@ async def test_switched_off_yield_points_and_delays_cost_no_await(rig, monkeypat
     await rig.fsck()
 
 
-async def test_mapping_a_read_of_a_loaded_file_opens_no_transaction(rig, monkeypatch):
-    """A read's iomap_begin only looks the range up (XFS maps a read under
-    the inode lock, shared, with no transaction): once the extent map is
-    loaded it takes meta_lock and nothing else, and still fails on a shut
-    down filesystem."""
+async def test_mapping_a_mapped_range_of_a_loaded_file_opens_no_transaction(rig, monkeypatch):
+    """iomap_begin that finds the range mapped in a loaded extent map (a
+    read, an overwrite, an append into its own delalloc) only looks it up:
+    XFS opens a transaction only to allocate.  It takes meta_lock and
+    nothing else, and still fails on a shut down filesystem."""
     m = await rig.mount(format=True)
     ino = await new_file(m)
     f = await m.open(ino, write=True)
-    data = os.urandom(64 * BS)
+    data = bytearray(os.urandom(64 * BS))
     await m.write(f, 0, data)
     await m.fsync(f)
     m.cache.shrink(0)
@@ -794,14 +794,24 @@ async def test_mapping_a_read_of_a_loaded_file_opens_no_transaction(rig, monkeyp
     monkeypatch.setattr(m.fs, "transaction", transaction)
     assert await m.read(f, 5 * BS, 3 * BS) == data[5 * BS:8 * BS]
     assert await m.read(f, 40 * BS + 7, 100) == data[40 * BS + 7:40 * BS + 107]
-    # (The atime update may open a transaction of its own, a writing one.)
-    assert [kw for kw in opened if not kw.get("write", True)] == []
+    assert await m.write(f, 9 * BS + 3, b"over") == 4
+    data[9 * BS + 3:9 * BS + 7] = b"over"
+    assert opened == []
+    assert await m.write(f, 1000 * BS, b"tail") == 4           # a hole: reserves
+    assert len(opened) == 1
+    assert await m.write(f, 0, b"more", append=True) == 4     # into its own delalloc
+    assert len(opened) == 1
+    data += bytes(1000 * BS - len(data)) + b"tailmore"
     monkeypatch.undo()
+    await m.fsync(f)
+    m.cache.shrink(0)
+    assert await m.read(f, 0, len(data)) == data
     await m.release(f)
     m.fs.shut_down("test")
-    with pytest.raises(FsError) as e:
-        await m.engine.ops.iomap_begin(f.inode, 50 * BS, BS, 0)
-    assert e.value.errno == errno.EIO
+    for flags in (0, IOMAP_WRITE):
+        with pytest.raises(FsError) as e:
+            await m.engine.ops.iomap_begin(f.inode, 50 * BS, BS, flags)
+        assert e.value.errno == errno.EIO
 
 
 async def test_a_new_file_starts_with_an_empty_extent_map_without_reading_the_tree(rig):
