@@ -581,9 +581,8 @@ class Engine:
         while b < stop:
             folio = mapping.lookup(b)
             if folio is None:
-                # New, so locked without a wait.
-                folio = await mapping.get_folio(b, create=True, nblocks_hint=folio_hint(
-                    (stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
+                # New, so locked without a wait; nothing awaited since the lookup.
+                folio = mapping.add_folio(b, folio_hint((stop - b) << BLOCK_SHIFT, b << BLOCK_SHIFT))
                 batch.append(folio)
                 self.stats["readahead_folios"] += 1
             elif batch:

@@ -228,7 +228,7 @@ class AddressSpace:
             if folio is None:
                 if not create:
                     return None
-                return self._add_folio(block, nblocks_hint, lock)
+                return self.add_folio(block, nblocks_hint, lock=lock)
             self.cache.mark_accessed(folio)
             if not lock:
                 return folio
@@ -237,7 +237,11 @@ class AddressSpace:
                 return folio
             folio.unlock()            # removed while we waited: look again
 
-    def _add_folio(self, block: int, nblocks_hint: int, lock: bool) -> Folio:
+    def add_folio(self, block: int, nblocks_hint: int = 1, *, lock: bool = True) -> Folio:
+        """filemap_add_folio: insert a new folio over ``block``, which the
+        caller has just found uncached with no await since (readahead, or
+        get_folio's miss), sized as get_folio describes and locked unless
+        not ``lock``."""
         n = 1
         hint = min(max(nblocks_hint, 1), MAX_FOLIO_BLOCKS)
         while n << 1 <= hint:
