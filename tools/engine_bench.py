@@ -23,6 +23,9 @@ drives the Mount's file operations directly, each workload on a fresh file:
                  (POSIX_FADV_DONTNEED), so reads go to the device
   rand_read      4 KiB reads at seeded random offsets of the same file,
                  cold in the same way
+  appends        4-byte O_APPEND writes into a new file (generic/069's
+                 pattern; as many as the random workloads make), then
+                 fsync; the file is read back and checked
 
 Times are wall-clock (time.perf_counter) and include the final fsync of the
 write workloads (the table also shows the fsync share).  For each workload
@@ -63,7 +66,8 @@ BLOCK = 4096
 SEQ_CHUNK = 1 * MiB
 RAND_CHUNK = BLOCK
 
-WORKLOADS = ("seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read")
+WORKLOADS = ("seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read", "appends")
+APPEND_CHUNK = b"abcd"
 
 
 
@@ -214,14 +218,14 @@ class Bench:
 
     def record(self, name: str, *, ops: int, planned: int, nbytes: int, secs: float,
                fsync_secs: float = 0.0, capped: bool, before: dict, note: str = "",
-               errors: int = 0) -> dict:
+               errors: int = 0, op_bytes: int | None = None) -> dict:
         delta = stats_delta(before, flat_stats(self.m))
         ioends = delta.get("iomap.ioends", 0)
         r = {
             "workload": name,
             "ops": ops,
             "planned_ops": planned,
-            "op_bytes": SEQ_CHUNK if name.startswith("seq") else RAND_CHUNK,
+            "op_bytes": op_bytes or (SEQ_CHUNK if name.startswith("seq") else RAND_CHUNK),
             "bytes": nbytes,
             "seconds": round(secs, 4),
             "fsync_seconds": round(fsync_secs, 4),
@@ -380,6 +384,34 @@ class Bench:
                     note=f"cold, over the SIZE file; {distinct} distinct blocks")
 
 
+    # -- small appends ----------------------------------------------------------
+
+    async def appends(self) -> None:
+        m = self.m
+        ino = await self.new_file("appends")
+        f = await m.open(ino, write=True)
+        planned = self.rand_ops
+        before = flat_stats(m)
+        t0 = time.perf_counter()
+        deadline = t0 + self.args.runtime_cap
+        ops, capped = 0, False
+        for _ in range(planned):
+            if time.perf_counter() >= deadline:
+                capped = True
+                break
+            await m.write(f, 0, APPEND_CHUNK, append=True)
+            ops += 1
+        t1 = time.perf_counter()
+        await m.fsync(f)
+        t2 = time.perf_counter()
+        n = len(APPEND_CHUNK)
+        errors = int(await m.read(f, 0, ops * n + 1) != APPEND_CHUNK * ops)
+        await m.release(f)
+        self.record("appends", ops=ops, planned=planned, nbytes=ops * n, secs=t2 - t0,
+                    fsync_secs=t2 - t1, capped=capped, before=before, errors=errors, op_bytes=n,
+                    note="4-byte O_APPEND writes into a new file")
+
+
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
@@ -462,7 +494,8 @@ def fmt_table(result: dict) -> str:
            "short", "stale", "punch", "ioends", "avg ioend")
     rows = []
     for r in result["results"]:
-        op = f"{r['op_bytes'] // 1024}K" if r["op_bytes"] < MiB else f"{r['op_bytes'] // MiB}M"
+        b = r["op_bytes"]
+        op = f"{b}B" if b < 1024 else f"{b // 1024}K" if b < MiB else f"{b // MiB}M"
         avg = r["avg_ioend_bytes"]
         rows.append((
             r["workload"] + (" *" if r["capped"] else ""), op, str(r["ops"]),

@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "engine_bench.py")
-WORKLOADS = ["seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read"]
+WORKLOADS = ["seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read", "appends"]
 
 
 def test_engine_bench_tiny_run(tmp_path):
@@ -43,5 +43,6 @@ def test_engine_bench_tiny_run(tmp_path):
     assert res["rand_write"]["ops"] == 64
     assert res["seq_write"]["ioends"] >= 1 and res["seq_write"]["avg_ioend_bytes"] > 0
     assert res["rand_write_sparse"]["counters"]["iomap.delalloc_reserved"] > 0
+    assert res["appends"]["ops"] == 64 and res["appends"]["bytes"] == 256
     # The image is cleaned up.
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".img")]
