@@ -247,6 +247,18 @@ class Bench:
         self.results.append(r)
         return r
 
+    async def _until_cap(self, items, op, t0: float) -> tuple[int, bool]:
+        """Await ``op(item)`` for each item until --runtime-cap after t0;
+        returns (ops done, capped)."""
+        deadline = t0 + self.args.runtime_cap
+        ops = 0
+        for item in items:
+            if time.perf_counter() >= deadline:
+                return ops, True
+            await op(item)
+            ops += 1
+        return ops, False
+
     # -- writes ---------------------------------------------------------------
 
     async def _seq_fill(self, f, size: int, deadline: float | None) -> tuple[int, bool]:
@@ -297,15 +309,12 @@ class Bench:
         src = self.pattern.base
         before = flat_stats(m)
         t0 = time.perf_counter()
-        deadline = t0 + args.runtime_cap
-        ops, capped = 0, False
-        for off in offsets:
-            if time.perf_counter() >= deadline:
-                capped = True
-                break
+
+        async def write(off):
             o = off % SEQ_CHUNK
             await m.write(f, off, src[o:o + RAND_CHUNK])
-            ops += 1
+
+        ops, capped = await self._until_cap(offsets, write, t0)
         t1 = time.perf_counter()
         await m.fsync(f)
         t2 = time.perf_counter()
@@ -383,7 +392,6 @@ class Bench:
                     capped=capped, before=before, errors=errors,
                     note=f"cold, over the SIZE file; {distinct} distinct blocks")
 
-
     # -- small appends ----------------------------------------------------------
 
     async def appends(self) -> None:
@@ -393,14 +401,11 @@ class Bench:
         planned = self.rand_ops
         before = flat_stats(m)
         t0 = time.perf_counter()
-        deadline = t0 + self.args.runtime_cap
-        ops, capped = 0, False
-        for _ in range(planned):
-            if time.perf_counter() >= deadline:
-                capped = True
-                break
+
+        async def append(_):
             await m.write(f, 0, APPEND_CHUNK, append=True)
-            ops += 1
+
+        ops, capped = await self._until_cap(range(planned), append, t0)
         t1 = time.perf_counter()
         await m.fsync(f)
         t2 = time.perf_counter()

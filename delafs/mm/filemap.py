@@ -240,8 +240,7 @@ class AddressSpace:
     def add_folio(self, block: int, nblocks_hint: int = 1, *, lock: bool = True) -> Folio:
         """filemap_add_folio: insert a new folio over ``block``, which the
         caller has just found uncached with no await since (readahead, or
-        get_folio's miss), sized as get_folio describes and locked unless
-        not ``lock``."""
+        get_folio's miss), sized as get_folio describes, locked if ``lock``."""
         n = 1
         hint = min(max(nblocks_hint, 1), MAX_FOLIO_BLOCKS)
         while n << 1 <= hint:
