@@ -151,6 +151,18 @@ def submit_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]]) -> list[FsE
     return errors
 
 
+def write_fua_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]], preflush: bool) -> None:
+    """The body of one ``dev.write_fua`` call: a flush first if
+    ``preflush`` (what was written before is durable before these writes
+    start: REQ_PREFLUSH), the writes in order, then a flush (durable on
+    return: REQ_FUA).  The first failure stops it and raises."""
+    if preflush:
+        dev.flush_sync()
+    for blk, bufs in writes:
+        dev.write_sync(blk, bufs)
+    dev.flush_sync()
+
+
 def prepare_write(dev, blk: int, bufs) -> tuple[list[memoryview], int, int]:
     """The checks every device makes before a write, in order: read-only,
     whole blocks per buffer, bounds, injected faults.  Returns the buffers
@@ -507,6 +519,12 @@ class BlockDevice:
         """Many writes in one trip to a worker thread (a block plug): each
         trip costs as much as a small pwrite.  See submit_sync."""
         return await in_worker_thread(submit_sync, self, writes)
+
+    async def write_fua(self, writes, *, preflush: bool) -> None:
+        """A log write (REQ_PREFLUSH | REQ_FUA) in one trip to a worker
+        thread where a flush, the writes and a flush would make three.  See
+        write_fua_sync."""
+        await in_worker_thread(write_fua_sync, self, writes, preflush)
 
     async def discard(self, blk: int, count: int) -> None:
         await in_worker_thread(self.discard_sync, blk, count)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ..lib.errors import FsError
 from ..lib.units import BLOCK_SIZE
-from .device import Buffer, check_request, fill_views, prepare_write, submit_sync
+from .device import Buffer, check_request, fill_views, prepare_write, submit_sync, write_fua_sync
 from .faults import FaultTable
 from .recorder import Recorder
 
@@ -134,6 +134,9 @@ class MemoryDevice:
 
     async def submit(self, writes):
         return submit_sync(self, writes)
+
+    async def write_fua(self, writes, *, preflush: bool) -> None:
+        write_fua_sync(self, writes, preflush)
 
     async def discard(self, blk: int, count: int) -> None:
         self.discard_sync(blk, count)

@@ -177,16 +177,16 @@ class Journal:
             raise FsError(errno.EIO, "injected journal write error (log_eio)")
         if len(blocks) > self.free():
             raise DelafsError(f"journal full: transaction of {len(blocks)} blocks, {self.free()} free")
-        if self.dev.unflushed:
-            await self.dev.flush()
-        # Write in runs that don't cross the end of the circular area.
+        # Runs that don't cross the end of the circular area, written as one
+        # request with its flushes (see BlockDevice.write_fua).
+        runs = []
         i = 0
         while i < len(blocks):
             pos = (self.head_pos + i) % self.L
             n = min(len(blocks) - i, self.L - pos)
-            await self.dev.write(self.sb.log_start + pos, blocks[i:i + n])
+            runs.append((self.sb.log_start + pos, blocks[i:i + n]))
             i += n
-        await self.dev.flush()
+        await self.dev.write_fua(runs, preflush=self.dev.unflushed)
         self.head_pos = (self.head_pos + len(blocks)) % self.L
         self.stats["commits"] += 1
         self.stats["log_blocks_written"] += len(blocks)
@@ -196,16 +196,14 @@ class Journal:
         self.jsb_gen += 1
         slot = self.jsb_gen % 2
         blk = self.sb.journal_start + slot
-        await self.dev.write(blk, [encode_jsb(blk, self.jsb_gen, tail_pos, tail_seq, self.sb.uuid)])
-        await self.dev.flush()
+        img = encode_jsb(blk, self.jsb_gen, tail_pos, tail_seq, self.sb.uuid)
+        await self.dev.write_fua([(blk, [img])], preflush=False)
         self.tail_pos, self.tail_seq = tail_pos, tail_seq
 
     async def checkpoint(self, pending: dict[int, bytes]) -> None:
         """Write committed images home and retire every transaction in the log."""
         if pending:
-            for start, run in _runs(sorted(pending.items())):
-                await self.dev.write(start, run)
-            await self.dev.flush()
+            await self.dev.write_fua(list(_runs(sorted(pending.items()))), preflush=False)
         if self.tail_pos != self.head_pos or self.tail_seq != self.next_seq:
             await self.write_tail(self.head_pos, self.next_seq)
         self.stats["checkpoints"] += 1

@@ -86,6 +86,13 @@ class InlineDevice(BlockDevice):
         if self.recorder is not None:
             self.recorder.events.append(("flush",))
 
+    async def write_fua(self, writes, *, preflush):
+        if preflush:
+            await self.flush()
+        for blk, bufs in writes:
+            await self.write(blk, bufs)
+        await self.flush()
+
     async def discard(self, blk, count):
         await trio.lowlevel.checkpoint()
         self.discard_sync(blk, count)

@@ -126,6 +126,40 @@ async def test_fsync_flush_counts(rig):
     await rig.fsck()
 
 
+async def test_fsync_makes_two_trips_to_a_worker_thread(rig, monkeypatch):
+    """An allocating fsync waits for the device twice, as XFS's does: the
+    data write, then the log write, which carries its flushes as one
+    request (REQ_PREFLUSH | REQ_FUA) instead of a flush, a write and a
+    flush, each a round trip to a worker thread (100-300 us apiece on a
+    2-vCPU VM).  The flushes and their order stay: two flushes, the data
+    before the commit record."""
+    import delafs.block.device as device
+    from delafs.block.recorder import Recorder
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"a" * 16384)
+    trips = []
+    real = device.in_worker_thread
+
+    async def counted(fn, *args):
+        trips.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+    monkeypatch.setattr(device, "in_worker_thread", counted)
+    m.fs.dev.recorder = rec = Recorder()
+    await m.fsync(f)
+    assert len(trips) == 2, trips
+    kinds = [ev[0] for ev in rec.events]
+    assert kinds.count("flush") == 2
+    first_flush = kinds.index("flush")
+    assert kinds[:first_flush] == ["write"]                 # the data, then its flush
+    assert kinds[-1] == "flush" and "write" in kinds[first_flush:]   # the log, then its flush
+    m.fs.dev.recorder = None
+    await m.release(f)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_background_writeback_leaves_the_flush_to_the_journal_commit(rig):
     """The flusher writes data and completes its ioends (the conversion to
     WRITTEN goes into the running transaction) without a device flush; the
