@@ -26,6 +26,7 @@ from __future__ import annotations
 import operator
 import struct
 from bisect import bisect_left, bisect_right
+from itertools import accumulate
 from typing import Callable, Protocol
 
 from ..lib.errors import CorruptionError
@@ -45,6 +46,18 @@ MAX_LEVEL = 16
 KEY_MIN: Key = (0, 0, 0)
 KEY_MAX: Key = (2**64 - 1, 255, 2**64 - 1)
 _M64 = 2**64 - 1
+
+# Structs of n consecutive entries, made on first use (at most a few
+# hundred sizes: a leaf holds at most NODE_CAP // (ITEM_HDR + 1) items).
+_LEAF_STRUCTS: dict[int, struct.Struct] = {}
+_INT_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _entries(cache: dict[int, struct.Struct], one: struct.Struct, n: int) -> struct.Struct:
+    s = cache.get(n)
+    if s is None:
+        s = cache[n] = struct.Struct("<" + one.format.lstrip("<") * n)
+    return s
 
 
 def pack_key(k: Key) -> int:
@@ -96,20 +109,29 @@ class Node:
         return self.nbytes > NODE_CAP
 
     def encode(self, seq: int) -> bytes:
+        # Every commit encodes each dirty node, and item by item (a
+        # pack_into and a slice assignment per item) a full leaf took
+        # ~150 us: the values go in with one join, the entries with one
+        # pack of a struct of n entries.
         buf = bytearray(BLOCK_SIZE)
-        off = HDR_SIZE
+        pkeys = self.pkeys
+        n = len(pkeys)
+        flat: list[int] = []
+        add = flat.extend
         if self.level == 0:
-            end = BLOCK_SIZE
-            for k, v in zip(self.pkeys, self.vals):
-                end -= len(v)
-                buf[end:end + len(v)] = v
-                _LEAF_ENT.pack_into(buf, off, *unpack_key(k), end, len(v))
-                off += ITEM_HDR
+            vals = self.vals
+            lens = [len(v) for v in vals]
+            ends = list(accumulate(lens))
+            if n:
+                buf[BLOCK_SIZE - ends[-1]:] = b"".join(reversed(vals))
+            for k, e, ln in zip(pkeys, ends, lens):
+                add((k >> 72, (k >> 64) & 0xFF, k & _M64, BLOCK_SIZE - e, ln))
+            _entries(_LEAF_STRUCTS, _LEAF_ENT, n).pack_into(buf, HDR_SIZE, *flat)
         else:
-            for k, c in zip(self.pkeys, self.vals):
-                _INT_ENT.pack_into(buf, off, *unpack_key(k), c)
-                off += _INT_ENT.size
-        return seal(buf, MAGIC_NODE, self.blocknr, seq, self.level | len(self.pkeys) << 8)
+            for k, c in zip(pkeys, self.vals):
+                add((k >> 72, (k >> 64) & 0xFF, k & _M64, c))
+            _entries(_INT_STRUCTS, _INT_ENT, n).pack_into(buf, HDR_SIZE, *flat)
+        return seal(buf, MAGIC_NODE, self.blocknr, seq, self.level | n << 8)
 
     @classmethod
     def decode(cls, buf: bytes, blocknr: int,

@@ -157,6 +157,40 @@ def test_decode_detects_damage():
         Node.decode(bytes(img), 55)
 
 
+def test_node_images_keep_the_documented_layout():
+    """A node's image, built here from the layout in btree.py's docstring
+    with struct alone: entries after the header, leaf values packed from
+    the end of the block downwards in item order.  Guards encode's fast
+    path against drifting from the format images already on disk hold."""
+    import struct
+
+    from delafs.ondisk import BLOCK_SIZE, HDR_SIZE, MAGIC_NODE, seal
+    rng = random.Random(5)
+    for level, n in ((0, 0), (0, 1), (0, 37), (0, NODE_CAP // (21 + 60)), (1, 1), (3, 162)):
+        keys = sorted({(rng.randrange(1 << 64), rng.randrange(256), rng.randrange(1 << 64))
+                       for _ in range(n)})
+        if level == 0:
+            vals = [rng.randbytes(rng.randrange(1, 61)) for _ in keys]
+        else:
+            vals = [rng.randrange(1 << 64) for _ in keys]
+        want = bytearray(BLOCK_SIZE)
+        off, end = HDR_SIZE, BLOCK_SIZE
+        for k, v in zip(keys, vals):
+            if level == 0:
+                end -= len(v)
+                want[end:end + len(v)] = v
+                struct.pack_into("<QBQHH", want, off, *k, end, len(v))
+                off += 21
+            else:
+                struct.pack_into("<QBQQ", want, off, *k, v)
+                off += 25
+        want = seal(want, MAGIC_NODE, 4242, 9, level | len(keys) << 8)
+        node = Node(4242, level, keys, vals)
+        assert node.encode(9) == want, (level, n)
+        back = Node.decode(want, 4242)
+        assert (back.level, back.keys, back.vals) == (level, tuple(keys), vals)
+
+
 def test_the_metadata_cache_full_of_extent_leaves_stays_within_its_budget():
     # The decoded cache must leave room for the page cache and the extent
     # maps (issue 11: RSS <= cache_size + 150 MiB with a million extents);
