@@ -26,6 +26,10 @@ drives the Mount's file operations directly, each workload on a fresh file:
   appends        4-byte O_APPEND writes into a new file (generic/069's
                  pattern; as many as the random workloads make), then
                  fsync; the file is read back and checked
+  smallfiles     fio's smallfiles job in process: files of 16 KiB, each
+                 created, written in four 4 KiB writes and fsynced (as many
+                 writes as the random workloads make); ops are the writes,
+                 as fio counts them; the files are read back and checked
 
 Times are wall-clock (time.perf_counter) and include the final fsync of the
 write workloads (the table also shows the fsync share).  For each workload
@@ -66,7 +70,9 @@ BLOCK = 4096
 SEQ_CHUNK = 1 * MiB
 RAND_CHUNK = BLOCK
 
-WORKLOADS = ("seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read", "appends")
+WORKLOADS = ("seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read", "appends",
+             "smallfiles")
+SMALL_WRITES = 4                # per file, RAND_CHUNK each
 APPEND_CHUNK = b"abcd"
 
 
@@ -415,6 +421,43 @@ class Bench:
         self.record("appends", ops=ops, planned=planned, nbytes=ops * n, secs=t2 - t0,
                     fsync_secs=t2 - t1, capped=capped, before=before, errors=errors, op_bytes=n,
                     note="4-byte O_APPEND writes into a new file")
+
+    # -- small files, each fsynced ----------------------------------------------
+
+    async def smallfiles(self) -> None:
+        m = self.m
+        files = max(1, self.rand_ops // SMALL_WRITES)
+        src = self.pattern.base
+        made = []
+
+        def piece(i: int) -> bytes:
+            o = i * 64 % (SEQ_CHUNK - RAND_CHUNK)
+            return src[o:o + RAND_CHUNK]
+
+        async def one(i):
+            f = await m.open(await self.new_file("small"), write=True)
+            for k in range(SMALL_WRITES):
+                await m.write(f, k * RAND_CHUNK, piece(i + k))
+            await m.fsync(f)
+            await m.release(f)
+            made.append(f.inode.ino)
+
+        before = flat_stats(m)
+        t0 = time.perf_counter()
+        done, capped = await self._until_cap(range(files), one, t0)
+        secs = time.perf_counter() - t0
+        errors = 0
+        for i, ino in enumerate(made):
+            f = await m.open(ino, write=False)
+            want = b"".join(piece(i + k) for k in range(SMALL_WRITES))
+            errors += await m.read(f, 0, len(want) + 1) != want
+            await m.release(f)
+        ops = done * SMALL_WRITES
+        r = self.record("smallfiles", ops=ops, planned=files * SMALL_WRITES, nbytes=ops * RAND_CHUNK,
+                        secs=secs, capped=capped, before=before, errors=errors,
+                        note=f"{done} files of {SMALL_WRITES} x 4K, each fsynced")
+        flushes = r["counters"].get("dev.flushes", 0)
+        r["note"] += f"; {flushes / max(done, 1):.2f} device flushes per file"
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "engine_bench.py")
-WORKLOADS = ["seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read", "appends"]
+WORKLOADS = ["seq_write", "rand_write", "rand_write_sparse", "seq_read", "rand_read", "appends",
+             "smallfiles"]
 
 
 def test_engine_bench_tiny_run(tmp_path):
@@ -44,5 +45,10 @@ def test_engine_bench_tiny_run(tmp_path):
     assert res["seq_write"]["ioends"] >= 1 and res["seq_write"]["avg_ioend_bytes"] > 0
     assert res["rand_write_sparse"]["counters"]["iomap.delalloc_reserved"] > 0
     assert res["appends"]["ops"] == 64 and res["appends"]["bytes"] == 256
+    # 16 files of four writes, each file's fsync flushing its data and then
+    # the commit that exposes it: two ordered flushes a file, at least.
+    assert res["smallfiles"]["ops"] == 64 and res["smallfiles"]["bytes"] == 64 * 4096
+    assert res["smallfiles"]["counters"]["dev.flushes"] >= 2 * 16
+    assert "device flushes per file" in res["smallfiles"]["note"]
     # The image is cleaned up.
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".img")]
