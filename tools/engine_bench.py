@@ -62,7 +62,9 @@ import random
 import sys
 import time
 
-from delafs.lib import units
+# delafs is imported only inside functions: lib.locks reads
+# DELAFS_DEBUG_LOCKS when delafs is first imported, and main applies
+# --no-debug-locks before that.
 
 ROOT_INO = 1
 MiB = 1 << 20
@@ -78,6 +80,7 @@ APPEND_CHUNK = b"abcd"
 
 
 def parse_size(text: str) -> int:
+    from delafs.lib import units
     try:
         return units.parse_size(text)
     except ValueError as e:
@@ -591,9 +594,11 @@ def fmt_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--no-debug-locks", action="store_true")
+    if early.parse_known_args(argv)[0].no_debug_locks:
+        os.environ["DELAFS_DEBUG_LOCKS"] = "0"      # before parse_args's sizes import delafs
     args = parse_args(argv)
-    if args.no_debug_locks:
-        os.environ["DELAFS_DEBUG_LOCKS"] = "0"      # read when delafs is imported
     import trio
 
     if args.profile:

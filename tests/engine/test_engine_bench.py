@@ -52,3 +52,17 @@ def test_engine_bench_tiny_run(tmp_path):
     assert "device flushes per file" in res["smallfiles"]["note"]
     # The image is cleaned up.
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".img")]
+
+
+def test_no_debug_locks_turns_the_assertions_off(tmp_path):
+    # DEBUG_LOCKS is read when delafs is first imported, so the flag must be
+    # applied before the tool imports any of delafs.
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--dir", str(tmp_path), "--size", "4M", "--cache-size", "64M",
+         "--random-ops", "8", "--workloads", "rand_write", "--no-debug-locks",
+         "--json", str(out_json)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "DELAFS_DEBUG_LOCKS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(out_json.read_text())["config"]["debug_locks"] is False
+    assert "debug_locks off" in proc.stdout
