@@ -84,8 +84,10 @@ class BmapOps:
 
     async def sync_extents(self, ino: int, emap: ExtentMap, lo: int, hi: int) -> None:
         """Make the tree's extent items agree with the map after the map
-        changed in [lo, hi).  The items touching the edges are rewritten too,
-        since the map may have split or merged them."""
+        changed in [lo, hi).  The items touching the edges are compared
+        too, since the map may have split or merged them; only items that
+        differ are written (an item whose key stays takes its new value in
+        place), so an untouched neighbour's leaf stays clean."""
         r0, r1 = lo, hi
         if lo > 0:
             prev = await self.tree.lookup_le((ino, T_EXTENT, lo - 1))
@@ -100,16 +102,27 @@ class BmapOps:
         m = emap.extent_at(hi)
         if m is not None:
             r1 = max(r1, m.end)
-        for key, _ in await self.tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, r1)):
-            await self.tree.delete(key)
+        tree = self.tree
+        old = dict(await tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, r1)))
+        new = {}
         for ext in emap.iter_extents(r0, r1):
             if ext.state not in _STATE_TO_DISK:
                 continue
             f, p, n = ext.fblock, ext.pblock, ext.length
             while n:
                 k = min(n, MAX_EXTENT_LEN)
-                await self.tree.insert((ino, T_EXTENT, f), encode_extent(p, k, _STATE_TO_DISK[ext.state]))
+                new[(ino, T_EXTENT, f)] = encode_extent(p, k, _STATE_TO_DISK[ext.state])
                 f, p, n = f + k, p + k, n - k
+        # Deletes first: a leaf only shrinks before anything grows it.
+        for key in old:
+            if key not in new:
+                await tree.delete(key)
+        for key, val in new.items():
+            was = old.get(key)
+            if was is None:
+                await tree.insert(key, val)
+            elif was != val:
+                await tree.update(key, val)
 
     async def allocate_unwritten(self, inode: Inode, emap: ExtentMap, fblock: int, count: int,
                               *, one_run: bool = False) -> int:

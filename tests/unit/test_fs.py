@@ -417,3 +417,86 @@ async def test_inode_cache_eviction_looks_only_at_the_oldest_inodes(image):
     assert CountingCache.looked_at < 20 * 10, CountingCache.looked_at
     await fs.close()
     await fsck_clean(dev)
+
+
+async def _extent_items(fs, ino):
+    from delafs.fs.items import T_EXTENT, decode_extent
+    async with fs.transaction(write=False):
+        items = await fs.tree.scan((ino, T_EXTENT, 0), (ino, T_EXTENT + 1, 0))
+    return [(k[2],) + decode_extent(v)[:3] for k, v in items]
+
+
+def _wanted_items(emap):
+    from delafs.fs.bmap import _STATE_TO_DISK
+    from delafs.fs.items import MAX_EXTENT_LEN
+    out = []
+    for e in emap.iter_extents():
+        if e.state in _STATE_TO_DISK:
+            f, p, n = e.fblock, e.pblock, e.length
+            while n:
+                k = min(n, MAX_EXTENT_LEN)
+                out.append((f, p, k, _STATE_TO_DISK[e.state]))
+                f, p, n = f + k, p + k, n - k
+    return out
+
+
+async def test_an_extent_conversion_rewrites_only_the_items_it_changes(image, monkeypatch):
+    """Converting one UNWRITTEN extent to WRITTEN changes one item's value
+    in place: the neighbouring items the range touches are left alone
+    (rewriting them dirtied their leaves and cost a delete and an insert
+    each), and nothing is deleted and inserted again."""
+    from delafs.fs.items import EXTENT_ITEM_SIZE
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.allocate(f.ino, 0, 4)
+    await fs.allocate(f.ino, 6, 4)
+    await fs.allocate(f.ino, 12, 4)
+    calls = []
+    for name in ("insert", "update", "delete"):
+        real = getattr(fs.tree, name)
+
+        async def counted(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return await _real(*a, **kw)
+        monkeypatch.setattr(fs.tree, name, counted)
+    async with fs.transaction(items=3, item_size=EXTENT_ITEM_SIZE):
+        emap = await fs.extent_map(f.ino)
+        await fs.convert_unwritten(f.ino, emap, 6, 4)
+    assert calls == ["update"]
+    monkeypatch.undo()
+    items = await _extent_items(fs, f.ino)
+    assert [(i[0], i[2]) for i in items] == [(0, 4), (6, 4), (12, 4)]
+    assert items == _wanted_items(fs.emaps[f.ino])
+    await fs.close()
+    await fsck_clean(dev)
+
+
+async def test_extent_items_follow_the_map_through_random_changes(image):
+    """Whatever sync_extents skips, the tree's extent items stay exactly
+    the map's on-disk extents: allocations, partial conversions (which
+    split and merge extents) and punches at random."""
+    import random
+
+    from delafs.fs.items import EXTENT_ITEM_SIZE
+    rng = random.Random(11)
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    for step in range(300):
+        a = rng.randrange(0, 200)
+        n = rng.randrange(1, 24)
+        op = rng.random()
+        if op < 0.4:
+            await fs.allocate(f.ino, a, n)
+        elif op < 0.8:
+            async with fs.transaction(items=2 * n + 2, item_size=EXTENT_ITEM_SIZE):
+                await fs.convert_unwritten(f.ino, await fs.extent_map(f.ino), a, n)
+        else:
+            await fs.punch_hole(f.ino, a, n)
+        assert await _extent_items(fs, f.ino) == _wanted_items(fs.emaps[f.ino]), step
+    dev, fs = await reopen(dev, fs, clean=True)
+    emap = None
+    async with fs.transaction(write=False):
+        emap = await fs.extent_map(f.ino)
+    assert await _extent_items(fs, f.ino) == _wanted_items(emap)
+    await fs.close()
+    await fsck_clean(dev)
