@@ -88,22 +88,32 @@ class BmapOps:
         too, since the map may have split or merged them; only items that
         differ are written (an item whose key stays takes its new value in
         place), so an untouched neighbour's leaf stays clean."""
-        r0, r1 = lo, hi
+        tree = self.tree
+        r0 = lo
+        prev = None
         if lo > 0:
-            prev = await self.tree.lookup_le((ino, T_EXTENT, lo - 1))
+            prev = await tree.lookup_le((ino, T_EXTENT, lo - 1))
             if prev and prev[0][:2] == (ino, T_EXTENT):
                 r0 = min(r0, prev[0][2])
+            else:
+                prev = None
             m = emap.extent_at(lo - 1)
             if m is not None:
                 r0 = min(r0, m.fblock)
-        last = await self.tree.lookup_le((ino, T_EXTENT, hi))
-        if last and last[0][:2] == (ino, T_EXTENT):
+        # Every item starting up to hi, in one scan: the last of them (or
+        # the one before lo) may reach past hi, and so may the map's extent
+        # at hi; only then is there more to read.
+        items = await tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, hi + 1))
+        r1 = hi
+        last = items[-1] if items else prev
+        if last is not None:
             r1 = max(r1, last[0][2] + decode_extent(last[1])[1])
         m = emap.extent_at(hi)
         if m is not None:
             r1 = max(r1, m.end)
-        tree = self.tree
-        old = dict(await tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, r1)))
+        if r1 > hi + 1:
+            items += await tree.scan((ino, T_EXTENT, hi + 1), (ino, T_EXTENT, r1))
+        old = dict(items)
         new = {}
         for ext in emap.iter_extents(r0, r1):
             if ext.state not in _STATE_TO_DISK:
