@@ -90,22 +90,20 @@ class BmapOps:
         place), so an untouched neighbour's leaf stays clean."""
         tree = self.tree
         r0 = lo
-        prev = None
         if lo > 0:
-            prev = await tree.lookup_le((ino, T_EXTENT, lo - 1))
-            if prev and prev[0][:2] == (ino, T_EXTENT):
-                r0 = min(r0, prev[0][2])
-            else:
-                prev = None
+            # Outside [lo, hi) the tree holds what the map holds, and the map
+            # keeps a run of blocks it could merge as one extent: an item
+            # reaching lo - 1 lies inside the map's extent there, so no
+            # lookup in the tree is needed to find where the items start.
             m = emap.extent_at(lo - 1)
             if m is not None:
-                r0 = min(r0, m.fblock)
-        # Every item starting up to hi, in one scan: the last of them (or
-        # the one before lo) may reach past hi, and so may the map's extent
-        # at hi; only then is there more to read.
+                r0 = m.fblock
+        # Every item starting up to hi, in one scan: the last of them may
+        # reach past hi, and so may the map's extent at hi; only then is
+        # there more to read.
         items = await tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, hi + 1))
         r1 = hi
-        last = items[-1] if items else prev
+        last = items[-1] if items else None
         if last is not None:
             r1 = max(r1, last[0][2] + decode_extent(last[1])[1])
         m = emap.extent_at(hi)
