@@ -62,9 +62,7 @@ import random
 import sys
 import time
 
-# delafs is imported only inside functions: lib.locks reads
-# DELAFS_DEBUG_LOCKS when delafs is first imported, and main applies
-# --no-debug-locks before that.
+from delafs.lib import locks, units
 
 ROOT_INO = 1
 MiB = 1 << 20
@@ -80,7 +78,6 @@ APPEND_CHUNK = b"abcd"
 
 
 def parse_size(text: str) -> int:
-    from delafs.lib import units
     try:
         return units.parse_size(text)
     except ValueError as e:
@@ -109,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm-host", action="store_true",
                    help="do not drop the image's host page cache before the read workloads")
     p.add_argument("--no-debug-locks", action="store_true",
-                   help="set DELAFS_DEBUG_LOCKS=0 for this run (lock assertions off)")
+                   help="turn the lock assertions off for this run (lib.locks.DEBUG_LOCKS)")
     p.add_argument("--fsck", action="store_true", help="fsck the image after the unmount")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--keep", action="store_true", help="keep the image file at the end")
@@ -472,7 +469,6 @@ async def run(args) -> dict:
 
     from delafs.block import BlockDevice
     from delafs.fs.filesystem import Filesystem
-    from delafs.lib.locks import DEBUG_LOCKS
     from delafs.vfs.mount import Mount
 
     # The files: SIZE + SIZE/4 + SIZE/4, plus journal, metadata and slack
@@ -514,7 +510,7 @@ async def run(args) -> dict:
                 "dirty_limit": m.cache.dirty_limit, "runtime_cap": args.runtime_cap,
                 "random_ops": bench.rand_ops, "seed": args.seed, "punch": args.punch,
                 "image": path, "image_size": image_size, "host_cache_dropped": not args.warm_host,
-                "debug_locks": bool(DEBUG_LOCKS), "python": platform.python_version(),
+                "debug_locks": bool(locks.DEBUG_LOCKS), "python": platform.python_version(),
             },
             "total_seconds": round(total, 2),
             "fsck_exit_code": fsck_code,
@@ -594,11 +590,10 @@ def fmt_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--no-debug-locks", action="store_true")
-    if early.parse_known_args(argv)[0].no_debug_locks:
-        os.environ["DELAFS_DEBUG_LOCKS"] = "0"      # before parse_args's sizes import delafs
     args = parse_args(argv)
+    if args.no_debug_locks:
+        # Read at call time, as the daemon sets it (fuse/daemon.py).
+        locks.DEBUG_LOCKS = False
     import trio
 
     if args.profile:

@@ -103,9 +103,9 @@ class BmapOps:
         # there more to read.
         items = await tree.scan((ino, T_EXTENT, r0), (ino, T_EXTENT, hi + 1))
         r1 = hi
-        last = items[-1] if items else None
-        if last is not None:
-            r1 = max(r1, last[0][2] + decode_extent(last[1])[1])
+        if items:
+            last_key, last_val = items[-1]
+            r1 = max(r1, last_key[2] + decode_extent(last_val)[1])
         m = emap.extent_at(hi)
         if m is not None:
             r1 = max(r1, m.end)
