@@ -16,6 +16,7 @@ from ..fuse.control import NotMounted, control_command
 from ..fuse.daemon import run
 from ..fuse.options import MountOptions
 from ..lib.errortag import TAGS, ErrorTags
+from ..lib.units import format_size
 from .fail import fail
 
 HELPER_PATH = "/sbin/mount.fuse.delafs"
@@ -125,6 +126,10 @@ def _print_stat(args, data: dict) -> None:
         ("punch ranges", eng["punch_ranges"]), ("writeback ranges", io["writeback_ranges"]),
         ("ioends", io["ioends"]), ("errors", io["writeback_errors"]),
     ]
+    sizes = data.get("fuse", {}).get("request_sizes", {})
+    for op in ("read", "write"):
+        if sizes.get(op):
+            rows.append((f"{op.upper()} sizes", "  ".join(f"{format_size(size)} x{n}" for size, n in sizes[op])))
     for name, val in rows:
         print(f"{name:28} {val}")
     if args.watch is not None:

@@ -22,6 +22,7 @@ file is open, and the orphan list makes a crash in between harmless.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import json
@@ -87,6 +88,11 @@ def _reply(fn):
 CAP_FSETID = 4
 
 
+def _size_bucket(n: int) -> int:
+    """The smallest power of two >= n (n > 0; 1 for an empty request)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _invalidate_inode(ino: int) -> None:
     """In a worker thread: drop the kernel's cached pages and attributes of
     ``ino``.  ENOENT: the kernel no longer knows the inode."""
@@ -148,6 +154,11 @@ class Operations(pyfuse3.Operations):
         # must never hold a thread the device's I/O needs.
         self._inval_threads = trio.CapacityLimiter(4)
         self.stats = {"invalidations": 0, "invalidations_late": 0, "evicted_inodes": 0}
+        # READ and WRITE requests by size (a power of two at least as large):
+        # the kernel, not the reader, sizes them (its readahead window, its
+        # writeback), and the per-request cost is what a Python daemon pays.
+        self.request_sizes: dict[str, collections.Counter] = {
+            "read": collections.Counter(), "write": collections.Counter()}
         self._next_fh = 1
         self.control = control
         self.control_out: dict[int, bytes] = {}
@@ -529,6 +540,7 @@ class Operations(pyfuse3.Operations):
                         else json.dumps(self.m_statistics(), indent=1).encode() + b"\n")
                 self.control_out[fh] = data
             return data[off:off + size]
+        self.request_sizes["read"][_size_bucket(size)] += 1
         return await self.m.read(f, off, size)
 
     @_reply
@@ -539,6 +551,7 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.EOPNOTSUPP)
             self.control_out[fh] = await self.control(bytes(buf))
             return len(buf)
+        self.request_sizes["write"][_size_bucket(len(buf))] += 1
         n = await self.m.write(f, off, buf)
         if fh in self.direct:
             await self._invalidate_kernel_cache(f.inode.ino)
@@ -652,5 +665,6 @@ class Operations(pyfuse3.Operations):
         stats = self.m.statistics()
         stats["vfs"] = {"known_inodes": len(self.lookups), "open_files": len(self.files),
                         "cached_inodes": len(self.m.inodes), **self.stats}
+        stats["fuse"] = {"request_sizes": {op: sorted(c.items()) for op, c in self.request_sizes.items()}}
         return stats
 

@@ -422,3 +422,51 @@ def test_stat_watch_streams_until_interrupted(delafs_mount):
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=5) == 0
+
+
+def _cold_read(m, path: str, read_ahead_kb: int | None) -> dict:
+    """Remount (the kernel's cache of the file goes with the old mount),
+    optionally set the mount's readahead window, read the file in 1 MiB
+    reads and return the daemon's counts of FUSE request sizes."""
+    m.cycle()
+    st_dev = os.stat(m.mnt).st_dev
+    ra = f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb"
+    if read_ahead_kb is not None:
+        with open(ra, "w") as f:
+            f.write(str(read_ahead_kb))
+    with open(ra) as f:
+        in_effect = int(f.read())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+    sizes = m.stat()["fuse"]["request_sizes"]
+    return {"read_ahead_kb": in_effect, "read": dict(sizes["read"]), "write": dict(sizes["write"])}
+
+
+def test_stat_counts_request_sizes_and_a_larger_readahead_window_sends_larger_reads(delafs_mount):
+    """READ requests are as large as the kernel's readahead window for the
+    mount (the FUSE bdi's read_ahead_kb), not as the reader's read(2):
+    `delafs stat` shows the sizes that arrive, so a user can see it, and
+    raising the window through sysfs makes the reads larger and fewer."""
+    m = delafs_mount(size="64M")
+    f = m.path("f")
+    with open(f, "wb") as out:
+        out.write(os.urandom(8 << 20))
+    written = m.stat()["fuse"]["request_sizes"]["write"]
+    assert sum(size * n for size, n in written) >= 8 << 20, written
+    assert all(size & (size - 1) == 0 for size, _ in written), "buckets are powers of two"
+
+    default = _cold_read(m, f, None)
+    big = _cold_read(m, f, 1024)
+    assert big["read_ahead_kb"] == 1024
+    for got in (default, big):
+        assert sum(size * n for size, n in got["read"].items()) >= 8 << 20, got
+        assert got["write"] == {}, got
+    assert max(default["read"]) <= default["read_ahead_kb"] * 2048 < 1 << 20, default
+    assert big["read"].get(1 << 20, 0) * (1 << 20) >= 4 << 20, big
+    assert sum(big["read"].values()) < sum(default["read"].values()), (default, big)
+    plain = run([DELAFS, "stat", m.mnt]).stdout
+    assert re.search(r"READ sizes\s+.*1\.0 MiB x\d+", plain), plain
