@@ -74,6 +74,19 @@ def systems_of(results: dict) -> list[str]:
     return [s for s in ORDER if s in present]
 
 
+def _read_sizes(records: list[dict]) -> dict:
+    out: dict = {}
+    for r in records:
+        for size, n in (r.get("request_sizes") or {}).get("read", []):
+            c = out.setdefault((r["job"], r["system"]), {})
+            c[size] = c.get(size, 0) + n
+    return out
+
+
+def _kib(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB" if size >= 1024 else f"{size} B"
+
+
 def write(results: dict, out: Path) -> None:
     """The whole report from a default or --quick run; a --scale run only
     replaces the scale block of the existing report (each run keeps the
@@ -142,6 +155,19 @@ def write(results: dict, out: Path) -> None:
              f"{p['appends_seconds']} s.  fio job files read BENCH_DIR, BENCH_SIZE, BENCH_RUNTIME, "
              "BENCH_NFILES and BENCH_CREATE_ONLY from the environment (layout runs use "
              "BENCH_CREATE_ONLY=1).")
+    ra = results.get("read_ahead_kb")
+    if ra is not None:
+        L.append("Readahead window: " + (f"{ra} KiB on every mount (`--read-ahead-kb {ra}`: the mount's "
+                 "`/sys/class/bdi/MAJ:MIN/read_ahead_kb`, of the FUSE connection or of ext4's loop "
+                 "device, written after each mount; the kernel's default is 128 KiB), because the "
+                 "kernel sizes a FUSE daemon's READ requests by it, not by the reader's read(2)."
+                 if ra else "the kernel's default on every mount (`--read-ahead-kb 0`)."))
+        sizes = _read_sizes(results["records"])
+        if sizes:
+            L.append("READ requests delafs received in the cold jobs (size: count, summed over the "
+                     "rounds): " + "; ".join(f"{job} on {s}: " + ", ".join(
+                         f"{_kib(size)} ×{n:,}" for size, n in sorted(c.items())) for (job, s), c in sizes.items())
+                     + ".")
     if results.get("untar"):
         u = results["untar"]
         L.append(f"The untar source is {u.get('source')}: {u.get('entries')} entries, "

@@ -6,6 +6,7 @@
     .venv/bin/python -m tools.bench --systems delafs,floor --jobs randwrite,appends
     .venv/bin/python -m tools.bench --report-only WORKDIR   # rewrite the report from results.json
     .venv/bin/python -m tools.bench --scale [--scale-small 0.1]
+    .venv/bin/python -m tools.bench --read-ahead-kb 0  # leave the kernel's readahead window (128 KiB)
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ class Runner:
         self.records: list[dict] = []
         self.tarinfo: dict | None = None
         self.info: dict = {}
+        # None leaves every mount's readahead window at the kernel's default.
+        self.read_ahead = args.read_ahead_kb or None
 
     def setup(self) -> None:
         for name in self.args.systems:
@@ -158,12 +161,14 @@ class Runner:
         try:
             if per_job or not mounted(s.mnt):
                 s.mount()
+                s.read_ahead(self.read_ahead)
             run(["mkdir", directory], timeout=60)
             if job.layout:
                 J.run_fio(job, self.p, directory, None, create_only=True)
             if job.cold:
                 s.umount()
                 s.mount(ask_pid=False)
+                s.read_ahead(self.read_ahead)
                 drop_caches(self.workdir)
                 rec["cold"] = s.cold_check()
             reset_hwm(s.pid)
@@ -178,6 +183,9 @@ class Runner:
                 rec["value"], rec["detail"] = J.run_appends(self.p, directory)
             rec["seconds"] = time.perf_counter() - t1
             rec["rss_kib"] = vm_hwm_kib(s.pid)
+            rec["read_ahead_kb"] = s.read_ahead_kb
+            if job.cold:
+                rec["request_sizes"] = s.request_sizes()
             run(["rm", "-rf", directory], timeout=self.p.timeout)
         except BenchError as e:
             rec["error"] = str(e)
@@ -226,6 +234,7 @@ class Runner:
             "params": self.p.__dict__ | {"untar_subtree": list(self.p.untar_subtree)},
             "image_size": self.args.size,
             "mount_per": self.args.mount_per,
+            "read_ahead_kb": self.args.read_ahead_kb,
             "systems": {n: s.commands for n, s in self.systems.items()},
             "skipped": self.skipped,
             "jobs": {} if self.args.scale else {j.name: {"unit": j.unit, "what": j.what.format(**self.p.words()),
@@ -282,6 +291,9 @@ def parse_args(argv=None):
                    help="a fresh mount for every job (default), or one per system and round, "
                         "remounted only for the cold jobs (--quick's default: faster)")
     p.add_argument("--size", help="image size of every system (default 4G; --quick 512M)")
+    p.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
+                   help="the readahead window set on every mount, FUSE and ext4's loop device alike "
+                        "(/sys/class/bdi/MAJ:MIN/read_ahead_kb; default 1024; 0: the kernel's default)")
     p.add_argument("--keep-images", action="store_true", help="keep the images (default: deleted at the end)")
     p.add_argument("--report-only", metavar="WORKDIR", help="only rewrite the report from WORKDIR/results.json")
     p.add_argument("--scale", action="store_true", help="the scale and memory runs instead (long; see scale.py)")
@@ -296,6 +308,8 @@ def parse_args(argv=None):
     for j in args.jobs:
         if j not in J.JOB_NAMES:
             p.error(f"unknown job {j!r} (known: {', '.join(J.JOB_NAMES)})")
+    if args.read_ahead_kb < 0:
+        p.error("--read-ahead-kb must be 0 (the kernel's default) or a positive number of KiB")
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.mount_per = args.mount_per or ("round" if args.quick else "job")
     args.size = args.size or ("512M" if args.quick else "4G")

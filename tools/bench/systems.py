@@ -172,6 +172,7 @@ class System:
         self.image = str(workdir / f"{self.name}.img")
         self.log = str(workdir / "logs" / f"{self.name}.log")
         self.pid: int | None = None
+        self.read_ahead_kb: int | None = None   # the current mount's, once read_ahead() ran
         self.commands: list[str] = []       # what the report shows
 
     @classmethod
@@ -195,6 +196,27 @@ class System:
 
     def cold_check(self) -> dict:
         return {}
+
+    def read_ahead(self, kb: int | None) -> int:
+        """Set the mount's readahead window to ``kb`` KiB (None: leave the
+        kernel's); returns the window in effect.  It is the read_ahead_kb of
+        the mount's backing device info, a FUSE connection's or ext4's loop
+        device's alike, and a new mount starts again from the default."""
+        dev = os.stat(self.mnt).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        try:
+            if kb is not None:
+                with open(path, "w") as f:
+                    f.write(str(kb))
+            with open(path) as f:
+                self.read_ahead_kb = int(f.read())
+                return self.read_ahead_kb
+        except OSError as e:
+            raise BenchError(f"{self.name}: {path}: {e.strerror}") from None
+
+    def request_sizes(self) -> dict | None:
+        """The daemon's counts of READ and WRITE requests by size, if it keeps them."""
+        return None
 
     def destroy(self) -> None:
         """Unmounted already: delete the image (--scale makes one per measurement)."""
@@ -387,6 +409,9 @@ class Delafs(System):
 
     def sync(self):
         run([DELAFS, "sync", self.mnt], timeout=600)
+
+    def request_sizes(self) -> dict | None:
+        return self.stat()["fuse"]["request_sizes"]
 
     def cold_check(self) -> dict:
         st = self.stat()
