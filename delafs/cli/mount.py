@@ -223,7 +223,8 @@ def add_commands(sub) -> None:
                         "relatime (default), strictatime, noatime, nodiratime, mkfs, log=FILE, "
                         "log_writes=FILE (every device write, flush and discard, for crash "
                         "testing; see docs/conformance.md), "
-                        "lock_wait=SEC, entry_timeout=SEC, attr_timeout=SEC, debug")
+                        "lock_wait=SEC, entry_timeout=SEC, attr_timeout=SEC, read_ahead=SIZE (the "
+                        "readahead window, default the kernel's 128K; needs root), debug")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.set_defaults(func=cmd_mount)
 

@@ -136,7 +136,8 @@ class Daemon:
 
     # -- main loop ---------------------------------------------------------------------
 
-    async def serve(self) -> None:
+    async def serve(self, ready=None) -> None:
+        """Serve until unmounted; ``ready()`` once the mount is set up."""
         async with trio.open_nursery() as n:
             await self.m.start(n)
             n.start_soon(self._signals)
@@ -145,11 +146,39 @@ class Daemon:
                 self.inspect_live = True
             except OSError as e:      # watching is optional; serving files is not
                 log.warning("no inspection socket (bmap, trace, top will not work): %s", e)
+            n.start_soon(self._finish_setup, ready)
             try:
                 await pyfuse3.main()
             finally:
                 await self.m.stop_background()
                 n.cancel_scope.cancel()
+
+    async def _finish_setup(self, ready) -> None:
+        if self.opts.read_ahead is not None:
+            await self.set_read_ahead(self.opts.read_ahead)
+        if ready:
+            ready()
+
+    async def set_read_ahead(self, nbytes: int) -> None:
+        """Make the mount's readahead window ``nbytes``, as a filesystem
+        sets its backing device info's ra_pages (btrfs raises it to 4 MiB):
+        the kernel sizes the READs of a sequential reader by this window,
+        whatever the reader's read(2) size, and each READ costs the daemon
+        a request.  A FUSE daemon's INIT reply can only lower the window
+        (the kernel takes the smaller of it and max_readahead), so it is
+        written to sysfs, as root, after the kernel has processed that
+        reply: once a request of ours has been answered (the stat below,
+        from a thread, which the event loop serves)."""
+        try:
+            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+            with open(path, "w") as f:
+                f.write(str(nbytes >> 10))
+            log.info("readahead window %d KiB (%s)", nbytes >> 10, path)
+        except OSError as e:
+            msg = f"read_ahead: could not set the readahead window ({e}); the kernel's stays"
+            log.warning("%s", msg)
+            self.warnings.append(msg)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -210,11 +239,13 @@ def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
                 ready(f"error: {msg}")
             log.error("mount failed: %s", msg)
             return 1
-        if ready:
-            ready("\n".join(["ok", *(f"warning: {w}" for w in d.warnings)]))
         log.info("mounted %s on %s", image, d.mountpoint)
+
+        def report_ready() -> None:
+            if ready:
+                ready("\n".join(["ok", *(f"warning: {w}" for w in d.warnings)]))
         try:
-            await d.serve()
+            await d.serve(report_ready)
         finally:
             await d.shutdown()
         log.info("unmounted %s cleanly", image)

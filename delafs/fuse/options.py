@@ -34,6 +34,21 @@ _OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
 # The name ends up in the mount table, whose fields are separated by spaces
 # and whose options by commas: keep it to a plain word.
 _SUBTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]*")
+# read_ahead=SIZE: the mount's readahead window (see Daemon.set_read_ahead).
+_READ_AHEAD_MAX = 1 << 30
+
+
+def _read_ahead(item: str, val: str) -> int:
+    try:
+        n = parse_size(val)
+    except ValueError:
+        n = 0
+    if not (0 < n <= _READ_AHEAD_MAX and n % 4096 == 0):
+        raise ValueError(f"bad {item!r}: read_ahead=SIZE is the mount's readahead window, a multiple "
+                         f"of 4 KiB up to 1 GiB (e.g. read_ahead=1M)")
+    return n
+
+
 # Passed to Mount when given; Mount's defaults otherwise.
 _MOUNT_KW = ("cache_size", "dirty_limit", "dirty_expire", "writeback_interval", "commit_interval")
 
@@ -50,6 +65,7 @@ class MountOptions:
     lock_wait: float = 30.0
     entry_timeout: float | None = None
     attr_timeout: float | None = None
+    read_ahead: int | None = None
     punch: str = "scan"
     log: str | None = None
     log_writes: str | None = None
@@ -74,6 +90,8 @@ class MountOptions:
                 kw[key] = parse_size(val)
             elif key in _FLOAT_OPTS and sep:
                 kw[key] = float(val)
+            elif key == "read_ahead":
+                kw["read_ahead"] = _read_ahead(item, val)
             elif key == "punch" and val in ("scan", "legacy"):
                 kw["punch"] = val
             elif key in _PATH_OPTS and sep and val:

@@ -470,3 +470,27 @@ def test_stat_counts_request_sizes_and_a_larger_readahead_window_sends_larger_re
     assert sum(big["read"].values()) < sum(default["read"].values()), (default, big)
     plain = run([DELAFS, "stat", m.mnt]).stdout
     assert re.search(r"READ sizes\s+.*1\.0 MiB x\d+", plain), plain
+
+
+def test_the_read_ahead_option_sets_the_window_before_mount_returns(delafs_mount):
+    """-o read_ahead=SIZE is the sysfs setting above made a mount option
+    (for fstab): the daemon writes it once the kernel has taken its INIT
+    reply (which would otherwise clamp it back), before `delafs mount`
+    returns; without the option the kernel's default stays."""
+    m = delafs_mount(size="64M", opts="read_ahead=1M")
+    assert _window(m) == 1024
+    f = m.path("f")
+    with open(f, "wb") as out:
+        out.write(os.urandom(8 << 20))
+    got = _cold_read(m, f, None)            # remounts with the same options
+    assert got["read_ahead_kb"] == 1024
+    assert got["read"].get(1 << 20, 0) * (1 << 20) >= 4 << 20, got
+    m.cycle(opts="")
+    assert _window(m) == 128                 # VM_READAHEAD_PAGES: the kernel's default
+
+
+def _window(m) -> int:
+    st_dev = os.stat(m.mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb") as f:
+        return int(f.read())
+

@@ -331,6 +331,17 @@ def test_mount_options_atime_policies_and_unknown_ones_are_refused():
             MountOptions.parse(bad)
 
 
+def test_mount_option_read_ahead_takes_a_size_in_whole_pages():
+    from delafs.fuse.options import MountOptions
+    assert MountOptions.parse("").read_ahead is None            # the kernel's window
+    assert MountOptions.parse("read_ahead=1M").read_ahead == 1 << 20
+    assert MountOptions.parse("read_ahead=512K").read_ahead == 512 << 10
+    for bad in ("read_ahead", "read_ahead=0", "read_ahead=5000", "read_ahead=-4K", "read_ahead=lots",
+                "read_ahead=2G"):
+        with pytest.raises(ValueError, match="read_ahead"):
+            MountOptions.parse(bad)
+
+
 # ---------------------------------------------------------------------------
 # What a new user hits first: help, tiny images, one error line per failure
 # ---------------------------------------------------------------------------
