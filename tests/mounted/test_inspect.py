@@ -429,13 +429,10 @@ def _cold_read(m, path: str, read_ahead_kb: int | None) -> dict:
     optionally set the mount's readahead window, read the file in 1 MiB
     reads and return the daemon's counts of FUSE request sizes."""
     m.cycle()
-    st_dev = os.stat(m.mnt).st_dev
-    ra = f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb"
     if read_ahead_kb is not None:
-        with open(ra, "w") as f:
+        with open(_window_path(m), "w") as f:
             f.write(str(read_ahead_kb))
-    with open(ra) as f:
-        in_effect = int(f.read())
+    in_effect = _window(m)
     fd = os.open(path, os.O_RDONLY)
     try:
         while os.read(fd, 1 << 20):
@@ -489,8 +486,13 @@ def test_the_read_ahead_option_sets_the_window_before_mount_returns(delafs_mount
     assert _window(m) == 128                 # VM_READAHEAD_PAGES: the kernel's default
 
 
-def _window(m) -> int:
+def _window_path(m) -> str:
+    """The mount's readahead window in sysfs (its FUSE connection's bdi)."""
     st_dev = os.stat(m.mnt).st_dev
-    with open(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb") as f:
+    return f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb"
+
+
+def _window(m) -> int:
+    with open(_window_path(m)) as f:
         return int(f.read())
 
