@@ -19,8 +19,8 @@ from .corrupt import cached_sources, run_fuzz, why_not_mountable
 SEED = 1
 # 0.2-0.45 s of wall clock per image with two workers on a 2-core machine
 # (measured with fsck -y's salvage and rebuild, idle and under load), plus
-# ~6 s for the source images: 45-100 s, under the 2.5 minutes CI may spend.
-CI_IMAGES = 200
+# ~6 s for the source images: 30-60 s of the default suite.
+CI_IMAGES = 120
 ON_DEMAND_IMAGES = 10_000
 
 

@@ -11,7 +11,7 @@ in-process mount.
 from fuzz.corrupt import cached_sources, run_fuzz
 
 SEED = 1
-FUSE_IMAGES = 24            # about 1.3 s each with two workers
+FUSE_IMAGES = 12            # about 1.3 s each with two workers
 
 
 def test_damaged_images_through_the_daemon(tmp_path, tmp_path_factory, mount_base):
