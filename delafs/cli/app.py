@@ -1,5 +1,9 @@
-"""The ``delafs`` command: mkfs and fsck (mount and the run-time controls
-arrive with the FUSE daemon)."""
+"""The ``delafs`` command: mkfs, fsck and race here; mount and the control
+commands in mount.py, the inspection commands in inspect.py.
+
+Only the commands that open an image or mount one load trio, pyfuse3 and
+the engine (half a second on a small machine); those that only talk to a
+running daemon (stat, sync, inject, umount, bmap, ...) start without them."""
 
 from __future__ import annotations
 
@@ -9,18 +13,16 @@ import shutil
 import stat
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-import trio
-
-from ..block.device import BlockDevice
-from ..fs.filesystem import Filesystem
-from ..fs.fsck import EXIT_OPERATIONAL, check, summary
 from ..lib import units
 from ..lib.errors import DelafsError, FsError, NotDelafsError
-from ..ondisk import BLOCK_SIZE, MIN_BLOCKS, SB_MAGIC, make_geometry
 from .fail import fail
 from .inspect import add_commands as add_inspect_commands
 from .mount import add_commands
+
+if TYPE_CHECKING:
+    from ..block.device import BlockDevice
 
 
 def parse_size(text: str) -> int:
@@ -50,6 +52,7 @@ _MAGICS = [  # (offset, bytes, name): enough to refuse the usual suspects withou
 
 def existing_signature(path: str, dev: BlockDevice) -> str | None:
     """Name of a filesystem (or other signature) already on the device."""
+    from ..ondisk import SB_MAGIC
     head = dev.read_sync(0, min(dev.nblocks, 17))
     if head[:8] == SB_MAGIC:
         return "delafs"
@@ -69,6 +72,11 @@ def existing_signature(path: str, dev: BlockDevice) -> str | None:
 # -- mkfs ------------------------------------------------------------------------
 
 def cmd_mkfs(args) -> int:
+    import trio
+
+    from ..block.device import BlockDevice
+    from ..fs.filesystem import Filesystem
+    from ..ondisk import BLOCK_SIZE, MIN_BLOCKS, make_geometry
     path = args.image
     try:
         st = os.stat(path)
@@ -114,6 +122,10 @@ def cmd_mkfs(args) -> int:
 # -- fsck ------------------------------------------------------------------------
 
 def cmd_fsck(args) -> int:
+    import trio
+
+    from ..block.device import BlockDevice
+    from ..fs.fsck import EXIT_OPERATIONAL, check, summary
     repair = args.yes
     try:
         dev = BlockDevice.open(args.image, readonly=args.no)

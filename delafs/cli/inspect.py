@@ -8,15 +8,16 @@ the other control-file commands."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
+import socket
 import stat
 import sys
 import time
 
 from ..fuse.control import NotMounted, control_command
-from ..fuse.inspect import connect, request
 from ..lib.errors import FsError
 from ..lib.trace import EVENTS
 from ..lib.units import BLOCK_SIZE, format_size
@@ -25,6 +26,35 @@ from .fail import fail
 
 class InspectError(Exception):
     """A reason the command cannot go on, already worded for the user."""
+
+
+# -- the client side of fuse/inspect.py's protocol (apart from the server: no trio) ---------
+
+def connect(address: str, timeout: float = 10.0) -> socket.socket:
+    """A blocking socket to the daemon's inspection address ('@name')."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect("\0" + address.removeprefix("@"))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def request(address: str, obj: dict, timeout: float = 30.0) -> dict:
+    """Send one request, return its one-line answer; FsError for an error
+    answer."""
+    with connect(address, timeout) as s:
+        s.sendall(json.dumps(obj).encode() + b"\n")
+        with s.makefile("rb") as f:
+            line = f.readline()
+    if not line:
+        raise FsError(errno.EPIPE, "the daemon closed the inspection socket without answering")
+    reply = json.loads(line)
+    if isinstance(reply, dict) and "error" in reply:
+        raise FsError(reply.get("errno", errno.EIO), reply["error"])
+    return reply
 
 
 def mount_root(path: str) -> str:

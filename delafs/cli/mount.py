@@ -13,7 +13,6 @@ import sys
 import time
 
 from ..fuse.control import NotMounted, control_command
-from ..fuse.daemon import run
 from ..fuse.options import MountOptions
 from ..lib.errortag import TAGS, ErrorTags
 from ..lib.units import format_size
@@ -275,6 +274,9 @@ def add_commands(sub) -> None:
 def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool) -> int:
     """Fork (unless foreground), report the outcome of the mount to the
     parent through a pipe, and serve in the child."""
+    # The daemon (trio, pyfuse3, the whole engine) is loaded by the commands
+    # that mount, before the fork so a broken install fails in the parent.
+    from ..fuse.daemon import run
     logfile = opts.log
     if foreground:
         logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,

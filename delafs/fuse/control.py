@@ -26,7 +26,6 @@ import errno
 import json
 import os
 
-from ..block.logwrites import WriteLog
 from ..lib.errors import FsError
 
 CONTROL_NAME = b".delafs-control"
@@ -65,6 +64,7 @@ class ControlHandler:
         return json.dumps(tags.statistics()).encode() + b"\n"
 
     async def cmd_mark(self, args: list[str]) -> bytes:
+        from ..block.logwrites import WriteLog  # not above: the block package loads trio, the CLI need not
         recorder = self.daemon.dev.recorder
         if not isinstance(recorder, WriteLog):
             raise FsError(errno.EINVAL, "mark needs a mount with -o log_writes=FILE")

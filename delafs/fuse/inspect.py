@@ -26,6 +26,8 @@ up.  Errors are ``{"error": "...", "errno": N}``.
         {"t": seconds, "event": NAME, FIELD: VALUE...} per event, and
         {"event": "dropped", "count": N} where events were lost because the
         reader fell behind (each reader has its own bounded queue)
+
+The client side (connect, request) is in cli/inspect.py.
 """
 
 from __future__ import annotations
@@ -217,31 +219,3 @@ class InspectServer:
             pass
         scope.cancel()
 
-
-# -- the client side -----------------------------------------------------------------------
-
-def connect(address: str, timeout: float = 10.0) -> socket.socket:
-    """A blocking socket to the daemon's inspection address ('@name')."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect("\0" + address.removeprefix("@"))
-    except OSError:
-        s.close()
-        raise
-    return s
-
-
-def request(address: str, obj: dict, timeout: float = 30.0) -> dict:
-    """Send one request, return its one-line answer; FsError for an error
-    answer."""
-    with connect(address, timeout) as s:
-        s.sendall(json.dumps(obj).encode() + b"\n")
-        with s.makefile("rb") as f:
-            line = f.readline()
-    if not line:
-        raise FsError(errno.EPIPE, "the daemon closed the inspection socket without answering")
-    reply = json.loads(line)
-    if isinstance(reply, dict) and "error" in reply:
-        raise FsError(reply.get("errno", errno.EIO), reply["error"])
-    return reply

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import random
 
-import trio
-
 from .trace import TRACE
 
 TAGS: dict[str, str] = {
@@ -84,6 +82,7 @@ class ErrorTags:
         more than that while every tag is off."""
         if self.active and self.values[tag]:
             self.hits[tag] += 1
+            import trio  # here, not above: the CLI's control commands load this module without trio
             await trio.sleep(self.values[tag] / 1000)
 
     def statistics(self) -> dict:

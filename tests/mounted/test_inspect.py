@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from delafs.fuse.inspect import request
+from delafs.cli.inspect import request
 from delafs.lib.errors import FsError
 
 from .conftest import DELAFS, PYTHON, run, wait_until
@@ -498,3 +498,44 @@ def _window(m) -> int:
     with open(_window_path(m)) as f:
         return int(f.read())
 
+
+
+# -- start-up cost of the commands that only talk to a daemon ------------------------------
+
+_IMPORTS = """
+import json, os, sys
+from delafs.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+with open(os.environ["DELAFS_IMPORTS"], "w") as f:
+    json.dump({"rc": rc, "heavy": [m for m in ("trio", "pyfuse3", "sortedcontainers", "delafs.fs.filesystem")
+                                   if m in sys.modules]}, f)
+"""
+
+
+def test_commands_that_only_talk_to_the_daemon_do_not_load_the_engine(delafs_mount, tmp_path):
+    """stat, sync, inject, bmap and umount ask a running daemon through its
+    control file or inspection socket: they must not pay for importing trio,
+    pyfuse3 and the filesystem (half a second per command on a small
+    machine, and the tests run thousands of them)."""
+    m = delafs_mount(size="64M", opts=HOLD)
+    with open(m.path("f"), "wb") as out:
+        out.write(b"x" * 8192)
+    result = tmp_path / "imports.json"
+
+    def imports(*argv: str) -> list[str]:
+        r = run([PYTHON, "-c", _IMPORTS, *argv], env={**os.environ, "DELAFS_IMPORTS": str(result)},
+                capture_output=True, text=True)
+        got = json.loads(result.read_text())
+        assert got["rc"] in (0, None), (argv, r.stdout, r.stderr)
+        return got["heavy"]
+
+    for argv in (["stat", m.mnt], ["stat", "--json", m.mnt], ["sync", m.mnt],
+                 ["inject", m.mnt, "short_copy=0"], ["bmap", m.path("f")], ["--help"],
+                 ["umount", m.mnt]):
+        assert imports(*argv) == [], argv
+    assert not os.path.ismount(m.mnt)
+    # The commands that do need the engine still load it.
+    assert "delafs.fs.filesystem" in imports("fsck", "-n", m.image)
