@@ -453,7 +453,7 @@ bs=8k
 iodepth=16
 iodepth_batch=8
 randrepeat=1
-size=512k
+size=256k
 directory={dir}
 numjobs=2
 [job1]

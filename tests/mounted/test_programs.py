@@ -292,7 +292,7 @@ def test_fio_randrw_verify(delafs_mount, tmp_path):
     m = delafs_mount()
     fio = ["fio", "--ioengine=psync", "--bs=4k", "--verify=crc32c", "--group_reporting", f"--directory={m.mnt}"]
     # A short mixed random read/write run that verifies what it wrote.
-    out = run(fio + ["--name=mixed", "--size=32M", "--rw=randrw", "--runtime=5", "--time_based"],
+    out = run(fio + ["--name=mixed", "--size=32M", "--rw=randrw", "--runtime=3", "--time_based"],
               timeout=180, cwd=tmp_path).stdout          # cwd: fio drops *-verify.state files there
     assert "err= 0" in out, out
     # A random write pass over every block of a file (verified in the same
