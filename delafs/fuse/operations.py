@@ -40,14 +40,12 @@ from ..lib.errors import CorruptionError, DelafsError, FsError
 from ..ondisk import BLOCK_SIZE, ROOT_INO
 from ..vfs.mount import Mount, OpenFile
 from .control import CONTROL_INO, CONTROL_NAME
+from .invalidate import KernelCacheInvalidator
 
 log = logging.getLogger("delafs")
 
 ENTRY_TIMEOUT = 300.0            # we are the only writer of the image
 ATTR_TIMEOUT = 300.0
-# How long a direct WRITE's reply waits for the kernel to drop its cached
-# pages (see Operations._invalidate_kernel_cache).
-INVALIDATE_WAIT = 0.1
 
 
 
@@ -93,16 +91,6 @@ def _size_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def _invalidate_inode(ino: int) -> None:
-    """In a worker thread: drop the kernel's cached pages and attributes of
-    ``ino``.  ENOENT: the kernel no longer knows the inode."""
-    try:
-        pyfuse3.invalidate_inode(ino)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            log.warning("invalidating the kernel's cache of inode %d: %s", ino, e)
-
-
 def _in_group_or_capable(ctx, gid: int) -> bool:
     """The kernel's in_group_or_capable() for the process behind a request:
     is ``gid`` its fsgid or a supplementary group, or has it CAP_FSETID?
@@ -134,7 +122,8 @@ class Operations(pyfuse3.Operations):
       lookups    ino -> kernel lookup count
       files      fh -> OpenFile; dirs: fh -> _Dir
       direct     fhs opened with O_DIRECT: their writes invalidate the
-                 kernel's cached pages of the inode (see write)
+                 kernel's cached pages of the inode (fuse/invalidate.py)
+      invalidator  runs those invalidations
       control    a callable handling writes to the control file
     """
 
@@ -150,10 +139,8 @@ class Operations(pyfuse3.Operations):
         self.lookups: dict[int, int] = {}
         self.files: dict[int, OpenFile | _Dir | str] = {}
         self.direct: set[int] = set()
-        # Invalidations get threads of their own: one stuck in the kernel
-        # must never hold a thread the device's I/O needs.
-        self._inval_threads = trio.CapacityLimiter(4)
-        self.stats = {"invalidations": 0, "invalidations_late": 0, "evicted_inodes": 0}
+        self.invalidator = KernelCacheInvalidator()
+        self.stats = {"evicted_inodes": 0}
         # READ and WRITE requests by size (a power of two at least as large):
         # the kernel, not the reader, sizes them (its readahead window, its
         # writeback), and the per-request cost is what a Python daemon pays.
@@ -554,29 +541,8 @@ class Operations(pyfuse3.Operations):
         self.request_sizes["write"][_size_bucket(len(buf))] += 1
         n = await self.m.write(f, off, buf)
         if fh in self.direct:
-            await self._invalidate_kernel_cache(f.inode.ino)
+            await self.invalidator.after_direct_write(f.inode.ino)
         return n
-
-    async def _invalidate_kernel_cache(self, ino: int) -> None:
-        """A direct write bypassed the kernel's page cache, and when it was
-        asynchronous nothing in the kernel invalidates the pages a buffered
-        reader cached while it was in flight.  Drop them before the write
-        is answered, so that its completion means readers see it.
-
-        The kernel's invalidation locks every cached page and waits for
-        pages under writeback, and some of those wait, inside the kernel,
-        for this very WRITE to be answered (xfstests generic/095, fio
-        mixing mmap, buffered and direct I/O on one file, deadlocked that
-        way).  So it runs in a thread with no lock held, and the reply waits
-        for it at most INVALIDATE_WAIT: past that the write is answered and
-        the invalidation completes after it (counted as late).  pyfuse3 can
-        only invalidate a whole inode."""
-        self.stats["invalidations"] += 1
-        with trio.move_on_after(INVALIDATE_WAIT) as wait:
-            await trio.to_thread.run_sync(_invalidate_inode, ino, abandon_on_cancel=True,
-                                          limiter=self._inval_threads)
-        if wait.cancelled_caught:
-            self.stats["invalidations_late"] += 1
 
     @_reply
     async def flush(self, fh):
@@ -664,7 +630,8 @@ class Operations(pyfuse3.Operations):
     def m_statistics(self) -> dict:
         stats = self.m.statistics()
         stats["vfs"] = {"known_inodes": len(self.lookups), "open_files": len(self.files),
-                        "cached_inodes": len(self.m.inodes), **self.stats}
+                        "cached_inodes": len(self.m.inodes), **self.stats,
+                        **self.invalidator.stats}
         stats["fuse"] = {"request_sizes": {op: sorted(c.items()) for op, c in self.request_sizes.items()}}
         return stats
 

@@ -508,5 +508,9 @@ def test_mixed_mmap_buffered_and_direct_io_does_not_deadlock(delafs_mount, tmp_p
         run(["fio", str(cfg), "--ignore_error=,EIO", "--output", str(tmp_path / "fio.out")], timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("fio did not finish in 120 s: the daemon deadlocked against the kernel")
-    assert m.stat()["vfs"]["invalidations"] > 0
+    vfs = m.stat()["vfs"]
+    assert vfs["invalidations"] > 0
+    # Writes that land while an invalidation of their inode runs share the
+    # next one (fuse/invalidate.py): fewer invalidations run than asked for.
+    assert vfs["invalidations_run"] < vfs["invalidations"], vfs
     m.cycle(opts)
