@@ -9,7 +9,7 @@ import pytest
 from delafs.block import BlockDevice
 from delafs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
 from delafs.fs.fsck import check
-from delafs.lib.errors import FsError
+from delafs.lib.errors import CorruptionError, FsError
 
 ROOT = 1
 
@@ -500,3 +500,38 @@ async def test_extent_items_follow_the_map_through_random_changes(image):
     assert await _extent_items(fs, f.ino) == _wanted_items(emap)
     await fs.close()
     await fsck_clean(dev)
+
+
+async def test_readdir_plus_gives_each_entry_its_inode_in_one_transaction(image):
+    """What READDIRPLUS needs: the names after a cookie with their inodes,
+    read under one transaction for the whole batch (not one per entry),
+    resuming where the batch ended."""
+    dev, fs = await fresh(image)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    made = {}
+    for i in range(40):
+        made[b"f%02d" % i] = await fs.create(d.ino, b"f%02d" % i, 0o600 + i % 8)
+    await fs.mkdir(d.ino, b"sub", 0o700)
+    ops = fs.stats["ops"]
+    first = await fs.readdir_plus(d.ino, 0, 32)
+    assert fs.stats["ops"] == ops + 1
+    assert len(first) == 32
+    rest = await fs.readdir_plus(d.ino, first[-1][3], 32)
+    assert len(rest) == 9
+    assert [e[:4] for e in first + rest] == await fs.readdir(d.ino, 0, 100)
+    for name, ino, dtype, _, inode in first + rest:
+        assert inode == await fs.getattr(ino)
+        assert dtype == stat.S_IFMT(inode.mode) >> 12
+        if name in made:
+            assert inode.mode == made[name].mode
+    # A copy: changing it changes nothing cached.
+    first[0][4].mode = 0
+    assert (await fs.getattr(first[0][1])).mode != 0
+    # An inode whose type disagrees with its entry is listed with the error.
+    cached = await fs.iget(made[b"f03"].ino)
+    cached.mode = stat.S_IFDIR | 0o755
+    bad = {e[0]: e[4] for e in await fs.readdir_plus(d.ino, 0, 100)}
+    assert isinstance(bad[b"f03"], CorruptionError) and "disagrees" in str(bad[b"f03"])
+    assert not any(isinstance(v, Exception) for k, v in bad.items() if k != b"f03")
+    cached.mode = stat.S_IFREG | 0o603
+    await fs.close()
