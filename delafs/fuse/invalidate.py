@@ -31,7 +31,12 @@ the very WRITE being answered.  So:
   pages' locks.  So the threads are at most one per inode with direct
   writes in flight.
 
-pyfuse3 can only invalidate a whole inode.
+pyfuse3 can only invalidate a whole inode.  A ranged FUSE_NOTIFY_INVAL_INODE
+(written to /dev/fuse beside pyfuse3) would buy little: the kernel drops a
+notified inode's cached attributes whatever the range
+(fuse_reverse_inval_inode), and with auto_inval_data, which libfuse turns
+on and pyfuse3 cannot turn off, the next attribute refresh sees the mtime
+the write moved and drops every cached page of the file anyway.
 """
 
 from __future__ import annotations
