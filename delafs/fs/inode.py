@@ -14,6 +14,7 @@ import stat
 import time
 
 from ..lib.errors import CorruptionError, FsError
+from ..lib.locks import assert_owned
 from ..ondisk import (
     ROOT_INO,
 )
@@ -37,6 +38,8 @@ def now_ns() -> int:
 class InodeOps:
 
     async def iget(self, ino: int) -> Inode:
+        # The find-then-insert below is atomic only under meta_lock.
+        assert_owned(self.meta_lock, "iget")
         inode = self.inodes.get(ino)
         if inode is not None:
             self.inodes.move_to_end(ino)

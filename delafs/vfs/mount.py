@@ -134,8 +134,14 @@ class Mount:
         inode = self.inodes.get(ino)
         if inode is None:
             attr = await self.fs.getattr(ino)
-            inode = VInode(ino, attr.size, self.cache.mapping(ino))
-            self.inodes[ino] = inode
+            # Look again, as iget5_locked does under the hash lock: another
+            # request may have instantiated the inode while getattr waited,
+            # and a second VInode would keep its own size and i_rwsem over
+            # the shared mapping (writeback would clip to the wrong EOF).
+            inode = self.inodes.get(ino)
+            if inode is None:
+                inode = VInode(ino, attr.size, self.cache.mapping(ino))
+                self.inodes[ino] = inode
         return inode
 
     async def evict_if_unlinked(self, ino: int) -> None:

@@ -932,3 +932,41 @@ async def test_evict_clean_lets_a_forgotten_clean_inode_go_and_keeps_a_busy_one(
     check_invariants(m)
     await rig.unmount()
     await rig.fsck()
+
+
+async def test_opens_racing_on_an_uncached_inode_share_one_vinode(rig):
+    """iget's find-or-insert must look again after it waited: two opens of
+    a file the mount holds no VInode for, both waiting for meta_lock (a
+    commit, a writeback conversion or a readdir batch holds it), each built
+    one, and the second replaced the first in ``m.inodes``.  The writer's
+    size then lived in a VInode writeback never sees: syncfs wrote back
+    against the other one's EOF, cleaned the folios without writing them,
+    and the data was gone after a remount although fsync returned 0."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    opened = []
+
+    async def opener():
+        opened.append(await m.open(ino, write=True))
+
+    await m.fs.meta_lock.acquire()
+    async with trio.open_nursery() as n:
+        n.start_soon(opener)
+        n.start_soon(opener)
+        await trio.testing.wait_all_tasks_blocked()
+        m.fs.meta_lock.release()
+    a, b = opened
+    assert a.inode is b.inode is m.inodes[ino]
+    data = os.urandom(64 << 10)
+    assert await m.write(a, 0, data) == len(data)
+    await m.syncfs()
+    await m.fsync(a)
+    await m.release(a)
+    await m.release(b)
+    check_invariants(m)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 0, len(data)) == data
+    await rig.unmount()
+    await rig.fsck()
