@@ -84,14 +84,21 @@ class DataOps:
             start = offset - (b0 << BLOCK_SHIFT)
             return bytes(buf[start:start + end - offset])
 
-    async def truncate(self, ino: int, size: int, *, old_size: int | None = None) -> None:
+    async def truncate(self, ino: int, size: int, *, old_size: int | None = None,
+                       zero_eof: bool = True) -> None:
         """Set the size; shrinking frees everything past the new EOF.
 
         ``old_size`` is the in-memory size before the change (the VFS
         i_size), when the caller has one: it runs ahead of the on-disk size
         while data is not yet written back, and the delalloc (and any blocks
         writeback allocated) past the new EOF must go even when the on-disk
-        size is already below it.  Default: the on-disk size."""
+        size is already below it.  Default: the on-disk size.
+
+        ``zero_eof``: zero the tail of a WRITTEN block holding the new EOF
+        on the device, read-modify-write, before logging the size.  A caller
+        with a page cache passes False once it has zeroed that block and
+        written it back itself: a write here, beside the cache's writeback
+        of the same block, could land after it with older bytes."""
         if size < 0:
             raise FsError(errno.EINVAL, "negative size")
         if size > self.sb.max_file_size:
@@ -104,7 +111,7 @@ class DataOps:
             if size < max(inode.size, old_size or 0):
                 emap = await self.extent_map(ino)
                 partial = size & (BLOCK_SIZE - 1)
-                if partial:
+                if partial and zero_eof:
                     # Zero the tail of the last block now, so growing the file
                     # later can never bring old bytes back.
                     blk = size >> BLOCK_SHIFT

@@ -53,6 +53,7 @@ from .types import (
     IomapType,
     VInode,
 )
+from .writeback import writepages
 
 DEFAULT_FOLIO_BLOCKS = 16        # 64 KiB folios for ordinary writes
 LARGE_FOLIO_BLOCKS = 256         # 1 MiB folios for large aligned writes
@@ -678,11 +679,13 @@ class Engine:
         return pos
 
     async def iomap_truncate(self, inode: VInode, size: int, fs_truncate) -> None:
-        """Change i_size.  Shrinking zeroes the tail of the new last block,
-        drops the cache beyond it and lets the filesystem free the blocks
-        (``fs_truncate(size)``: delalloc punched, extents freed through the
-        journal).  Growing zeroes the old partial last block so the bytes
-        past the old EOF read as zeros."""
+        """Change i_size.  Shrinking zeroes the tail of the new last block
+        and writes it back, drops the cache beyond it and lets the filesystem
+        free the blocks (``fs_truncate(size, zero_eof)``: delalloc punched,
+        extents freed through the journal; ``zero_eof`` asks it to zero the
+        EOF block's tail on disk itself, only when that writeback failed).
+        Growing zeroes the old partial last block so the bytes past the old
+        EOF read as zeros."""
         if _locks.DEBUG_LOCKS:
             inode.i_rwsem.assert_held("exclusive")
         mapping = inode.mapping
@@ -697,11 +700,14 @@ class Engine:
             # truncate_pagecache and XFS's setattr do.
             await mapping.wait_writeback_range(min(size, old) >> BLOCK_SHIFT)
             if size < old:
+                zero_eof = False
                 if size & (BLOCK_SIZE - 1):
                     await self.iomap_zero_range(inode, size, round_up(size) - size)
                 inode.size = size
                 await mapping.truncate_range(round_up(size), max(round_up(old), round_up(size)) + (1 << 40))
-                await fs_truncate(size)
+                if size & (BLOCK_SIZE - 1):
+                    zero_eof = not await self._write_eof_block(inode, size)
+                await fs_truncate(size, zero_eof)
             elif size > old:
                 if old & (BLOCK_SIZE - 1):
                     await self.iomap_zero_range(inode, old, round_up(old) - old)
@@ -712,9 +718,22 @@ class Engine:
                 # the old EOF is dirty: every delalloc block there goes.
                 if round_up(size) > round_up(old):
                     await self.ops.punch(inode, round_up(old), round_up(size) - round_up(old))
-                await fs_truncate(size)
+                await fs_truncate(size, False)
         if TRACE.on:
             TRACE.emit("iomap_truncate", ino=inode.ino, old=old, new=size)
+
+    async def _write_eof_block(self, inode: VInode, size: int) -> bool:
+        """Write the zeroed EOF block back through the cache and wait for
+        it, before the filesystem logs the smaller size: after a crash the
+        bytes past the new EOF must be zeros on disk (XFS's setattr writes
+        and waits for the block it zeroed).  Through the cache, never beside
+        it: a background pass that mapped the extent earlier may be about to
+        write this folio, and two writers of one block land in any order.
+        False if the writeback failed (the error is the mapping's, for fsync)."""
+        before = inode.mapping.wb_err.sample()
+        await writepages(self, inode, sync=True, start=round_down(size), end=size)
+        await inode.mapping.wait_writeback_range(size >> BLOCK_SHIFT, (size >> BLOCK_SHIFT) + 1)
+        return inode.mapping.wb_err.sample() == before
 
     # ==================================================================
     # SEEK_DATA / SEEK_HOLE over page cache + extent map

@@ -348,7 +348,7 @@ class Mount:
         async with inode.i_rwsem.exclusive():
             old = inode.size        # ahead of the on-disk size until writeback catches up
             await self.engine.iomap_truncate(
-                inode, size, lambda s: self.fs.truncate(ino, s, old_size=old))
+                inode, size, lambda s, zero_eof: self.fs.truncate(ino, s, old_size=old, zero_eof=zero_eof))
             if size == old:
                 # truncate(2), ftruncate(2) and O_TRUNC stamp the times even
                 # when the size does not change (the filesystem stamps them

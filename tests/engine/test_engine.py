@@ -970,3 +970,76 @@ async def test_opens_racing_on_an_uncached_inode_share_one_vinode(rig):
     assert await m.read(f, 0, len(data)) == data
     await rig.unmount()
     await rig.fsck()
+
+
+async def test_truncate_inside_a_written_block_never_races_writeback_for_it(rig):
+    """A shrink to a size inside a WRITTEN block zeroes the block's cached
+    tail (dirty).  The filesystem then also read the block from the device,
+    zeroed its tail there and wrote it back itself, holding no folio lock:
+    a background pass that had mapped the extent before could write the
+    cached folio (newer head) at the same time, and when the truncate's
+    write of the old head landed last the newer bytes were gone from the
+    disk while the folio said clean.  XFS writes the zeroed block back
+    through the page cache before it logs the new size; so does delafs."""
+    from delafs.iomap.types import POINTS
+    from delafs.iomap.writeback import writepages
+
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    for b in range(3):                              # three folios, one extent
+        await m.write(f, b * BS, os.urandom(BS))
+    await m.fsync(f)
+    head = os.urandom(100)
+    await m.write(f, 0, os.urandom(10))             # dirty: the pass maps it first
+    await m.write(f, 2 * BS, head)                  # dirty: the newer head
+    eof_pblock = m.fs.emaps[ino].lookup(2).pblock
+
+    parked, resume, flusher = trio.Event(), trio.Event(), []
+    hits = []
+
+    class ParkSecondFolio:                          # a one-task race explorer
+        async def point(self, name):
+            if name == "writepages_folio" and trio.lowlevel.current_task() in flusher:
+                hits.append(name)
+                if len(hits) == 2:                  # folio 0 mapped and queued
+                    parked.set()
+                    await resume.wait()
+
+    gate, writing = trio.Event(), trio.Event()
+    dev_write = m.fs.dev.write
+
+    async def slow_write(blk, bufs):
+        if blk == eof_pblock:
+            writing.set()
+            await gate.wait()
+        return await dev_write(blk, bufs)
+
+    m.fs.dev.write = slow_write
+    POINTS.explorer = ParkSecondFolio()
+    try:
+        async def background_pass():
+            flusher.append(trio.lowlevel.current_task())
+            await writepages(m.engine, f.inode, sync=False)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(background_pass)
+            await parked.wait()
+            n.start_soon(m.truncate, ino, 2 * BS + 100)
+            await trio.testing.wait_all_tasks_blocked()
+            resume.set()                            # the pass writes folio 2 now
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()                              # then the truncate's own write, if any
+    finally:
+        POINTS.explorer = None
+        m.fs.dev.write = dev_write
+    await m.fsync(f)
+    await m.release(f)
+    check_invariants(m)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    got = await m.read(f, 2 * BS, BS)
+    assert len(got) == 100 and got == head, "the truncate's write of the old head landed last"
+    await rig.unmount()
+    await rig.fsck()
