@@ -113,6 +113,9 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         self.space = space
         self.readonly = readonly
         self.meta_lock = store.meta_lock
+        # A log write that fails on any path (a roll inside an operation, a
+        # checkpoint for space, a commit) leaves a hole in the log: stop.
+        store.on_failure = self.shut_down
         self.tree = BTree(store, info, space.alloc_node, space.free_node,
                           ItemContext(sb.uuid, sb.data_start, sb.sb2_block, MAX_FILE_BLOCKS).problem)
         info.store = store

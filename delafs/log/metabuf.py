@@ -77,11 +77,15 @@ class MetaStore:
       dirty_roll   dirty blocks at which operations roll (roll_threshold)
       running_seq  sequence number the running transaction will commit as
       durable_seq  newest transaction known to be on stable storage
+      failed       why a frozen transaction or a checkpoint could not be
+                   written (None while the log is usable); once set nothing
+                   is frozen or written again, and ``on_failure`` was told
     """
 
     def __init__(self, dev, journal: Journal | None, meta_lock: Mutex, *,
                  cache_blocks: int = CACHE_BLOCKS,
                  on_home: Callable[[int], None] | None = None,
+                 on_failure: Callable[[str], None] | None = None,
                  overlay: dict[int, bytes] | None = None):
         self.dev = dev
         self.journal = journal          # None: read-only, nothing is ever written
@@ -98,6 +102,8 @@ class MetaStore:
         self.running_seq = journal.next_seq if journal else 1
         self.durable_seq = self.running_seq - 1
         self.on_home = on_home
+        self.on_failure = on_failure
+        self.failed: str | None = None
         # Bumped by every change: lets an operation tell whether it has
         # modified anything (and so must shut down if it then fails).
         self.changes = 0
@@ -186,6 +192,10 @@ class MetaStore:
 
     def _snapshot(self) -> _Frozen | None:
         """Freeze the running transaction (meta_lock held, no await inside)."""
+        if self.failed:
+            # A frozen transaction was lost: one committed after it would
+            # sit where recovery expects the lost one and never be replayed.
+            raise FsError(errno.EIO, f"the journal is unusable: {self.failed}")
         if not self.has_changes():
             return None
         seq = self.running_seq
@@ -199,8 +209,23 @@ class MetaStore:
         self.revokes = set()
         return frozen
 
+    def _fail(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+            if self.on_failure:
+                self.on_failure(why)
+
     async def _write(self, frozen: _Frozen) -> None:
-        """Write a frozen transaction (commit_lock held)."""
+        """Write a frozen transaction (commit_lock held).  Any failure, an
+        I/O error or a cancellation alike, leaves the transaction neither
+        in the log nor in the running one: the store fails for good."""
+        try:
+            await self._write_frozen(frozen)
+        except BaseException as e:
+            self._fail(f"writing transaction {frozen.seq} to the log failed: {e!r}")
+            raise
+
+    async def _write_frozen(self, frozen: _Frozen) -> None:
         j = self.journal
         need = log_blocks_needed(len(frozen.images), len(frozen.revokes))
         if need > j.L // 2:
@@ -244,7 +269,13 @@ class MetaStore:
         return self.durable_seq
 
     async def _checkpoint(self) -> None:
-        await self.journal.checkpoint(self.pending)
+        if self.failed:
+            raise FsError(errno.EIO, f"the journal is unusable: {self.failed}")
+        try:
+            await self.journal.checkpoint(self.pending)
+        except BaseException as e:
+            self._fail(f"checkpoint failed: {e!r}")
+            raise
         self.pending = {}
         # Every transaction up to durable_seq is home: the log no longer
         # holds anything a recovery could roll back past.

@@ -536,3 +536,36 @@ async def test_readdir_plus_gives_each_entry_its_inode_in_one_transaction(image)
     assert not any(isinstance(v, Exception) for k, v in bad.items() if k != b"f03")
     cached.mode = stat.S_IFREG | 0o603
     await fs.close()
+
+
+async def test_a_failed_log_write_inside_an_operation_shuts_the_filesystem_down(image):
+    """A transaction frozen for the log and then not written leaves a hole
+    in the log's sequence: a later commit written where recovery expects
+    the lost one is never replayed, and a later checkpoint writes it home
+    without the lost one's blocks.  Only Filesystem.commit shut down on a
+    failed log write; the roll at an operation's end (and the checkpoint a
+    short reservation forces) did not, so every later fsync reported
+    success for changes a crash would lose."""
+    from delafs.lib.errortag import ErrorTags
+    dev, fs = await fresh(image, log_blocks=256)
+    tags = ErrorTags(seed=1)
+    fs.attach_errortags(tags)
+    fs.store.dirty_roll = 8
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    await fs.commit()
+    tags.set("log_eio", 1)
+    with pytest.raises(FsError):
+        for i in range(2000):
+            await fs.create(d.ino, b"%05d" % i, 0o644)
+    tags.set("log_eio", 0)
+    assert fs.shutdown, "a failed log write must stop the filesystem"
+    with pytest.raises(FsError) as e:
+        await fs.create(d.ino, b"after", 0o644)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(FsError):
+        await fs.commit()
+    dev, fs = await reopen(dev)
+    report = await check(dev, repair=False)
+    assert report.exit_code == 0
+    dev.close()
+
