@@ -124,6 +124,9 @@ class InodeOps:
                     self.dirty_times.discard(ino)
                     continue
                 await self.log_inode(inode)
+                # Thousands of stamped inodes (a first read of each file
+                # under relatime) would outgrow the log in one transaction.
+                await self.roll_if_full()
 
     async def _new_inode(self, mode: int, uid: int, gid: int, *, rdev: int = 0,
                          parent: int = 0) -> Inode:

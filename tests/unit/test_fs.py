@@ -569,3 +569,27 @@ async def test_a_failed_log_write_inside_an_operation_shuts_the_filesystem_down(
     assert report.exit_code == 0
     dev.close()
 
+
+async def test_timestamps_of_many_inodes_commit_in_rolled_transactions(image):
+    """The timestamps stamped in memory since the last commit (atime of a
+    first read under relatime, mtime of writes) were logged in one
+    transaction with no roll: with a few thousand of them it outgrew half
+    the log (EFBIG), the commit failed, and nothing shut down, so the
+    commits after it were not durable."""
+    dev, fs = await fresh(image, log_blocks=256)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    inos = []
+    for i in range(6000):
+        inos.append((await fs.create(d.ino, b"%05d" % i, 0o644)).ino)
+        if i % 200 == 199:
+            await fs.commit()
+    await fs.commit()
+    for ino in inos:
+        await fs.update_atime(ino, strict=True)
+    await fs.commit()
+    assert not fs.shutdown
+    await fs.create(d.ino, b"after", 0o644)
+    await fs.commit()
+    dev, fs = await reopen(dev)
+    assert (await fs.lookup(d.ino, b"after")).ino
+    dev.close()
