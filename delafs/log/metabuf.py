@@ -199,8 +199,8 @@ class MetaStore:
         if not self.has_changes():
             return None
         seq = self.running_seq
-        self.running_seq += 1
         images = {blk: obj.encode(seq) for blk, obj in self.dirty.items()}
+        self.running_seq += 1
         frozen = _Frozen(seq, images, self.revokes)
         # Visible to readers from now on: the cache may evict these blocks
         # as soon as they are clean, long before the write completes.
@@ -222,7 +222,7 @@ class MetaStore:
         try:
             await self._write_frozen(frozen)
         except BaseException as e:
-            self._fail(f"writing transaction {frozen.seq} to the log failed: {e!r}")
+            self._fail(f"journal commit failed: {e} (transaction {frozen.seq})")
             raise
 
     async def _write_frozen(self, frozen: _Frozen) -> None:
@@ -274,7 +274,7 @@ class MetaStore:
         try:
             await self.journal.checkpoint(self.pending)
         except BaseException as e:
-            self._fail(f"checkpoint failed: {e!r}")
+            self._fail(f"checkpoint failed: {e}")
             raise
         self.pending = {}
         # Every transaction up to durable_seq is home: the log no longer
