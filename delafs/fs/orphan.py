@@ -39,6 +39,8 @@ class OrphanOps:
             self.open_counts[ino] = n
             return
         self.open_counts.pop(ino, None)
+        if self.readonly:
+            return          # nothing can be freed; the next writable mount reaps orphans
         async with self.transaction(pool=True):
             try:
                 inode = await self.iget(ino)

@@ -246,8 +246,11 @@ class Operations(pyfuse3.Operations):
             inode = await self.fs.lookup(parent_inode, name)
         return await self._remember(inode)
 
-    @_reply
     async def forget(self, inode_list):
+        """FORGET has no reply to carry an error, and pyfuse3 does not catch
+        one from this handler: it ends the session loop, the daemon exits
+        and the mount goes away.  So not @_reply: every error is logged, per
+        inode, and the rest of the list still forgotten."""
         for ino, n in inode_list:
             if ino == CONTROL_INO:
                 continue
@@ -256,7 +259,13 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
-            await self._drop_inode(ino)
+            try:
+                await self._drop_inode(ino)
+            except Exception as e:
+                if isinstance(e, DelafsError):
+                    log.warning("forgetting inode %d: %s", ino, e)
+                else:
+                    log.exception("forgetting inode %d", ino)
 
     async def _drop_inode(self, ino: int) -> None:
         """The kernel forgot the inode: drop its reference (the filesystem

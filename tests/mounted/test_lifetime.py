@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from .conftest import wait_until
+from .conftest import is_mounted, pid_alive, wait_until
 
 
 def drop_kernel_caches() -> None:
@@ -55,5 +55,32 @@ def test_a_forgotten_inode_with_dirty_pages_keeps_them_until_written_back(delafs
     m.mount()
     with open(m.path("dirty"), "rb") as f:
         assert f.read() == b"d" * 20000
+    m.umount()
+    m.fsck()
+
+
+def test_a_read_only_mount_survives_the_kernel_forgetting_its_inodes(delafs_mount):
+    """FORGET has no reply, and pyfuse3 lets an exception from the forget
+    handler end its session loop: the daemon exited and the mount went
+    away.  On a read-only mount every FORGET that dropped an inode's last
+    lookup raised (releasing the reference opened a write transaction:
+    EROFS)."""
+    m = delafs_mount()
+    os.mkdir(m.path("d"))
+    for i in range(50):
+        with open(m.path("d", str(i)), "wb") as f:
+            f.write(bytes([i]) * 100)
+    m.umount()
+    m.mount("ro")
+    pid = m.pid
+    for i in range(50):
+        os.stat(m.path("d", str(i)))
+    drop_kernel_caches()
+    assert wait_until(lambda: m.stat()["vfs"]["known_inodes"] <= 1, 20), m.stat()["vfs"]
+    assert pid_alive(pid) and is_mounted(m.mnt), m.log_tail()
+    assert sorted(os.listdir(m.path("d")), key=int) == [str(i) for i in range(50)]
+    with open(m.path("d", "7"), "rb") as f:
+        assert f.read() == bytes([7]) * 100
+    assert not m.tracebacks()
     m.umount()
     m.fsck()
