@@ -97,6 +97,10 @@ class DirOps:
         dir_inode.mtime = dir_inode.ctime = now_ns()
 
     async def lookup(self, dir_ino: int, name: bytes) -> Inode:
+        if len(name) > MAX_NAME_LEN:
+            # The kernel passes names up to 1,024 bytes to a FUSE daemon;
+            # ext4_lookup answers a longer one than it stores like this.
+            raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes (max {MAX_NAME_LEN})")
         async with self.transaction(write=False):
             await self._dir(dir_ino)
             found = await self.find_entry(dir_ino, name)
@@ -346,6 +350,8 @@ class DirOps:
         now = now_ns()
         for inode in {id(x): x for x in (sinode, dinode, od, nd)}.values():
             inode.ctime = now
+            if inode is od or inode is nd:      # their entries changed
+                inode.mtime = now
             await self.log_inode(inode)
 
     @staticmethod

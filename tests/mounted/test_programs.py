@@ -448,6 +448,35 @@ def test_special_files_rename_exchange_excl(delafs_mount):
     check()
 
 
+def test_rename_exchange_moves_both_directories_mtime_and_long_names_are_enametoolong(delafs_mount):
+    """ext4 and XFS stamp mtime and ctime on both directories of an
+    exchange (their entries changed); delafs stamped only ctime.  A name
+    longer than 255 bytes reaches the daemon in a LOOKUP (the kernel only
+    stops names past 1,024): stat, open and unlink must say ENAMETOOLONG,
+    as ext4 does, not ENOENT."""
+    m = delafs_mount()
+    p = m.path
+    for d in ("A", "B"):
+        os.mkdir(p(d))
+        with open(p(d, "x"), "wb") as f:
+            f.write(d.encode())
+    before = {d: os.stat(p(d)) for d in ("A", "B")}
+    time.sleep(0.01)
+    renameat2(p("A", "x"), p("B", "x"), RENAME_EXCHANGE)
+    for d in ("A", "B"):
+        after = os.stat(p(d))
+        assert after.st_mtime_ns > before[d].st_mtime_ns, d
+        assert after.st_ctime_ns > before[d].st_ctime_ns, d
+    assert open(p("A", "x"), "rb").read() == b"B"
+    long = "n" * 300
+    for call in (os.stat, os.unlink, lambda path: open(path, "rb")):
+        with pytest.raises(OSError) as e:
+            call(p(long))
+        assert e.value.errno == errno.ENAMETOOLONG, call
+    m.umount()
+    m.fsck()
+
+
 def test_open_unlinked_file_survives_until_close(delafs_mount):
     m = delafs_mount(size="64M")
     data = random.Random(3).randbytes(8 << 20)
