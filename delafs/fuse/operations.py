@@ -458,8 +458,17 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", await self._attr(parent), 2):
                 return
         cookie = max(start_id, 0) if start_id > 2 else 0
+        replied = False         # entries counted as lookups in this reply
         while True:
-            entries = await self.fs.readdir_plus(d.ino, cookie, READDIR_BATCH)
+            try:
+                entries = await self.fs.readdir_plus(d.ino, cookie, READDIR_BATCH)
+            except DelafsError:
+                if replied:
+                    # An error reply would make the kernel drop the entries
+                    # already in this one, which count as lookups here: end
+                    # the reply; the READDIR from this cookie gets the error.
+                    return
+                raise
             if not entries:
                 return
             for name, ino, dtype, nxt, inode in entries:
@@ -471,6 +480,7 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, attr, nxt):
                     return
                 self._remember_ino(ino)
+                replied = True
                 cookie = nxt
 
     @_reply
@@ -517,8 +527,8 @@ class Operations(pyfuse3.Operations):
         uid, gid, mode = self._new_owner(parent, ctx, mode)
         mode, xattrs = await self._inherit_acl(parent_inode, mode)
         inode = await self.fs.create(parent_inode, name, mode, uid, gid, xattrs=xattrs)
-        entry = await self._remember(inode)
         f = await self.m.open(inode.ino, write=True)
+        entry = await self._remember(inode)     # the kernel has it only if this succeeds
         fh = self._new_fh(f)
         if flags & os.O_DIRECT:
             self.direct.add(fh)

@@ -12,6 +12,7 @@ import pytest
 from delafs.block import BlockDevice
 from delafs.fs.filesystem import Filesystem
 from delafs.fuse.operations import Operations
+from delafs.lib.errors import FsError
 from delafs.ondisk import ROOT_INO
 from delafs.vfs.mount import Mount
 
@@ -75,3 +76,38 @@ async def test_link_count_limit_is_emlink_not_a_shutdown(ops, monkeypatch):
     assert exc.value.errno == errno.EMLINK
     assert not ops.fs.shutdown
     assert (await ops.getattr(ino, CTX)).st_nlink == 3
+
+
+async def test_a_readdir_that_fails_midway_counts_only_the_entries_the_kernel_gets(ops, monkeypatch):
+    """READDIRPLUS entries count as lookups once the kernel has them.  A
+    batch that failed after earlier ones filled part of the reply turned
+    the whole request into an error: the kernel dropped the entries, the
+    daemon had counted them, and an inode it counted that way was never
+    forgotten (an unlinked one kept its blocks until the next mount).  The
+    reply now ends with what it has; the next READDIR reports the error."""
+    d = await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)
+    for i in range(40):
+        await ops.create(d.st_ino, b"f%02d" % i, stat.S_IFREG | 0o644, 0, CTX)
+    created = dict(ops.lookups)
+    fh = await ops.opendir(d.st_ino, CTX)
+    real = ops.fs.readdir_plus
+    calls = []
+
+    async def only_the_first_batch_reads(dir_ino, cookie, limit):
+        calls.append(cookie)
+        if cookie:
+            raise FsError(errno.EIO, "injected: a damaged directory block")
+        return await real(dir_ino, cookie, limit)
+
+    monkeypatch.setattr(ops.fs, "readdir_plus", only_the_first_batch_reads)
+    listed = []
+    monkeypatch.setattr(pyfuse3, "readdir_reply",
+                        lambda token, name, attr, nxt: listed.append((name, nxt)) or True)
+    await ops.readdir(fh, 0, None)              # a partial listing, not EIO
+    assert len(calls) == 2 and len(listed) == 2 + 32, (calls, len(listed))
+    counted = {ino: n - created.get(ino, 0) for ino, n in ops.lookups.items()
+               if n != created.get(ino, 0)}
+    assert sum(counted.values()) == 32, counted
+    with pytest.raises(pyfuse3.FUSEError) as e:  # where it stopped: the error now
+        await ops.readdir(fh, listed[-1][1], None)
+    assert e.value.errno == errno.EIO
