@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import stat
-import subprocess
 import sys
-from typing import TYPE_CHECKING
 
 from ..lib import units
 from ..lib.errors import DelafsError, FsError, NotDelafsError
 from .fail import fail
 from .inspect import add_commands as add_inspect_commands
 from .mount import add_commands
-
-if TYPE_CHECKING:
-    from ..block.device import BlockDevice
 
 
 def parse_size(text: str) -> int:
@@ -33,42 +27,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-# -- recognising what is already on a device -----------------------------------
-
-_MAGICS = [  # (offset, bytes, name): enough to refuse the usual suspects without blkid
-    (1080, b"\x53\xef", "ext2/3/4"),
-    (0, b"XFSB", "xfs"),
-    (65600, b"_BHRfS_M", "btrfs"),
-    (4086, b"SWAPSPACE2", "swap"),
-    (0, b"LUKS\xba\xbe", "LUKS"),
-    (0, b"hsqs", "squashfs"),
-    (32769, b"CD001", "iso9660"),
-    (512, b"EFI PART", "a GPT partition table"),
-    (3, b"NTFS    ", "ntfs"),
-    (82, b"FAT32   ", "vfat"),
-    (54, b"FAT1", "vfat"),
-]
-
-
-def existing_signature(path: str, dev: BlockDevice) -> str | None:
-    """Name of a filesystem (or other signature) already on the device."""
-    from ..ondisk import SB_MAGIC
-    head = dev.read_sync(0, min(dev.nblocks, 17))
-    if head[:8] == SB_MAGIC:
-        return "delafs"
-    if dev.nblocks and dev.read_sync(dev.nblocks - 1, 1)[:8] == SB_MAGIC:
-        return "delafs (secondary superblock)"
-    for off, magic, name in _MAGICS:
-        if head[off:off + len(magic)] == magic:
-            return name
-    if shutil.which("blkid"):
-        r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", path],
-                           capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip()
-    return None
-
-
 # -- mkfs ------------------------------------------------------------------------
 
 def cmd_mkfs(args) -> int:
@@ -76,6 +34,7 @@ def cmd_mkfs(args) -> int:
 
     from ..block.device import BlockDevice
     from ..fs.filesystem import Filesystem
+    from ..fs.probe import existing_signature
     from ..ondisk import BLOCK_SIZE, MIN_BLOCKS, make_geometry
     path = args.image
     try:

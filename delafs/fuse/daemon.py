@@ -25,6 +25,7 @@ import trio
 from ..block.device import BlockDevice
 from ..block.logwrites import WriteLog
 from ..fs.filesystem import Filesystem
+from ..fs.probe import existing_signature
 from ..lib import locks
 from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
@@ -94,9 +95,16 @@ class Daemon:
         self.dev = dev = self.open_image()
         if self.opts.log_writes:
             dev.recorder = WriteLog(self.opts.log_writes)
-        if self.opts.mkfs and not self.readonly and not any(dev.read_sync(0, 1)):
-            log.info("formatting blank image %s", self.image)
-            await Filesystem.format(dev)
+        if self.opts.mkfs and not self.readonly:
+            # Blank means what `delafs mkfs` asks, not a zero first block: a
+            # delafs that lost its primary superblock still mounts, and
+            # btrfs or iso9660 keep theirs past 4 KiB.
+            sig = existing_signature(self.image, dev)
+            if sig is None:
+                log.info("formatting blank image %s", self.image)
+                await Filesystem.format(dev)
+            else:
+                log.info("-o mkfs: %s holds %s, not formatting it", self.image, sig)
         fs = await Filesystem.open(dev, readonly=self.readonly)
         if fs.readonly:
             self.readonly = True

@@ -380,3 +380,20 @@ def test_every_request_answers_an_unexpected_exception_with_eio(delafs_mount):
     assert os.getxattr(m.path("a"), "user.k") == b"v"
     m.umount()
     m.fsck()
+
+
+def test_mount_o_mkfs_never_formats_over_a_filesystem_it_can_still_read(delafs_mount):
+    """-o mkfs formats a blank image.  It called an image blank when its
+    first block was zeros: a delafs whose primary superblock was destroyed
+    (which mounts from the secondary one), or btrfs and iso9660 (their
+    signatures lie past 4 KiB), were formatted over.  It asks what
+    `delafs mkfs` asks before it refuses."""
+    m = delafs_mount()
+    with open(m.path("keep"), "wb") as f:
+        f.write(b"precious" * 1000)
+    m.umount()
+    zero_block(m.image, 0)
+    m.mount("mkfs")
+    with open(m.path("keep"), "rb") as f:
+        assert f.read() == b"precious" * 1000
+    m.umount()
