@@ -7,6 +7,7 @@ a typo never silently does nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,9 +15,14 @@ from dataclasses import dataclass, field
 from ..lib.errortag import TAGS
 from ..lib.units import parse_size
 
-_SIZE_OPTS = {"cache_size", "dirty_limit"}
-_FLOAT_OPTS = {"dirty_expire", "writeback_interval", "commit_interval", "lock_wait",
-               "entry_timeout", "attr_timeout"}
+# Size options and their smallest value (a cache smaller than a large folio
+# thrashes; a dirty limit of 0 throttles every write).
+_SIZE_OPTS = {"cache_size": 1 << 20, "dirty_limit": 4096}
+# Seconds, and the smallest value: an interval of 0 makes the flusher or
+# the committer loop without sleeping.
+_FLOAT_OPTS = {"dirty_expire": 0.0, "writeback_interval": 0.01, "commit_interval": 0.01,
+               "lock_wait": 0.0, "entry_timeout": 0.0, "attr_timeout": 0.0}
+_MAX_SECONDS = 366 * 86400.0
 _PATH_OPTS = {"log", "log_writes"}
 _FUSE_FLAGS = {"allow_other", "default_permissions", "dev", "suid", "nodev", "nosuid",
                "ro", "rw", "noatime", "atime", "exec", "noexec"}
@@ -36,6 +42,28 @@ _OWN_FLAGS = {"writeback_cache", "mkfs", "acl", "debug",
 _SUBTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]*")
 # read_ahead=SIZE: the mount's readahead window (see Daemon.set_read_ahead).
 _READ_AHEAD_MAX = 1 << 30
+
+
+def _size(item: str, key: str, val: str) -> int:
+    try:
+        n = parse_size(val)
+    except ValueError:
+        n = -1
+    if n < _SIZE_OPTS[key]:
+        raise ValueError(f"bad {item!r}: {key}=SIZE takes a size of at least {_SIZE_OPTS[key]} bytes "
+                         f"(e.g. {key}=64M)")
+    return n
+
+
+def _seconds(item: str, key: str, val: str) -> float:
+    try:
+        x = float(val)
+    except ValueError:
+        x = math.nan
+    if not (_FLOAT_OPTS[key] <= x <= _MAX_SECONDS):      # nan fails every comparison
+        raise ValueError(f"bad {item!r}: {key}=SECONDS takes a number from {_FLOAT_OPTS[key]:g} "
+                         f"to {_MAX_SECONDS:g}")
+    return x
 
 
 def _read_ahead(item: str, val: str) -> int:
@@ -87,9 +115,9 @@ class MountOptions:
         for item in filter(None, (p.strip() for p in (text or "").split(","))):
             key, sep, val = item.partition("=")
             if key in _SIZE_OPTS and sep:
-                kw[key] = parse_size(val)
+                kw[key] = _size(item, key, val)
             elif key in _FLOAT_OPTS and sep:
-                kw[key] = float(val)
+                kw[key] = _seconds(item, key, val)
             elif key == "read_ahead":
                 kw["read_ahead"] = _read_ahead(item, val)
             elif key == "punch" and val in ("scan", "legacy"):

@@ -331,6 +331,24 @@ def test_mount_options_atime_policies_and_unknown_ones_are_refused():
             MountOptions.parse(bad)
 
 
+def test_mount_options_out_of_range_are_refused_naming_the_option():
+    """Accepted before: an interval of 0 made the flusher or the committer
+    spin (a core busy while idle), a negative one crashed the daemon right
+    after the mount came up, nan waited forever; a value that is not a
+    number said only "could not convert string to float"."""
+    from delafs.fuse.options import MountOptions
+    good = MountOptions.parse("writeback_interval=0.5,commit_interval=30,dirty_expire=0,"
+                              "lock_wait=0,entry_timeout=0,attr_timeout=1,cache_size=16M,dirty_limit=4M")
+    assert good.writeback_interval == 0.5 and good.dirty_expire == 0 and good.cache_size == 16 << 20
+    for bad in ("writeback_interval=0", "commit_interval=0", "writeback_interval=-1",
+                "commit_interval=-1", "dirty_expire=-1", "lock_wait=nan", "lock_wait=-1",
+                "entry_timeout=inf", "attr_timeout=-0.5", "commit_interval=soon",
+                "cache_size=0", "dirty_limit=0", "cache_size=4K"):
+        key = bad.partition("=")[0]
+        with pytest.raises(ValueError, match=key):
+            MountOptions.parse(bad)
+
+
 def test_mount_option_read_ahead_takes_a_size_in_whole_pages():
     from delafs.fuse.options import MountOptions
     assert MountOptions.parse("").read_ahead is None            # the kernel's window
