@@ -309,7 +309,11 @@ def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foregr
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if logfile else null
+    try:
+        out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if logfile else null
+    except OSError as e:
+        os.write(wfd, f"error: cannot open the log file {logfile}: {e.strerror}\n".encode())
+        os._exit(1)
     os.dup2(out, 1)
     os.dup2(out, 2)
     logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
@@ -325,6 +329,9 @@ def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foregr
     code = 1
     try:
         code = run(image, mountpoint, opts, ready=ready)
+    except BaseException:
+        # os._exit below skips the interpreter's own report: the log gets it.
+        logging.getLogger("delafs").exception("the daemon failed")
     finally:
         os._exit(code)
 

@@ -405,6 +405,18 @@ def test_mount_of_a_file_too_small_to_be_delafs(tmp_path, size):
     assert path.read_bytes() == bytes(size)
 
 
+def test_mount_with_a_log_file_it_cannot_open_says_so(image, tmp_path):
+    """The daemon opened -o log=FILE after it forked, outside any handler:
+    a missing directory printed a FileNotFoundError traceback, then 'the
+    daemon died before mounting'."""
+    (tmp_path / "mnt").mkdir()
+    bad = tmp_path / "no-such-dir" / "d.log"
+    r = run("mount", image, tmp_path / "mnt", "-o", f"log={bad}", timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert str(bad) in r.stderr and "No such file or directory" in r.stderr, r.stderr
+
+
 def test_a_truncated_delafs_image_is_called_corrupt_not_foreign(image):
     """Block 0 still says delafs: the image was cut short, which is damage."""
     os.truncate(image, 1 << 20)
