@@ -635,9 +635,11 @@ class Engine:
         while await it.next():
             start, stop = it.pos, it.pos + it.length
             if it.iomap.type in (IomapType.HOLE, IomapType.UNWRITTEN):
-                # Nothing on disk to hide; only cached bytes need zeroing.
-                await self._zero_cached(inode, start, stop)
-                it.processed = it.length
+                # Nothing on disk to hide; only cached bytes need zeroing,
+                # unless writeback holds older bytes for it (then remap).
+                done = await self._zero_cached(inode, start, stop)
+                it.processed = done - start
+                it.stale = done < stop
             else:
                 # Returns early if the mapping went stale: map again here,
                 # it may have become a hole (writeback discarded it).
@@ -648,14 +650,26 @@ class Engine:
         if TRACE.on:
             TRACE.emit("iomap_zero_range", ino=inode.ino, pos=pos, length=length)
 
-    async def _zero_cached(self, inode: VInode, pos: int, end: int) -> None:
+    async def _zero_cached(self, inode: VInode, pos: int, end: int) -> int:
+        """Zero the cached bytes of [pos, end), a HOLE or UNWRITTEN mapping.
+        Returns where it stopped: before ``end`` at a folio under writeback,
+        which it waited for.  That folio's ioend carries the bytes it had
+        when it was queued, and its completion turns the block WRITTEN:
+        zeroing only the cache would leave those bytes on disk under a clean
+        folio.  The caller maps again (the kernel's iomap_zero_range flushes
+        such a range before it maps it)."""
         mapping = inode.mapping
         for folio in mapping.iter_folios(pos >> BLOCK_SHIFT, (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT):
             await folio.lock()
             if folio.mapping is mapping:
+                if folio.writeback:
+                    folio.unlock()
+                    await folio.wait_writeback()
+                    return max(pos, folio.pos)
                 a, b = max(pos, folio.pos), min(end, folio.end)
                 folio.data[a - folio.pos:b - folio.pos] = bytes(b - a)
             folio.unlock()
+        return end
 
     async def _zero_through_cache(self, inode: VInode, iomap: Iomap, pos: int, end: int) -> int:
         """Zero and dirty [pos, end) of a DELALLOC or MAPPED mapping through

@@ -56,6 +56,46 @@ async def test_truncate_against_writeback_in_flight_exposes_no_old_tail(rig):
     await rig.fsck()
 
 
+async def test_truncate_zeroing_after_writeback_started_in_its_window_leaves_no_old_tail(rig):
+    """truncate waits for writeback of the EOF block, then zeroes it; but
+    the zeroing first waits for meta_lock (its iomap_begin), and a pass
+    that starts in that wait converts the block's delalloc to UNWRITTEN
+    and queues the old bytes.  The zeroing then saw UNWRITTEN, zeroed only
+    the cached copy and dirtied nothing: the ioend put the old bytes past
+    the new EOF on disk, and an extension read them back.  The kernel's
+    iomap_zero_range writes back and waits first when the range has dirty
+    or writeback folios (filemap_range_needs_writeback)."""
+    from delafs.iomap.writeback import writepages
+
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"z" * 8192)
+    inode = await m.iget(ino)
+    await m.fs.meta_lock.acquire()
+    async with trio.open_nursery() as n:
+        n.start_soon(m.truncate, ino, 5000)
+        await trio.testing.wait_all_tasks_blocked()        # in the zeroing's iomap_begin
+        n.start_soon(lambda: writepages(m.engine, inode, sync=False))
+        await trio.testing.wait_all_tasks_blocked()        # the pass holds the folio
+        m.errortags.set("delay_writeback", 300)
+        m.fs.meta_lock.release()
+    m.errortags.set("delay_writeback", 0)
+    await m.fsync(f)
+    m.cache.shrink(0)                                       # read the disk from now on
+    await m.write(f, 12288, b"!")
+    assert await m.read(f, 4096, 4096) == b"z" * 904 + bytes(3192)
+    await m.fsync(f)
+    await m.release(f)
+    check_invariants(m)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 4096, 4096) == b"z" * 904 + bytes(3192)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_unexpected_error_in_writeback_ends_writeback_and_is_reported(rig, monkeypatch):
     """A corruption error (not an FsError) out of writeback_range: the
     folio must not stay under writeback (a later truncate would hang and
