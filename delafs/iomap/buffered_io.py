@@ -146,6 +146,14 @@ class Engine:
         self.stats["writes"] += 1
         total = len(src)
         written = 0
+        old = inode.size
+        if total and pos > old and old & (BLOCK_SIZE - 1):
+            # xfs_file_write_zero_eof: the bytes past EOF in its block read
+            # as zeros once the file grows over them, whatever a store
+            # through a mapping left there (the kernel lets one land past
+            # EOF inside the EOF page; writeback never writes it).
+            async with inode.mapping.invalidate_lock.exclusive():
+                await self.iomap_zero_range(inode, old, min(pos, round_up(old)) - old)
         gap = round_down(pos) - round_up(inode.size)
         if total and gap > 0:
             # A write past EOF leaves a gap the new EOF will cover: the

@@ -96,6 +96,46 @@ async def test_truncate_zeroing_after_writeback_started_in_its_window_leaves_no_
     await rig.fsck()
 
 
+async def test_a_write_past_eof_zeroes_the_tail_of_the_old_eof_block(rig, monkeypatch):
+    """A store through a mapping may land past EOF inside the EOF block (a
+    truncate shrank the file between its fault and the store; the kernel
+    allows it).  Those bytes must never become file data: a write past EOF
+    zeroes [old EOF, end of its block) first, as XFS's
+    xfs_file_write_zero_eof does.  delafs only punched the delalloc of the
+    gap, and the stray bytes became part of the file."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"a" * 8192)
+    await m.fsync(f)
+    gate, at_gate = trio.Event(), trio.Event()
+    stamp = m.fs.file_update_time
+
+    async def gated(i):
+        if not gate.is_set():
+            at_gate.set()
+            await gate.wait()
+        return await stamp(i)
+
+    monkeypatch.setattr(m.fs, "file_update_time", gated)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.mmap_write, ino, 6000, b"S" * 100)
+        await at_gate.wait()                   # between the read fault and page_mkwrite
+        gate.set()
+        await m.truncate(ino, 5000)
+    await m.write(f, 12288, b"!")
+    assert await m.read(f, 5000, 3192) == bytes(3192)
+    await m.fsync(f)
+    await m.release(f)
+    check_invariants(m)
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    assert await m.read(f, 4096, 4096) == b"a" * 904 + bytes(3192)
+    await rig.unmount()
+    await rig.fsck()
+
+
 async def test_unexpected_error_in_writeback_ends_writeback_and_is_reported(rig, monkeypatch):
     """A corruption error (not an FsError) out of writeback_range: the
     folio must not stay under writeback (a later truncate would hang and
