@@ -2,11 +2,12 @@
 
 Entry points and the locks their callers hold:
 
-  iomap_file_buffered_write  i_rwsem exclusive
+  iomap_file_buffered_write  i_rwsem exclusive; takes invalidate_lock exclusive to
+                             zero the old EOF block's tail before a write past it
   iomap_page_mkwrite         nothing; takes invalidate_lock shared + folio lock
   buffered_read              i_rwsem shared; takes invalidate_lock shared
   iomap_truncate             i_rwsem exclusive; takes invalidate_lock exclusive
-  iomap_zero_range           i_rwsem exclusive
+  iomap_zero_range           i_rwsem exclusive, invalidate_lock exclusive
   iomap_seek_data / _hole    i_rwsem shared
   punch_delalloc             i_rwsem; takes invalidate_lock exclusive
 
