@@ -189,11 +189,19 @@ class Daemon:
             self.warnings.append(msg)
 
     async def _signals(self) -> None:
+        """SIGTERM or SIGINT: unmount.  Later ones are only logged: the
+        flusher is finishing its pass, and dying there (the default action)
+        loses what the journal has not committed.  shutdown() ignores them
+        from the moment this receiver closes."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            unmounting = False
             async for sig in sigs:
+                if unmounting:
+                    log.info("signal %d: already unmounting", sig)
+                    continue
                 log.info("signal %d: unmounting", sig)
+                unmounting = True
                 pyfuse3.terminate()
-                return
 
     def _log_final_counters(self) -> None:
         """The counters die with the daemon and a plain umount(8) (what
@@ -207,7 +215,11 @@ class Daemon:
             log.exception("final counters")
 
     async def shutdown(self) -> None:
-        """After the kernel let go: the final flush, then release the image."""
+        """After the kernel let go: the final flush, then release the image.
+        Signals are ignored from here on: the flush must finish (a plain
+        umount returns before it, and systemd's stop then sends SIGTERM)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             pyfuse3.close(unmount=True)
         except Exception:

@@ -104,6 +104,35 @@ def test_unmount_with_writeback_in_flight_loses_nothing(delafs_mount, how):
         pytest.fail(f"after {how} the file differs from byte {first} on ({len(got)} bytes read back)")
 
 
+@pytest.mark.parametrize("how", ["umount", "sigterm"])
+def test_more_signals_during_the_final_flush_do_not_kill_it(delafs_mount, how):
+    """systemd's ExecStop=umount followed by its SIGTERM, or a second
+    Ctrl-C: after the first signal the daemon stopped listening, and the
+    next one (default action) killed it in the middle of its final flush,
+    losing what the journal had not committed yet."""
+    m = delafs_mount(size="64M", opts="dirty_expire=3600,writeback_interval=3600,delay_writeback=1500")
+    data = random.Random(5).randbytes(8 << 20)
+    with open(m.path("big"), "wb") as f:
+        f.write(data)
+    pid = m.pid
+    if how == "umount":
+        run(["umount", m.mnt])
+    else:
+        os.kill(pid, signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        time.sleep(0.3)
+        if pid_alive(pid):
+            os.kill(pid, sig)
+    assert wait_until(lambda: not pid_alive(pid), 120), "the daemon did not exit"
+    assert wait_until(lambda: not is_mounted(m.mnt), 10)
+    m.pid = None
+    assert "unmounted" in open(m.log).read().splitlines()[-1], m.log_tail()
+    m.fsck()
+    m.mount()
+    with open(m.path("big"), "rb") as f:
+        assert f.read() == data
+
+
 def test_host_filesystem_full_is_reported_and_loses_no_metadata(delafs_mount, tmp_path):
     """The image is sparse on a 48 MiB tmpfs: the mount warns, write(2)
     accepts more than the host can hold, the first fsync reports the
