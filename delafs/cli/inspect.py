@@ -17,7 +17,7 @@ import stat
 import sys
 import time
 
-from ..fuse.control import NotMounted, control_command
+from ..fuse.control import DaemonGone, NotMounted, control_command
 from ..lib.errors import FsError
 from ..lib.trace import EVENTS
 from ..lib.units import BLOCK_SIZE, format_size
@@ -79,6 +79,8 @@ def inspect_address(path: str) -> tuple[str, dict]:
         raise InspectError(f"{path}: {e.strerror}") from None
     try:
         info = json.loads(control_command(root, "stat"))
+    except DaemonGone as e:
+        raise InspectError(str(e)) from None
     except NotMounted:
         raise InspectError(f"{path} is not on a delafs mount") from None
     except (OSError, ValueError) as e:

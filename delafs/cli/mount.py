@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from ..fuse.control import NotMounted, control_command
+from ..fuse.control import DaemonGone, NotMounted, control_command
 from ..fuse.options import MountOptions
 from ..lib.errortag import TAGS, ErrorTags
 from ..lib.units import format_size
@@ -54,6 +54,13 @@ def cmd_umount(args) -> int:
     status = 0
     try:
         info = json.loads(control_command(mnt, "stat"))["daemon"]
+    except DaemonGone:
+        # Nothing to flush with: clear the dead mount, say what was lost.
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if r.returncode != 0:
+            return fail("umount", f"{mnt}: the daemon is gone, and unmounting failed: {r.stderr.strip()}")
+        return fail("umount", f"{mnt}: the daemon is gone; unmounted without a final flush (what it "
+                              f"had not committed is lost; the journal replays at the next mount)")
     except NotMounted as e:
         return fail("umount", str(e))
     except (OSError, ValueError, KeyError) as e:

@@ -80,10 +80,20 @@ class NotMounted(Exception):
     """The path is not the root of a mounted delafs."""
 
 
+class DaemonGone(NotMounted):
+    """A FUSE mount whose daemon died (kill -9): every access is ENOTCONN
+    until someone unmounts it."""
+
+
 def control_path(mountpoint: str) -> str:
     path = os.path.join(mountpoint, CONTROL_NAME.decode())
-    if not os.path.exists(path):
-        raise NotMounted(f"{mountpoint} is not a mounted delafs (no control file)")
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise DaemonGone(f"{mountpoint}: the daemon is gone ({e.strerror}); `delafs umount "
+                             f"{mountpoint}` clears the mount, the journal replays at the next mount") from None
+        raise NotMounted(f"{mountpoint} is not a mounted delafs (no control file)") from None
     return path
 
 

@@ -28,6 +28,32 @@ def kill_9(m) -> None:
     m.forget_daemon()
 
 
+def test_delafs_umount_clears_the_mount_of_a_killed_daemon(delafs_mount):
+    """After kill -9 the mount point answers ENOTCONN.  delafs umount said
+    "not a mounted delafs" and left it there (a user had to know
+    fusermount3 -u); it now says the daemon is gone, unmounts, and exits 1
+    (nothing could be written back: the journal replays at the next
+    mount).  The other commands say the same instead of "not mounted"."""
+    m = delafs_mount()
+    with open(m.path("f"), "wb") as f:
+        f.write(b"synced")
+        f.flush()
+        os.fsync(f.fileno())
+    pid = m.pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    r = run([DELAFS, "stat", m.mnt], check=False)
+    assert r.returncode == 1 and "daemon is gone" in r.stderr, r.stderr
+    r = run([DELAFS, "umount", m.mnt], check=False)
+    assert r.returncode == 1 and "daemon is gone" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not is_mounted(m.mnt)
+    m.pid = None
+    m.mount()
+    with open(m.path("f"), "rb") as f:
+        assert f.read() == b"synced"
+
+
 def test_fsync_waits_for_writeback_already_in_flight(delafs_mount):
     m = delafs_mount(size="64M", opts=HOLD)
     os.mkdir(m.path("d"))
