@@ -53,13 +53,18 @@ def cmd_mkfs(args) -> int:
             return fail("mkfs", f"{path} is {st.st_size} bytes; refusing to resize it to {args.size} without --force")
         if args.size is not None and args.size < MIN_BLOCKS * BLOCK_SIZE:
             return fail("mkfs", f"size {args.size} is too small (minimum {MIN_BLOCKS * BLOCK_SIZE} bytes)")
+        if args.size is not None and args.size >= 1 << 63:
+            return fail("mkfs", f"size {args.size} is larger than any file can be (off_t)")
         if st is None:
             BlockDevice.create_file(path, args.size)
     with BlockDevice.open(path) as dev:
         # The lock comes before any change: a daemon may still hold the image.
         dev.lock(wait=0)
         if args.size is not None and dev.kind == "file" and args.size != dev.size:
-            os.truncate(path, args.size)
+            try:
+                os.truncate(path, args.size)
+            except OSError as e:
+                return fail("mkfs", f"cannot size image {path}: {e.strerror}")
             dev.close()
             return cmd_mkfs(args)
         try:

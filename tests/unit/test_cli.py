@@ -405,6 +405,18 @@ def test_mount_of_a_file_too_small_to_be_delafs(tmp_path, size):
     assert path.read_bytes() == bytes(size)
 
 
+def test_mkfs_of_an_impossible_size_is_one_line(image, tmp_path):
+    """A size past what off_t holds raised OverflowError, and resizing an
+    existing image (--force) to a size its host filesystem refuses raised
+    the OSError: tracebacks, where the other mkfs errors are one line."""
+    for args in (("mkfs", tmp_path / "new.img", "--size", "9000P"),
+                 ("mkfs", image, "--force", "--size", "9000P")):
+        r = run(*args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "larger than any file can be" in r.stderr, r.stderr
+    ok(run("fsck", "-n", image))
+
+
 def test_mount_with_a_log_file_it_cannot_open_says_so(image, tmp_path):
     """The daemon opened -o log=FILE after it forked, outside any handler:
     a missing directory printed a FileNotFoundError traceback, then 'the
