@@ -66,6 +66,18 @@ class Rig:
             assert report.exit_code == 0, out.getvalue()
 
 
+async def read_after_crash(rig, ino, pos, size):
+    """Power loss, remount, read [pos, pos+size) of ``ino``; the image must
+    then unmount and check clean."""
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open(ino, write=False)
+    got = await m.read(f, pos, size)
+    await rig.unmount()
+    await rig.fsck()
+    return got
+
+
 @pytest.fixture
 async def rig(tmp_path, nursery):
     r = Rig(str(tmp_path / "engine.img"), nursery)

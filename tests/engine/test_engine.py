@@ -12,7 +12,7 @@ from delafs.lib.errors import FsError
 from delafs.lib.errortag import ErrorTags
 from delafs.ondisk import BLOCK_SIZE as BS
 
-from .conftest import check_invariants
+from .conftest import check_invariants, read_after_crash
 
 ROOT = 1
 
@@ -22,18 +22,6 @@ async def new_file(m, name=b"f", size=None):
     if size is not None:
         await m.truncate(inode.ino, size)
     return inode.ino
-
-
-async def read_after_crash(rig, ino, pos, size):
-    """Power loss, remount, read [pos, pos+size) of ``ino``; the image must
-    then unmount and check clean."""
-    await rig.crash()
-    m = await rig.mount()
-    f = await m.open(ino, write=False)
-    got = await m.read(f, pos, size)
-    await rig.unmount()
-    await rig.fsck()
-    return got
 
 
 def states(m, ino, first, count):

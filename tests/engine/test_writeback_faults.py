@@ -10,7 +10,7 @@ import trio
 
 from delafs.lib.errors import CorruptionError, FsError
 
-from .conftest import check_invariants
+from .conftest import check_invariants, read_after_crash
 
 ROOT = 1
 
@@ -88,12 +88,7 @@ async def test_truncate_zeroing_after_writeback_started_in_its_window_leaves_no_
     await m.fsync(f)
     await m.release(f)
     check_invariants(m)
-    await rig.crash()
-    m = await rig.mount()
-    f = await m.open(ino, write=False)
-    assert await m.read(f, 4096, 4096) == b"z" * 904 + bytes(3192)
-    await rig.unmount()
-    await rig.fsck()
+    assert await read_after_crash(rig, ino, 4096, 4096) == b"z" * 904 + bytes(3192)
 
 
 async def test_a_write_past_eof_zeroes_the_tail_of_the_old_eof_block(rig, monkeypatch):
@@ -128,12 +123,7 @@ async def test_a_write_past_eof_zeroes_the_tail_of_the_old_eof_block(rig, monkey
     await m.fsync(f)
     await m.release(f)
     check_invariants(m)
-    await rig.crash()
-    m = await rig.mount()
-    f = await m.open(ino, write=False)
-    assert await m.read(f, 4096, 4096) == b"a" * 904 + bytes(3192)
-    await rig.unmount()
-    await rig.fsck()
+    assert await read_after_crash(rig, ino, 4096, 4096) == b"a" * 904 + bytes(3192)
 
 
 async def test_unexpected_error_in_writeback_ends_writeback_and_is_reported(rig, monkeypatch):
