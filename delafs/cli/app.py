@@ -204,13 +204,21 @@ def cmd_race(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not at exit
+        return rc
     except NotDelafsError as e:
         return fail(args.cmd, str(e), 8 if args.cmd == "fsck" else 1)
     except DelafsError as e:
         return fail(args.cmd, str(e), 8 if args.cmd == "fsck" else 1)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): end quietly, as a
+        # process killed by SIGPIPE does, and keep the final flush of
+        # stdout at exit from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -539,3 +539,15 @@ def test_commands_that_only_talk_to_the_daemon_do_not_load_the_engine(delafs_mou
     assert not os.path.ismount(m.mnt)
     # The commands that do need the engine still load it.
     assert "delafs.fs.filesystem" in imports("fsck", "-n", m.image)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(delafs_mount):
+    """`delafs stat MNT | head -3`: once the reader is gone, the next write
+    raised BrokenPipeError and a traceback went to the terminal; a command
+    in a pipeline ends quietly instead, as cat or ls do."""
+    m = delafs_mount()
+    for unbuffered in ("1", ""):            # every line its own write, or one flush at the end
+        env = dict(os.environ, PYTHONUNBUFFERED=unbuffered)
+        for cmd in (f"{DELAFS} stat {m.mnt} | true", f"{DELAFS} stat --json {m.mnt} | head -c 1 >/dev/null"):
+            r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+            assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, (unbuffered, cmd, r.stderr)
