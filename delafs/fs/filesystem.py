@@ -262,11 +262,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         self.check_alive()
         if times:
             await self._write_dirty_times()
-        try:
-            seq = await self.store.commit()
-        except BaseException as e:
-            self.shut_down(f"journal commit failed: {e}")
-            raise
+        seq = await self.store.commit()     # a failed log write shuts us down (on_failure)
         if self.dev.unflushed:
             # Nothing (more) to commit, but data was written since the last
             # flush: an fdatasync of an overwrite needs only this.
@@ -291,11 +287,7 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         """Commit and checkpoint: everything home, the log empty."""
         self.check_alive()
         await self._write_dirty_times()
-        try:
-            await self.store.checkpoint()
-        except BaseException as e:
-            self.shut_down(f"checkpoint failed: {e}")
-            raise
+        await self.store.checkpoint()       # likewise
         await self._discard()
 
     async def _discard(self) -> None:

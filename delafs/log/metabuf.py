@@ -192,10 +192,7 @@ class MetaStore:
 
     def _snapshot(self) -> _Frozen | None:
         """Freeze the running transaction (meta_lock held, no await inside)."""
-        if self.failed:
-            # A frozen transaction was lost: one committed after it would
-            # sit where recovery expects the lost one and never be replayed.
-            raise FsError(errno.EIO, f"the journal is unusable: {self.failed}")
+        self._check_usable()
         if not self.has_changes():
             return None
         seq = self.running_seq
@@ -208,6 +205,12 @@ class MetaStore:
         self.dirty = {}
         self.revokes = set()
         return frozen
+
+    def _check_usable(self) -> None:
+        if self.failed:
+            # A frozen transaction was lost: one committed after it would
+            # sit where recovery expects the lost one and never be replayed.
+            raise FsError(errno.EIO, f"the journal is unusable: {self.failed}")
 
     def _fail(self, why: str) -> None:
         if self.failed is None:
@@ -269,8 +272,7 @@ class MetaStore:
         return self.durable_seq
 
     async def _checkpoint(self) -> None:
-        if self.failed:
-            raise FsError(errno.EIO, f"the journal is unusable: {self.failed}")
+        self._check_usable()
         try:
             await self.journal.checkpoint(self.pending)
         except BaseException as e:
