@@ -286,9 +286,14 @@ def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foregr
     from ..fuse.daemon import run
     logfile = opts.log
     if foreground:
+        # In the foreground the log is stderr, unless log= names a file.
+        try:
+            stream = open(logfile, "a", buffering=1) if logfile else sys.stderr
+        except OSError as e:
+            return fail("mount", f"cannot open the log file {logfile}: {e.strerror}")
         logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
                             format="%(asctime)s delafs[%(process)d] %(levelname)s %(message)s",
-                            stream=sys.stderr)
+                            stream=stream)
         def say(msg: str) -> None:
             for line in msg.splitlines():
                 if line != "ok":
