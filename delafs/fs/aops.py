@@ -178,7 +178,7 @@ class FsWritebackOps:
         if not isinstance(e, FsError):
             log.error("writeback of inode %d at %d: %r", io.ino, io.offset, e)
         wpc.error = wpc.error or err
-        wpc.inode.mapping.wb_err.set(err)
+        wpc.inode.mapping.set_error(err)
         self.stats["writeback_errors"] += 1
 
     async def _complete(self, inode: VInode, ioends: list[Ioend]) -> None:

@@ -10,7 +10,9 @@ EIO from a shut-down filesystem).
 
 Commands:
 
-    sync              write everything back and commit (syncfs + journal)
+    sync              write everything back and commit (syncfs + journal);
+                      fails with the errno of a writeback error no sync has
+                      reported yet (syncfs(2)'s report: the data is lost)
     stat              counters of every layer, as JSON
     inject TAG=N ...  set errortags; replies with their hit counters (JSON)
     mark LABEL        with -o log_writes: record LABEL in the write log and
@@ -24,9 +26,12 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 
 from ..lib.errors import FsError
+
+log = logging.getLogger("delafs")
 
 CONTROL_NAME = b".delafs-control"
 CONTROL_INO = 2**63 - 2          # never allocated: inode numbers grow from 2
@@ -50,8 +55,11 @@ class ControlHandler:
 
     async def cmd_sync(self, args: list[str]) -> bytes:
         m = self.daemon.m
-        await m.syncfs()
+        err = await m.syncfs()
         await m.fs.sync()
+        if err:
+            log.error("sync: writeback failed since the last sync (%s): data was lost", os.strerror(err))
+            raise FsError(err, "writeback failed since the last sync: data is lost")
         return b"ok\n"
 
     async def cmd_inject(self, args: list[str]) -> bytes:

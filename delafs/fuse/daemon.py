@@ -214,21 +214,24 @@ class Daemon:
         except Exception:
             log.exception("final counters")
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> bool:
         """After the kernel let go: the final flush, then release the image.
         Signals are ignored from here on: the flush must finish (a plain
-        umount returns before it, and systemd's stop then sends SIGTERM)."""
+        umount returns before it, and systemd's stop then sends SIGTERM).
+        False if the flush failed or lost data (the daemon exits 1)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         try:
             pyfuse3.close(unmount=True)
         except Exception:
             log.exception("pyfuse3.close")
+        clean = True
         try:
             if self.m is not None and not self.readonly:
                 try:
                     await self.m.unmount()
                 except DelafsError as e:
+                    clean = False
                     log.error("final flush failed: %s; the image keeps what the journal "
                               "committed (replayed at the next mount)", e)
             if self.m is not None:
@@ -238,6 +241,7 @@ class Daemon:
                 self.dev.close()
                 if isinstance(self.dev.recorder, WriteLog):
                     self.dev.recorder.close()
+        return clean
 
 
 def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
@@ -267,7 +271,10 @@ def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
         try:
             await d.serve(report_ready)
         finally:
-            await d.shutdown()
+            clean = await d.shutdown()
+        if not clean:
+            log.error("unmounted %s, but the final flush failed (see above)", image)
+            return 1
         log.info("unmounted %s cleanly", image)
         return 0
 

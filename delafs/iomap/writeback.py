@@ -147,7 +147,7 @@ async def writeback_folio(engine, wpc: WritebackCtx, folio) -> bool:
                     err = e.errno if isinstance(e, FsError) else errno.EIO
                     if not isinstance(e, FsError):
                         log.error("writeback_range of inode %d at %d: %r", inode.ino, pos, e)
-                    inode.mapping.wb_err.set(err)
+                    inode.mapping.set_error(err)
                     wpc.error = wpc.error or err
                     return True
                 wpc.nr_ranges += 1

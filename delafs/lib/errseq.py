@@ -49,6 +49,12 @@ class ErrSeq:
         """Cookie for a new file description: errors so far are not its."""
         return self._seq
 
+    def sample_unreported(self) -> int:
+        """errseq_sample's own rule, for syncfs: a cookie from before the
+        newest error if no check has reported it yet, so that error is
+        reported by the next check_and_advance."""
+        return self._seq - 1 if self._seq and not self._seen else self._seq
+
     def check(self, cursor: "ErrSeqCursor") -> int:
         """The errno of an error since the cursor's cookie, or 0; no advance."""
         return self._errno if cursor.cookie != self._seq else 0
@@ -80,5 +86,5 @@ class ErrSeqCursor:
 
     __slots__ = ("cookie",)
 
-    def __init__(self, errseq: ErrSeq):
-        self.cookie = errseq.sample()
+    def __init__(self, errseq: ErrSeq, *, unreported: bool = False):
+        self.cookie = errseq.sample_unreported() if unreported else errseq.sample()

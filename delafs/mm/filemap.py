@@ -87,6 +87,12 @@ class AddressSpace:
         self.nrwriteback = 0
         self.wb_err = ErrSeq()
 
+    def set_error(self, err: int) -> None:
+        """mapping_set_error: a writeback error is the inode's (fsync
+        reports it to each description) and the superblock's (syncfs)."""
+        self.wb_err.set(err)
+        self.cache.wb_err.set(err)
+
     def __repr__(self) -> str:
         return (f"<AddressSpace ino={self.ino} folios={len(self.folios)} "
                 f"blocks={self.nrpages} dirty={self.nrdirty}>")

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import trio
 
+from ..lib.errseq import ErrSeq
 from ..lib.units import BLOCK_SHIFT
 from . import heap
 from .filemap import AddressSpace
@@ -104,6 +105,9 @@ class PageCache:
                         they became dirty (the kernel's b_dirty list)
       _lru              FolioLru, least recently used first: exactly the
                         cached folios that are clean and not under writeback
+      wb_err            ErrSeq of every mapping's writeback errors: the
+                        superblock's s_wb_err, which syncfs reports (a
+                        cache serves one mount)
 
     Dirty limits, as the kernel measures them: writers are throttled on
     dirty + writeback bytes (memory not yet reclaimable), the background
@@ -126,6 +130,7 @@ class PageCache:
         self._dirty_mappings: dict[int, AddressSpace] = {}
         self._lru = FolioLru()
         self._nfolios = 0
+        self.wb_err = ErrSeq()
         # throttling
         self._unthrottle: trio.Event | None = None
         self._nr_throttled = 0

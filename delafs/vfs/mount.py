@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import trio
 
@@ -123,10 +124,16 @@ class Mount:
             await self.cache.stop_flusher()
 
     async def unmount(self) -> None:
-        """Write everything back, commit, checkpoint, mark the image clean."""
-        await self.syncfs()
+        """Write everything back, commit, checkpoint, mark the image clean.
+        A writeback error nobody has reported through syncfs (data is lost)
+        is raised as an FsError, after the image is closed clean: what did
+        reach it is consistent."""
+        err = await self.syncfs()
         self.cache.stop()
         await self.fs.close()
+        if err:
+            raise FsError(err, f"writeback failed ({os.strerror(err)}): data that no fsync or "
+                               f"sync reported is lost")
 
     # -- inodes -----------------------------------------------------------------
 
@@ -426,12 +433,17 @@ class Mount:
         commit makes every name change before it durable."""
         await self.fs.commit()
 
-    async def syncfs(self) -> None:
+    async def syncfs(self) -> int:
+        """Write back and commit everything; return the errno of a writeback
+        error that happened before or during it which no syncfs has
+        reported yet (0 if none): syncfs(2)'s report from s_wb_err."""
+        cursor = ErrSeqCursor(self.cache.wb_err, unreported=True)
         for inode in list(self.inodes.values()):
             if inode.mapping.nrdirty:
                 await writepages(self.engine, inode, sync=True)
             await inode.mapping.wait_writeback_range()
         await self.fs.commit()
+        return self.cache.wb_err.check_and_advance(cursor)
 
     # -- the fault path, driven in-process (FUSE never shows it to a daemon) ----------
 

@@ -8,6 +8,7 @@ import trio
 
 from delafs.fs.extent_map import ExtentMap, ExtState
 from delafs.iomap.types import IOMAP_WRITE, YieldPoints
+from delafs.iomap.writeback import writepages
 from delafs.lib.errors import FsError
 from delafs.lib.errortag import ErrorTags
 from delafs.ondisk import BLOCK_SIZE as BS
@@ -166,7 +167,6 @@ async def test_background_writeback_leaves_the_flush_to_the_journal_commit(rig):
     commit that carries the conversion flushes before its records, so the
     data is durable first (REQ_PREFLUSH), then flushes its own records."""
     from delafs.block.recorder import Recorder
-    from delafs.iomap.writeback import writepages
     m = await rig.mount(format=True)
     ino = await new_file(m)
     f = await m.open(ino, write=True)
@@ -374,6 +374,35 @@ async def test_enospc_only_at_write_time_and_space_returns(rig):
     await rig.fsck()
 
 
+async def test_syncfs_reports_a_writeback_error_nobody_has_reported(rig):
+    """The superblock's errseq (s_wb_err): syncfs reports a writeback
+    error that happened before it or during it, once, whoever else (an
+    fsync) reported it to its own description; the unmount's final flush
+    says so too, and still leaves a clean, committed image."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"a" * 9000)
+    assert await m.syncfs() == 0
+    m.errortags.set("writeback_eio", 1)
+    await m.write(f, 0, b"b" * 9000)
+    assert await m.syncfs() == errno.EIO
+    assert await m.syncfs() == 0               # reported once
+    await m.write(f, 0, b"c" * 9000)
+    inode = await m.iget(ino)
+    await writepages(m.engine, inode, sync=True)   # background writeback fails, unseen
+    with pytest.raises(FsError):
+        await m.fsync(f)                       # the description's report...
+    assert await m.syncfs() == errno.EIO       # ...is not the superblock's
+    await m.write(f, 0, b"d" * 9000)
+    with pytest.raises(FsError) as e:
+        await m.unmount()                      # the final flush loses "d"
+    assert e.value.errno == errno.EIO
+    rig.scope.cancel()
+    rig.dev.close()
+    await rig.fsck()
+
+
 async def test_writeback_eio_is_reported_once_per_description(rig):
     m = await rig.mount(format=True)
     ino = await new_file(m)
@@ -440,7 +469,6 @@ async def test_background_writeback_skips_folios_cleaned_meanwhile(rig):
     queued folios without writing them."""
     import functools
 
-    from delafs.iomap.writeback import writepages
     m = await rig.mount(format=True)
     ino = await new_file(m)
     f = await m.open(ino, write=True)
@@ -562,7 +590,6 @@ async def test_a_writeback_walk_lets_other_requests_run_between_folios(rig):
     background pass under fio's 4 KiB random writes); the walk must give
     other tasks a turn while it is still mapping folios, not only once it
     submits."""
-    from delafs.iomap.writeback import writepages
     m = await rig.mount(format=True, size=128 << 20)
     ino = await new_file(m)
     f = await m.open(ino, write=True)
@@ -977,7 +1004,6 @@ async def test_truncate_inside_a_written_block_never_races_writeback_for_it(rig)
     disk while the folio said clean.  XFS writes the zeroed block back
     through the page cache before it logs the new size; so does delafs."""
     from delafs.iomap.types import POINTS
-    from delafs.iomap.writeback import writepages
 
     m = await rig.mount(format=True)
     ino = await new_file(m)

@@ -12,6 +12,7 @@ import errno
 import os
 import random
 import signal
+import subprocess
 import time
 
 import pytest
@@ -325,8 +326,37 @@ def test_data_write_eio_is_reported_once_per_open_file_description(delafs_mount)
     finally:
         os.close(a)
         os.close(b)
+    # The superblock's report (syncfs(2), `delafs sync`) is its own: once.
+    r = run([DELAFS, "sync", m.mnt], check=False)
+    assert r.returncode == 1 and "Input/output error" in r.stderr, (r.returncode, r.stderr)
+    m.sync()
     m.cycle()
     assert open(p, "rb").read(4096) == b"z" * 4096
+
+
+def test_a_final_flush_that_loses_data_is_not_called_clean(delafs_mount):
+    """umount(8) with dirty data whose writeback fails: the daemon (run in
+    the foreground, so its status is seen) logs the loss and exits 1, not
+    "unmounted cleanly" and 0; the image it leaves is consistent."""
+    m = delafs_mount(size="64M", mount=False)
+    m.tracebacks_ok = True
+    p = subprocess.Popen([DELAFS, "mount", "-f", m.image, m.mnt, "-o", f"log={m.log}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    m.pids.append(p.pid)
+    assert wait_until(lambda: is_mounted(m.mnt) or p.poll() is not None, 60), "no mount"
+    assert p.poll() is None, p.stderr.read()
+    m.pid = p.pid
+    with open(m.path("lost"), "wb") as f:
+        f.write(b"x" * 50000)
+    m.inject(writeback_eio=1)
+    run(["umount", m.mnt])
+    assert p.wait(timeout=120) == 1
+    m.pid = None
+    text = open(m.log).read()
+    assert "final flush failed" in text and "data that no fsync or sync reported is lost" in text, \
+        m.log_tail()
+    assert "cleanly" not in text, m.log_tail()
+    m.fsck()
 
 
 def test_flush_eio_fails_fsync_and_shuts_down_then_recovers(delafs_mount):
