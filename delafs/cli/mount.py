@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from ..fuse.control import DaemonGone, NotMounted, control_command
+from ..fuse.control import DaemonGone, NotMounted, control_command, write_back_kernel_pages
 from ..fuse.options import MountOptions
 from ..lib.errortag import TAGS, ErrorTags
 from ..lib.units import format_size
@@ -70,6 +70,7 @@ def cmd_umount(args) -> int:
         status = fail("umount", f"{mnt}: the daemon does not answer ({e}); unmounting anyway")
     try:
         if not info["readonly"]:
+            write_back_kernel_pages(mnt)
             control_command(mnt, "sync")
     except OSError as e:
         # A filesystem that has shut down (or cannot write) still gets
@@ -150,8 +151,18 @@ def cmd_inject(args) -> int:
 def cmd_sync(args) -> int:
     if json.loads(_command(args, "stat"))["daemon"]["readonly"]:
         return 0        # as sync(1): nothing to write back on a read-only mount
+    _write_back_kernel_pages(args.cmd, args.mountpoint)
     _command(args, "sync")
     return 0
+
+
+def _write_back_kernel_pages(cmd: str, mountpoint: str) -> None:
+    mnt = os.path.abspath(mountpoint)
+    try:
+        write_back_kernel_pages(mnt)
+    except OSError as e:
+        raise SystemExit(fail(cmd, f"{mnt}: the kernel could not write back what it held: "
+                                   f"{e.strerror or e} (see the daemon's log)")) from None
 
 
 HELPER_SCRIPT = """#!/bin/sh

@@ -10,7 +10,9 @@ EIO from a shut-down filesystem).
 
 Commands:
 
-    sync              write everything back and commit (syncfs + journal);
+    sync              write everything back and commit (syncfs + journal) --
+                      what the daemon holds: the client first has the kernel
+                      write back its own (write_back_kernel_pages);
                       fails with the errno of a writeback error no sync has
                       reported yet (syncfs(2)'s report: the data is lost)
     stat              counters of every layer, as JSON
@@ -24,7 +26,9 @@ Both sides are here: :class:`ControlHandler` runs in the daemon,
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -121,3 +125,25 @@ def control_command(mountpoint: str, command: str) -> str:
         return out.decode()
     finally:
         os.close(fd)
+
+
+def write_back_kernel_pages(mountpoint: str) -> None:
+    """syncfs(2) on the mount: the kernel writes back the pages it holds
+    dirty there (what -o writeback_cache let it cache, stores through
+    shared mappings) as WRITEs the daemon answers, and waits for them.  No
+    FUSE daemon sees a program's written data before that, so a sync that
+    is to cover it starts here.  (FUSE_SYNCFS itself, which pyfuse3 answers
+    ENOSYS, would only tell the daemon to commit.)  OSError: the kernel's
+    report, e.g. EIO for a WRITE of its writeback that failed."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc().syncfs(fd) != 0:        # the os module has sync() only
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

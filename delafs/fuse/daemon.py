@@ -30,12 +30,15 @@ from ..lib import locks
 from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
 from ..vfs.mount import Mount
-from .control import ControlHandler
+from .control import ControlHandler, write_back_kernel_pages
 from .inspect import InspectServer
 from .operations import Operations
 from .options import MountOptions
 
 log = logging.getLogger("delafs")
+
+#: How long SIGTERM waits for the kernel to write back what it holds (s).
+KERNEL_WRITEBACK_WAIT = 60
 
 class Daemon:
     """One mounted image."""
@@ -201,7 +204,26 @@ class Daemon:
                     continue
                 log.info("signal %d: unmounting", sig)
                 unmounting = True
+                if not self.readonly:
+                    await self._write_back_kernel_pages()
                 pyfuse3.terminate()
+
+    async def _write_back_kernel_pages(self) -> None:
+        """Before letting go of the connection, have the kernel send the
+        pages it holds dirty (writeback_cache writes, mmap stores of files
+        still open), as umount(8) does before the kernel lets go: once the
+        connection is gone they can only be dropped.  From a thread, while
+        this loop answers the WRITEs; bounded, since a kernel that cannot
+        finish must not keep the daemon from its own final flush."""
+        with trio.move_on_after(KERNEL_WRITEBACK_WAIT) as scope:
+            try:
+                await trio.to_thread.run_sync(write_back_kernel_pages, self.mountpoint,
+                                              abandon_on_cancel=True)
+            except OSError as e:
+                log.error("the kernel could not write back the pages it held: %s", e)
+        if scope.cancelled_caught:
+            log.error("the kernel's writeback of the pages it held took over %d s: "
+                      "unmounting without the rest", KERNEL_WRITEBACK_WAIT)
 
     def _log_final_counters(self) -> None:
         """The counters die with the daemon and a plain umount(8) (what

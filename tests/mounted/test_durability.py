@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -332,6 +333,86 @@ def test_data_write_eio_is_reported_once_per_open_file_description(delafs_mount)
     m.sync()
     m.cycle()
     assert open(p, "rb").read(4096) == b"z" * 4096
+
+
+HOLDER = r"""
+import mmap, os, sys
+path, how, data = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+with open(path, "wb") as f:
+    f.write(bytes(len(data)))
+    f.flush()
+    os.fsync(f.fileno())
+fd = os.open(path, os.O_RDWR)
+if how == "mmap":
+    m = mmap.mmap(fd, len(data))
+    m[:] = data
+else:
+    os.pwrite(fd, data, 0)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+class KernelHeldPages:
+    """Written data the kernel holds in its own page cache, not yet sent
+    to the daemon as a WRITE: a write(2) under -o writeback_cache, or a
+    store through a shared mapping (any mount).  Another process holds the
+    file open: a fork of this one (running delafs) would close a copy of
+    the descriptor, and FUSE's FLUSH on that close writes the pages back."""
+
+    def __init__(self, m, how: str):
+        self.data = random.Random(how).randbytes(3 * 4096)
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, m.path("held"), how, self.data.hex()],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "held\n"
+
+    def drop(self) -> None:
+        """The daemon is gone: let go without writing anything more."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def check(self, m) -> None:
+        with open(m.path("held"), "rb") as f:
+            assert f.read() == self.data, "what the kernel held was lost"
+
+
+HELD = [pytest.param("writeback_cache", "write", id="wbc-write"), pytest.param("", "mmap", id="mmap")]
+
+
+@pytest.mark.parametrize("opts,how", HELD)
+def test_delafs_sync_covers_pages_the_kernel_holds(delafs_mount, opts, how):
+    """delafs sync is a durability point for what a program wrote, also
+    where the kernel still holds it: it makes the kernel write those pages
+    back (syncfs(2)) before the daemon's own sync.  After a kill -9 they
+    were lost."""
+    m = delafs_mount(size="64M", opts=opts)
+    held = KernelHeldPages(m, how)
+    try:
+        m.sync()
+        kill_9(m)
+    finally:
+        held.drop()
+    m.mount()
+    held.check(m)
+
+
+@pytest.mark.parametrize("opts,how", HELD)
+def test_sigterm_unmount_covers_pages_the_kernel_holds(delafs_mount, opts, how):
+    """SIGTERM unmounts cleanly, also for a file still open: the daemon has
+    the kernel write back the pages it holds before it lets go of the
+    connection.  They were lost (the README said: close or fsync first)."""
+    m = delafs_mount(size="64M", opts=opts)
+    held = KernelHeldPages(m, how)
+    pid = m.pid
+    try:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not pid_alive(pid), 60), "the daemon did not exit"
+    finally:
+        held.drop()
+    m.forget_daemon()
+    m.fsck()
+    m.mount()
+    held.check(m)
 
 
 def test_a_final_flush_that_loses_data_is_not_called_clean(delafs_mount):
