@@ -70,8 +70,7 @@ def cmd_umount(args) -> int:
         status = fail("umount", f"{mnt}: the daemon does not answer ({e}); unmounting anyway")
     try:
         if not info["readonly"]:
-            write_back_kernel_pages(mnt)
-            control_command(mnt, "sync")
+            _sync_both(mnt)
     except OSError as e:
         # A filesystem that has shut down (or cannot write) still gets
         # unmounted: what the journal committed survives, the rest is lost.
@@ -151,18 +150,29 @@ def cmd_inject(args) -> int:
 def cmd_sync(args) -> int:
     if json.loads(_command(args, "stat"))["daemon"]["readonly"]:
         return 0        # as sync(1): nothing to write back on a read-only mount
-    _write_back_kernel_pages(args.cmd, args.mountpoint)
-    _command(args, "sync")
+    mnt = os.path.abspath(args.mountpoint)
+    try:
+        _sync_both(mnt)
+    except NotMounted as e:
+        return fail(args.cmd, str(e))
+    except OSError as e:
+        return fail(args.cmd, f"{mnt}: {e.strerror or e} (see the daemon's log)")
     return 0
 
 
-def _write_back_kernel_pages(cmd: str, mountpoint: str) -> None:
-    mnt = os.path.abspath(mountpoint)
+def _sync_both(mnt: str) -> None:
+    """The kernel's pages first, then the daemon's sync, whatever the
+    kernel said (syncfs(2) too writes back all it can before it reports).
+    Raises the daemon's error, else the kernel's."""
     try:
         write_back_kernel_pages(mnt)
+        kernel_error = None
     except OSError as e:
-        raise SystemExit(fail(cmd, f"{mnt}: the kernel could not write back what it held: "
-                                   f"{e.strerror or e} (see the daemon's log)")) from None
+        kernel_error = e
+    control_command(mnt, "sync")
+    if kernel_error is not None:
+        raise OSError(kernel_error.errno, f"the kernel could not write back what it held: "
+                                          f"{kernel_error.strerror}")
 
 
 HELPER_SCRIPT = """#!/bin/sh
@@ -299,7 +309,8 @@ def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foregr
     if foreground:
         # In the foreground the log is stderr, unless log= names a file.
         try:
-            stream = open(logfile, "a", buffering=1) if logfile else sys.stderr
+            stream = (os.fdopen(os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                                "a", buffering=1) if logfile else sys.stderr)
         except OSError as e:
             return fail("mount", f"cannot open the log file {logfile}: {e.strerror}")
         logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
@@ -309,7 +320,11 @@ def daemonize_and_run(image: str, mountpoint: str, opts: MountOptions, *, foregr
             for line in msg.splitlines():
                 if line != "ok":
                     fail("mount", line.removeprefix("error: "))
-        return run(image, mountpoint, opts, ready=say)
+        try:
+            return run(image, mountpoint, opts, ready=say)
+        except Exception:
+            logging.getLogger("delafs").exception("the daemon failed")
+            return 1
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:

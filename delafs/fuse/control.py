@@ -132,9 +132,14 @@ def write_back_kernel_pages(mountpoint: str) -> None:
     dirty there (what -o writeback_cache let it cache, stores through
     shared mappings) as WRITEs the daemon answers, and waits for them.  No
     FUSE daemon sees a program's written data before that, so a sync that
-    is to cover it starts here.  (FUSE_SYNCFS itself, which pyfuse3 answers
-    ENOSYS, would only tell the daemon to commit.)  OSError: the kernel's
-    report, e.g. EIO for a WRITE of its writeback that failed."""
+    is to cover it starts here.  (The kernel sends FUSE_SYNCFS only to
+    virtiofs.)  OSError: the kernel's report, e.g. EIO for a WRITE of its
+    writeback that failed; the kernel wrote back all it could regardless.
+
+    The wait covers the WRITEs since FUSE writeback keeps pages under
+    writeback until the daemon answers (the 2025 rework, around Linux
+    6.16); older kernels copied each page to a temporary one and ended its
+    writeback at once, so there syncfs(2) can return with WRITEs queued."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
         if _libc().syncfs(fd) != 0:        # the os module has sync() only

@@ -37,8 +37,9 @@ from .options import MountOptions
 
 log = logging.getLogger("delafs")
 
-#: How long SIGTERM waits for the kernel to write back what it holds (s).
-KERNEL_WRITEBACK_WAIT = 60
+#: How long SIGTERM waits for the kernel to write back what it holds (s):
+#: well inside systemd's 90 s stop timeout, which also covers our own flush.
+KERNEL_WRITEBACK_WAIT = 30
 
 class Daemon:
     """One mounted image."""
@@ -54,6 +55,8 @@ class Daemon:
         self.warnings: list[str] = []
         self.inspect = InspectServer(self)
         self.inspect_live = False
+        self.serving = False            # pyfuse3.main() runs: the mount point is ours
+        self.lost_on_signal: str | None = None
 
     # -- bring-up ------------------------------------------------------------------
 
@@ -159,8 +162,10 @@ class Daemon:
                 log.warning("no inspection socket (bmap, trace, top will not work): %s", e)
             n.start_soon(self._finish_setup, ready)
             try:
+                self.serving = True
                 await pyfuse3.main()
             finally:
+                self.serving = False
                 await self.m.stop_background()
                 n.cancel_scope.cancel()
 
@@ -204,7 +209,9 @@ class Daemon:
                     continue
                 log.info("signal %d: unmounting", sig)
                 unmounting = True
-                if not self.readonly:
+                # Once main() has returned (a umount raced the signal) the
+                # mount point is a plain directory again: nothing to ask.
+                if not self.readonly and self.serving:
                     await self._write_back_kernel_pages()
                 pyfuse3.terminate()
 
@@ -220,10 +227,13 @@ class Daemon:
                 await trio.to_thread.run_sync(write_back_kernel_pages, self.mountpoint,
                                               abandon_on_cancel=True)
             except OSError as e:
-                log.error("the kernel could not write back the pages it held: %s", e)
+                self.lost_on_signal = (f"the kernel's writeback of the pages it held reported an "
+                                       f"error ({e.strerror or e}): written data may be lost")
         if scope.cancelled_caught:
-            log.error("the kernel's writeback of the pages it held took over %d s: "
-                      "unmounting without the rest", KERNEL_WRITEBACK_WAIT)
+            self.lost_on_signal = (f"the kernel's writeback of the pages it held took over "
+                                   f"{KERNEL_WRITEBACK_WAIT} s: unmounting without the rest")
+        if self.lost_on_signal:
+            log.error("%s", self.lost_on_signal)
 
     def _log_final_counters(self) -> None:
         """The counters die with the daemon and a plain umount(8) (what
@@ -240,14 +250,15 @@ class Daemon:
         """After the kernel let go: the final flush, then release the image.
         Signals are ignored from here on: the flush must finish (a plain
         umount returns before it, and systemd's stop then sends SIGTERM).
-        False if the flush failed or lost data (the daemon exits 1)."""
+        False if the flush failed or lost data, or the kernel could not hand
+        over what it held at SIGTERM (the daemon exits 1)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         try:
             pyfuse3.close(unmount=True)
         except Exception:
             log.exception("pyfuse3.close")
-        clean = True
+        clean = self.lost_on_signal is None
         try:
             if self.m is not None and not self.readonly:
                 try:

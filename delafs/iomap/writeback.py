@@ -91,6 +91,11 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
         # those folios are already clean, so skipping the submit would
         # end their writeback with their data written nowhere.
         await _submit(ops, wpc, under_io)
+    if wpc.error:
+        # Once per pass, not per ioend (the kernel rate-limits its line):
+        # nobody may ever fsync this file, and unmount reports only its own.
+        log.error("writeback of inode %d failed (%s): data lost; fsync and delafs sync report it",
+                  inode.ino, errno.errorcode.get(wpc.error, wpc.error))
     return written
 
 

@@ -394,13 +394,44 @@ async def test_syncfs_reports_a_writeback_error_nobody_has_reported(rig):
     with pytest.raises(FsError):
         await m.fsync(f)                       # the description's report...
     assert await m.syncfs() == errno.EIO       # ...is not the superblock's
+    await m.write(f, 0, b"c" * 9000)
+    await writepages(m.engine, inode, sync=True)   # unseen again, then an ENOSPC retry:
+    m.errortags.set("writeback_eio", 0)
+    m.errortags.set("alloc_enospc", 1)
+    with pytest.raises(FsError) as e:
+        await m.write(f, 1 << 20, b"e" * 4096)
+    assert e.value.errno == errno.ENOSPC
+    m.errortags.set("alloc_enospc", 0)
+    assert await m.syncfs() == errno.EIO       # its flush is not a syncfs: the error waited
     await m.write(f, 0, b"d" * 9000)
+    m.errortags.set("writeback_eio", 1)
     with pytest.raises(FsError) as e:
         await m.unmount()                      # the final flush loses "d"
     assert e.value.errno == errno.EIO
     rig.scope.cancel()
     rig.dev.close()
     await rig.fsck()
+
+
+async def test_unmount_reports_only_what_its_own_flush_lost(rig):
+    """An error fsync already reported (the program rewrote and fsynced
+    since) does not fail the unmount: its final flush lost nothing."""
+    m = await rig.mount(format=True)
+    ino = await new_file(m)
+    f = await m.open(ino, write=True)
+    m.errortags.set("writeback_eio", 1)
+    await m.write(f, 0, b"a" * 9000)
+    with pytest.raises(FsError):
+        await m.fsync(f)
+    m.errortags.set("writeback_eio", 0)
+    await m.write(f, 0, b"b" * 9000)
+    await m.fsync(f)
+    await m.write(f, 0, b"c" * 9000)
+    await rig.unmount()
+    await rig.fsck()
+    m = await rig.mount()
+    assert await m.read(await m.open(ino, write=False), 0, 9000) == b"c" * 9000
+    await rig.unmount()
 
 
 async def test_writeback_eio_is_reported_once_per_description(rig):
