@@ -58,8 +58,16 @@ class InodeOps:
         return None if inode is None else inode.size
 
     async def log_inode(self, inode: Inode) -> None:
-        await self.tree.update((inode.ino, T_INODE, 0), inode.encode())
+        # Copied, then marked clean, before the update may wait for a node
+        # read: a stamp landing meanwhile (file_update_time takes no lock)
+        # marks it dirty again, as I_DIRTY_SYNC set after the copy does.
+        data = inode.encode()
         self.dirty_times.discard(inode.ino)
+        try:
+            await self.tree.update((inode.ino, T_INODE, 0), data)
+        except BaseException:
+            self.dirty_times.add(inode.ino)
+            raise
 
     def _evict_inodes(self) -> None:
         excess = len(self.inodes) - self.inode_cache_size

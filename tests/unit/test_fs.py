@@ -593,3 +593,36 @@ async def test_timestamps_of_many_inodes_commit_in_rolled_transactions(image):
     dev, fs = await reopen(dev)
     assert (await fs.lookup(d.ino, b"after")).ino
     dev.close()
+
+
+async def test_a_time_stamped_while_its_inode_is_logged_is_not_lost(image):
+    """log_inode awaits the tree update, which may read a node from the
+    device; a write(2) stamping mtime meanwhile (file_update_time takes no
+    lock) must leave the inode dirty, as I_DIRTY_SYNC set after the copy
+    for writeback does.  It was marked clean after the await: no commit
+    wrote the new times and a remount showed the old mtime."""
+    import trio
+
+    dev, fs = await fresh(image, cache_blocks=0)
+    dev.nowait_reads = False
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.sync()
+    fs.store.evict()
+    stamped = {}
+
+    async def stamp_during_the_read():
+        misses = fs.store.stats["misses"]
+        while fs.store.stats["misses"] == misses:
+            await trio.sleep(0)
+        await trio.sleep(0)
+        await fs.file_update_time(f.ino)
+        stamped["mtime"] = fs.inodes[f.ino].mtime
+
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: fs.setattr(f.ino, mode=0o600))
+        n.start_soon(stamp_during_the_read)
+    assert f.ino in fs.dirty_times
+    dev, fs = await reopen(dev, fs, clean=True)
+    got = await fs.getattr(f.ino)
+    assert (got.mtime, got.mode & 0o777) == (stamped["mtime"], 0o600)
+    await fs.close()
