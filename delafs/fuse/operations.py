@@ -88,6 +88,11 @@ def _reply(fn):
 
 
 CAP_FSETID = 4
+CAP_SYS_ADMIN = 21
+
+#: The xattr namespaces a local filesystem knows (ext4's handlers); FUSE
+#: passes every name through, so the daemon refuses the rest, as they do.
+_XATTR_NAMESPACES = frozenset({b"user", b"trusted", b"security", b"system"})
 
 
 def _size_bucket(n: int) -> int:
@@ -95,22 +100,42 @@ def _size_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def _in_group_or_capable(ctx, gid: int) -> bool:
-    """The kernel's in_group_or_capable() for the process behind a request:
-    is ``gid`` its fsgid or a supplementary group, or has it CAP_FSETID?
-    FUSE passes only uid, gid and pid (pyfuse3 no setxattr flags, so not the
-    kernel's FUSE_SETXATTR_ACL_KILL_SGID either); the rest is read from
-    /proc.  A process already gone counts as neither."""
-    if ctx.gid == gid:
-        return True
+def _proc_status(ctx) -> dict[str, str]:
+    """The /proc status fields of the process behind a request: FUSE passes
+    only its uid, gid and pid (pyfuse3 no setxattr flags, so not the
+    kernel's FUSE_SETXATTR_ACL_KILL_SGID either).  Empty for a process
+    already gone, which then has no groups and no capabilities."""
     try:
         with open(f"/proc/{ctx.pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
+            return dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
-        return False
-    if str(gid) in fields.get("Groups", "").split():
+        return {}
+
+
+def _capable(ctx, cap: int, fields: dict[str, str] | None = None) -> bool:
+    fields = _proc_status(ctx) if fields is None else fields
+    return bool(int(fields.get("CapEff", "0").strip() or "0", 16) >> cap & 1)
+
+
+def _in_group_or_capable(ctx, gid: int) -> bool:
+    """The kernel's in_group_or_capable() for the process behind a request:
+    is ``gid`` its fsgid or a supplementary group, or has it CAP_FSETID?"""
+    if ctx.gid == gid:
         return True
-    return bool(int(fields.get("CapEff", "0").strip() or "0", 16) >> CAP_FSETID & 1)
+    fields = _proc_status(ctx)
+    return str(gid) in fields.get("Groups", "").split() or _capable(ctx, CAP_FSETID, fields)
+
+
+def _suid_sgid_to_drop(ctx, attr) -> int:
+    """setattr_should_drop_suidgid(): the S_ISUID/S_ISGID bits a truncate
+    or write by this caller must clear (0 for root, with CAP_FSETID)."""
+    mode = attr.mode
+    if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return 0
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not _in_group_or_capable(ctx, attr.gid)):
+        kill |= stat.S_ISGID
+    return kill if kill and not _capable(ctx, CAP_FSETID) else 0
 
 
 class _Dir:
@@ -317,7 +342,10 @@ class Operations(pyfuse3.Operations):
             kw["mtime"] = attr.st_mtime_ns
         if fields.update_ctime:
             kw["ctime"] = attr.st_ctime_ns
-        if kw or fields.update_size:
+        # Nothing to change is chown(f, -1, -1): the kernel sends only
+        # ATTR_CTIME, as FUSE passes it only under writeback_cache.
+        nothing = not (kw or fields.update_size or fields.update_mode)
+        if kw or fields.update_size or nothing:
             new = await self.fs.setattr(inode, **kw)
             if fields.update_mode:
                 await self._acl_follow_mode(inode, new.mode)
@@ -507,8 +535,12 @@ class Operations(pyfuse3.Operations):
             # Atomic O_TRUNC is negotiated: no SETATTR follows, so truncate
             # here, against the in-memory size (data not yet written back
             # counts), stamping the times even of an empty file.  The
-            # kernel has already checked write permission for O_TRUNC.
+            # kernel has already checked write permission for O_TRUNC, and
+            # dropped the mode change that kills setuid/setgid with it.
             try:
+                kill = _suid_sgid_to_drop(ctx, attr)
+                if kill:
+                    await self.fs.setattr(inode, mode=attr.mode & ~kill)
                 await self.m.truncate(inode, 0)
             except BaseException:
                 await self.m.release(f)
@@ -582,8 +614,22 @@ class Operations(pyfuse3.Operations):
 
     # -- xattrs --------------------------------------------------------------------------------
 
+    def _check_xattr_name(self, inode: int, name: bytes) -> None:
+        """The names a local filesystem would take (xattr_resolve_name): a
+        known namespace and a non-empty name in it; of system.*, the POSIX
+        ACLs, and only with -o acl (without it the kernel would not enforce
+        them: ext4 mounted noacl refuses them as well)."""
+        ns, dot, rest = name.partition(b".")
+        if not dot or ns not in _XATTR_NAMESPACES or inode == CONTROL_INO:
+            raise FsError(errno.EOPNOTSUPP)
+        if not rest:
+            raise FsError(errno.EINVAL)
+        if ns == b"system" and (name not in (ACL_ACCESS, ACL_DEFAULT) or not self.enable_acl):
+            raise FsError(errno.EOPNOTSUPP)
+
     @_reply
     async def setxattr(self, inode, name, value, ctx):
+        self._check_xattr_name(inode, name)
         if name == ACL_DEFAULT:
             acl_entries(value)
             if not (await self.fs.getattr(inode)).is_dir:
@@ -606,6 +652,9 @@ class Operations(pyfuse3.Operations):
 
     @_reply
     async def getxattr(self, inode, name, ctx):
+        if inode == CONTROL_INO:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        self._check_xattr_name(inode, name)
         if self.fs.xattr_known_absent(inode, name):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
@@ -617,10 +666,22 @@ class Operations(pyfuse3.Operations):
 
     @_reply
     async def listxattr(self, inode, ctx):
-        return await self.fs.listxattr(inode)
+        if inode == CONTROL_INO:
+            return []
+        names = await self.fs.listxattr(inode)
+        # As the local filesystems list them: trusted.* only to
+        # CAP_SYS_ADMIN, the ACLs only where they are enforced.
+        if any(n.startswith(b"trusted.") for n in names) and not _capable(ctx, CAP_SYS_ADMIN):
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        if not self.enable_acl:
+            names = [n for n in names if not n.startswith(b"system.")]
+        return names
 
     @_reply
     async def removexattr(self, inode, name, ctx):
+        if inode == CONTROL_INO:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        self._check_xattr_name(inode, name)
         try:
             await self.fs.removexattr(inode, name)
         except FsError as e:

@@ -9,11 +9,13 @@ what the kernel cached while mounted proves nothing about what was stored.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -410,6 +412,96 @@ def test_setting_an_acl_clears_sgid_for_a_caller_outside_the_group(delafs_mount)
     os.chmod(f, 0o2775)
     run(["setfacl", "-m", "u:2:rwx", f])
     assert os.stat(f).st_mode & stat.S_ISGID
+
+
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess:
+    return run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd], check=False)
+
+
+@pytest.mark.parametrize("opts", ["", "writeback_cache"])
+def test_o_trunc_by_another_user_clears_setuid_and_setgid(delafs_mount, opts):
+    """`: > file` by a user without CAP_FSETID clears S_ISUID and S_ISGID
+    (with group execute), as truncate(2) and write(2) do.  With atomic
+    O_TRUNC the kernel drops the mode change it would otherwise send, so
+    the daemon's OPEN must do it; it did not (mode stayed 6777)."""
+    need("setpriv")
+    m = delafs_mount(opts=",".join(filter(None, ["allow_other", opts])))
+    f = m.path("sx")
+    with open(f, "w") as fh:
+        fh.write("hello")
+    os.chown(f, 65534, 65534)
+    os.chmod(f, 0o6777)
+    r = as_nobody("sh", "-c", f": > {f}")
+    assert r.returncode == 0, r.stderr
+    st = os.stat(f)
+    assert (stat.S_IMODE(st.st_mode), st.st_size) == (0o777, 0)
+    os.chmod(f, 0o6777)
+    with open(f, "w"):                      # root has CAP_FSETID: the bits stay
+        pass
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o6777
+    m.cycle()
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o6777
+
+
+def test_chown_to_the_same_owner_moves_ctime(delafs_mount):
+    """chown(f, -1, -1) changes nothing but ctime (notify_change with
+    ATTR_CTIME); without writeback_cache FUSE sends a SETATTR with no field
+    set, which the daemon answered without stamping anything."""
+    m = delafs_mount()
+    f = m.path("f")
+    open(f, "w").close()
+    before = os.stat(f).st_ctime_ns
+    time.sleep(0.01)
+    os.chown(f, -1, -1)
+    assert os.stat(f).st_ctime_ns > before
+
+
+def test_acls_are_refused_without_the_acl_option(delafs_mount):
+    """Without -o acl the kernel does not enforce system.posix_acl_*
+    (FUSE_POSIX_ACL is not negotiated): storing one would tell the user
+    access is restricted when it is not.  ext4 mounted noacl refuses it
+    (EOPNOTSUPP); delafs stored it, changed the mode and enforced nothing."""
+    need("setfacl", "getfacl", "setpriv")
+    m = delafs_mount(opts="allow_other")
+    f = m.path("deny")
+    with open(f, "w") as fh:
+        fh.write("data")
+    os.chmod(f, 0o666)
+    r = run(["setfacl", "-m", "u:65534:---", f], check=False)
+    assert r.returncode != 0 and "not supported" in r.stderr, (r.returncode, r.stderr)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o666
+    assert [n for n in os.listxattr(f) if n.startswith("system.")] == []
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "system.posix_acl_access")
+    assert e.value.errno in (errno.EOPNOTSUPP, errno.ENODATA)
+
+
+def test_xattr_names_follow_the_namespaces(delafs_mount):
+    """As ext4: an unknown namespace is EOPNOTSUPP, an empty name in a
+    known one EINVAL; trusted.* names are listed only to CAP_SYS_ADMIN;
+    the control file answers xattr calls without an error (ls -l asks)."""
+    need("setpriv")
+    m = delafs_mount(opts="allow_other")
+    f = m.path("x")
+    open(f, "w").close()
+    os.chmod(f, 0o666)
+    for name, err in [("foo.bar", errno.EOPNOTSUPP), ("user", errno.EOPNOTSUPP),
+                      ("user.", errno.EINVAL), ("system.nonsense", errno.EOPNOTSUPP)]:
+        with pytest.raises(OSError) as e:
+            os.setxattr(f, name, b"v")
+        assert e.value.errno == err, (name, e.value)
+    os.setxattr(f, "user.pub", b"1")
+    os.setxattr(f, "trusted.secret", b"2")
+    assert sorted(os.listxattr(f)) == ["trusted.secret", "user.pub"]
+    r = as_nobody(sys.executable, "-c", f"import os; print(sorted(os.listxattr({f!r})))")
+    assert r.returncode == 0 and r.stdout.strip() == "['user.pub']", (r.stdout, r.stderr)
+    control = m.path(".delafs-control")
+    assert os.listxattr(control) == []
+    with pytest.raises(OSError) as e:
+        os.getxattr(control, "user.x")
+    assert e.value.errno == errno.ENODATA
+    r = run(["ls", "-la", m.mnt], check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 # ======================================================================================
