@@ -67,9 +67,11 @@ class VInode:
       i_rwsem   per-inode shared/exclusive lock, the outermost in the order
       writers   open descriptions with write access (post-EOF preallocation
                 is trimmed when the last one closes)
+      truncated a shrinking truncate since the last close, whose new data
+                the next close starts writing back (XFS_ITRUNCATED)
     """
 
-    __slots__ = ("ino", "size", "mapping", "i_rwsem", "writers", "private")
+    __slots__ = ("ino", "size", "mapping", "i_rwsem", "writers", "truncated", "private")
 
     def __init__(self, ino: int, size: int, mapping):
         self.ino = ino
@@ -77,6 +79,7 @@ class VInode:
         self.mapping = mapping
         self.i_rwsem = RWSemaphore(f"i_rwsem[{ino}]")
         self.writers = 0
+        self.truncated = False
         self.private = None
 
 

@@ -303,7 +303,26 @@ class Mount:
             if inode.writers == 0:
                 async with inode.i_rwsem.exclusive():
                     await self.ops.trim_prealloc(inode)
+        if inode.truncated:
+            # xfs_release's early writeout: a file truncated and rewritten
+            # without fsync (`>` in a shell) would otherwise be empty after
+            # a crash once the truncate is committed and before the flusher
+            # writes the new data.
+            inode.truncated = False
+            if inode.mapping.nrdirty:
+                await writepages(self.engine, inode, sync=False)
         await self.fs.close_ref(inode.ino)
+
+    async def flush_before_replace(self, ino: int) -> None:
+        """A rename is about to replace a file with ``ino`` (ext4's
+        auto_da_alloc): write its data back first, so its conversion is
+        logged before the rename and no commit can hold the new name
+        without the data (a file written and renamed over another without
+        fsync would be empty after a crash)."""
+        inode = self.inodes.get(ino)
+        if inode is not None and (inode.mapping.nrdirty or inode.mapping.nrwriteback):
+            await writepages(self.engine, inode, sync=True)
+            await inode.mapping.wait_writeback_range()
 
     async def write(self, f: OpenFile, pos: int, data, *, append: bool = False) -> int:
         """write(2): buffered, through the engine.  ENOSPC retry: if the
@@ -356,6 +375,8 @@ class Mount:
             raise FsError(errno.EFBIG, "file too large")
         async with inode.i_rwsem.exclusive():
             old = inode.size        # ahead of the on-disk size until writeback catches up
+            if size < old:
+                inode.truncated = True
             await self.engine.iomap_truncate(
                 inode, size, lambda s, zero_eof: self.fs.truncate(ino, s, old_size=old, zero_eof=zero_eof))
             if size == old:

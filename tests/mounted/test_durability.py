@@ -464,6 +464,39 @@ def start_foreground(m, opts: str = "") -> subprocess.Popen:
     return p
 
 
+# The journal commits often, the flusher never: whatever a test needs on
+# disk before its crash, the filesystem itself must have written.
+COMMIT_NOT_WRITEBACK = "commit_interval=0.05,dirty_expire=3600,writeback_interval=3600"
+
+
+@pytest.mark.parametrize("opts", ["", "writeback_cache"])
+@pytest.mark.parametrize("how", ["rename-over", "truncate-and-rewrite"])
+def test_replacing_a_file_without_fsync_never_leaves_it_empty_after_a_crash(delafs_mount, how, opts):
+    """The two ways programs replace a file without fsync: write a new one
+    and rename it over the old (editors, config writers; ext4's
+    auto_da_alloc flushes the new data at the rename), or truncate and
+    rewrite it (XFS and ext4 flush at the close after a truncate).  After a
+    crash the file holds the old or the new contents, never nothing; it
+    held 0 bytes once the rename or the truncate had been committed."""
+    m = delafs_mount(size="64M", opts=",".join(filter(None, [COMMIT_NOT_WRITEBACK, opts])))
+    target = m.path("conf")
+    write_fsynced(target, b"old contents\n" * 100)
+    new = b"new contents\n" * 300
+    if how == "rename-over":
+        with open(m.path("conf.tmp"), "wb") as f:
+            f.write(new)
+        os.rename(m.path("conf.tmp"), target)
+    else:
+        with open(target, "wb") as f:
+            f.write(new)
+    time.sleep(0.5)                         # ten journal commits
+    kill_9(m)
+    m.mount()
+    with open(target, "rb") as f:
+        got = f.read()
+    assert got in (b"old contents\n" * 100, new), f"{len(got)} bytes after the crash"
+
+
 def test_a_final_flush_that_loses_data_is_not_called_clean(delafs_mount):
     """umount(8) with dirty data whose writeback fails: the daemon (run in
     the foreground, so its status is seen) logs the loss and exits 1, not
