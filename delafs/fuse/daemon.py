@@ -199,8 +199,11 @@ class Daemon:
     async def _signals(self) -> None:
         """SIGTERM or SIGINT: unmount.  Later ones are only logged: the
         flusher is finishing its pass, and dying there (the default action)
-        loses what the journal has not committed.  shutdown() ignores them
-        from the moment this receiver closes."""
+        loses what the journal has not committed.  Ignored before the
+        receiver opens, so that is what it restores when it closes, with
+        the final flush to come."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             unmounting = False
             async for sig in sigs:
@@ -306,7 +309,7 @@ def run(image: str, mountpoint: str, opts: MountOptions, *, ready=None) -> int:
         finally:
             clean = await d.shutdown()
         if not clean:
-            log.error("unmounted %s, but the final flush failed (see above)", image)
+            log.error("unmounted %s, but written data may be lost (see above)", image)
             return 1
         log.info("unmounted %s cleanly", image)
         return 0

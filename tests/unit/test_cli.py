@@ -531,3 +531,34 @@ def test_umount_counts_a_zombie_daemon_as_gone():
         assert not wait_gone(os.getpid(), 0.1)  # a live process is not gone
     finally:
         child.wait()
+
+
+def test_signals_stay_ignored_once_the_daemon_stops_listening():
+    """Between the daemon's signal receiver closing (trio restores the
+    handlers it found) and shutdown() ignoring signals, a SIGTERM had the
+    default action and killed the daemon before its final flush.  The
+    handlers it restores must already ignore them."""
+    import signal
+
+    import trio
+    import trio.testing
+
+    from delafs.fuse.daemon import Daemon
+    from delafs.fuse.options import MountOptions
+
+    d = Daemon("img", "mnt", MountOptions.parse(""))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    async def listen_then_stop():
+        async with trio.open_nursery() as n:
+            n.start_soon(d._signals)
+            await trio.testing.wait_all_tasks_blocked()
+            n.cancel_scope.cancel()
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        trio.run(listen_then_stop)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
