@@ -211,6 +211,7 @@ class BlockDevice:
 
     def __init__(self, fd: int, path: str, kind: str, size: int, *, readonly: bool, direct: bool):
         self._fd = fd
+        self._alias_fds: list[int] = []     # the other names of the image, locked with it
         self.path = path
         self.kind = kind
         self.size = size
@@ -542,23 +543,85 @@ class BlockDevice:
         """
         deadline = time.monotonic() + wait
         while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = self._try_lock()
+            if held is None:
                 return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                through = "" if held == self.path else f" through {held}"
+                raise FsError(
+                    errno.EBUSY,
+                    f"image {self.path} is in use by another delafs process{through} (lock held)",
+                )
+            time.sleep(min(0.1, remaining))
+
+    def _try_lock(self) -> str | None:
+        """Lock the image under every name it has here: the node opened and,
+        for a loop device, its backing file, or for a file, the loop
+        devices over it (the same blocks: a lock on one name alone let two
+        daemons write them).  Returns None, or the name another holds."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.path
+        fds: list[int] = []
+        for path in self._aliases():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue                # detached or gone meanwhile
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise FsError(
-                        errno.EBUSY,
-                        f"image {self.path} is in use by another delafs process (lock held)",
-                    ) from None
-                time.sleep(min(0.1, remaining))
+                for f in fds:
+                    os.close(f)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                return path
+        for fd in self._alias_fds:
+            os.close(fd)
+        self._alias_fds = fds
+        return None
+
+    def _aliases(self) -> list[str]:
+        """The other names of this image's blocks on this host."""
+        st = os.fstat(self._fd)
+        if self.kind == "block":
+            sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
+            try:
+                with open(sysfs) as f:
+                    backing = f.read().strip()
+            except OSError:
+                return []           # not a loop device
+            return [backing] if os.path.exists(backing) else []
+        loops = []
+        try:
+            names = os.listdir("/sys/block")
+        except OSError:
+            return []
+        for name in names:
+            if not name.startswith("loop"):
+                continue
+            try:
+                with open(f"/sys/block/{name}/loop/backing_file") as f:
+                    b = os.stat(f.read().strip())
+            except OSError:
+                continue            # unattached, or its file is gone
+            if (b.st_dev, b.st_ino) == (st.st_dev, st.st_ino):
+                loops.append(f"/dev/{name}")
+        return loops
 
     def unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        for fd in self._alias_fds:
+            os.close(fd)
+        self._alias_fds = []
 
     def close(self) -> None:
         """Close the image (releasing any lock); calling it again does nothing."""
+        for fd in self._alias_fds:
+            os.close(fd)
+        self._alias_fds = []
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

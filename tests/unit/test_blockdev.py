@@ -613,6 +613,25 @@ def test_loop_device(loop_device):
         assert f.read(BLOCK_SIZE) == block(0x66)
 
 
+@pytest.mark.parametrize("first", ["file", "loop"])
+def test_an_image_locked_one_way_is_locked_the_other(loop_device, first):
+    """The image file and a loop device over it are one image: a daemon
+    (or fsck) holding either must keep the other from being opened for
+    writing by a second one, whichever came first.  The lock was on the
+    opened node only, so two daemons wrote the same blocks."""
+    loop, backing = loop_device
+    paths = {"file": backing, "loop": loop}
+    second = "loop" if first == "file" else "file"
+    with BlockDevice.open(paths[first]) as a:
+        a.lock()
+        with BlockDevice.open(paths[second]) as b:
+            with pytest.raises(FsError) as e:
+                b.lock()
+            assert e.value.errno == errno.EBUSY and "in use" in str(e.value)
+    with BlockDevice.open(paths[second]) as b:
+        b.lock()            # released with the first
+
+
 def test_a_flush_in_flight_does_not_make_earlier_writes_look_flushed(dev, monkeypatch):
     """The journal skips its preflush when nothing is unflushed.  While
     another task's flush is still running, the writes it will cover are not
