@@ -112,9 +112,10 @@ def _getfacl(path: str) -> str:
 
 
 def test_rsync_hard_links_xattrs_acls_symlinks(delafs_mount, tmp_path):
-    """rsync -aHAX.  ACLs round-trip as system.posix_acl_* xattrs on any
-    mount (the daemon keeps the mode in step with the access ACL); they are
-    *enforced* only with ``-o acl`` (see test_posix_acls)."""
+    """rsync -aHAX onto a mount with ``-o acl``: ACLs round-trip as
+    system.posix_acl_* xattrs (the daemon keeps the mode in step with the
+    access ACL).  Without the option they are refused, as on ext4 mounted
+    noacl (test_acls_are_refused_without_the_acl_option)."""
     need("rsync", "setfacl", "getfacl")
     src = tmp_path / "rs"
     (src / "sub").mkdir(parents=True)
@@ -136,7 +137,7 @@ def test_rsync_hard_links_xattrs_acls_symlinks(delafs_mount, tmp_path):
     os.utime(src / "sub", ns=(3_000_000_789, 4_000_000_321))
     os.utime(src, ns=(5_000_000_987, 6_000_000_654))
 
-    m = delafs_mount()
+    m = delafs_mount(opts="acl")
     dst = m.path("dst")
     run(["rsync", "-aHAX", f"{src}/", f"{dst}/"])
 
