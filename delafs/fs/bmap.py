@@ -33,6 +33,9 @@ from .items import (
 
 log = logging.getLogger("delafs")
 
+# Extents a punch frees per step; between steps it may roll the transaction.
+PUNCH_BATCH = 64
+
 _STATE_TO_DISK = {ExtState.UNWRITTEN: EXT_UNWRITTEN, ExtState.WRITTEN: EXT_WRITTEN}
 _DISK_TO_STATE = {EXT_UNWRITTEN: ExtState.UNWRITTEN, EXT_WRITTEN: ExtState.WRITTEN}
 
@@ -190,7 +193,7 @@ class BmapOps:
             for ext in emap.iter_extents(fblock, end):
                 batch_end = ext.end
                 n += 1
-                if n >= 64:
+                if n >= PUNCH_BATCH:
                     break
             else:
                 batch_end = end
@@ -204,6 +207,12 @@ class BmapOps:
             fblock = batch_end
             if fblock < end:
                 await self.roll_if_full()
+
+    @staticmethod
+    def punch_may_roll(emap: ExtentMap, fblock: int, end: int) -> bool:
+        """Whether ``_punch`` of [fblock, end) may commit before it ends:
+        it rolls only between batches, so only over more than one."""
+        return len(list(emap.iter_extents(fblock, end, limit=PUNCH_BATCH + 1))) > PUNCH_BATCH
 
     async def allocate(self, ino: int, fblock: int, count: int) -> None:
         """fallocate's allocation: UNWRITTEN blocks over the holes of the

@@ -18,7 +18,7 @@ from ..ondisk import (
 )
 from .extent_map import ExtentMap, ExtState
 from .inode import now_ns
-from .items import EXTENT_ITEM_SIZE
+from .items import EXTENT_ITEM_SIZE, Inode
 
 log = logging.getLogger("delafs")
 
@@ -103,7 +103,8 @@ class DataOps:
             raise FsError(errno.EINVAL, "negative size")
         if size > self.sb.max_file_size:
             raise FsError(errno.EFBIG, f"file size limit is {self.sb.max_file_size} bytes")
-        async with self.transaction(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
+        # Two extent items, and the orphan record of a punch that may roll.
+        async with self.transaction(items=3, item_size=EXTENT_ITEM_SIZE, pool=True):
             inode = await self.iget(ino)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL if not inode.is_dir else errno.EISDIR,
@@ -129,9 +130,31 @@ class DataOps:
                 gone = emap.remove(first, (1 << 52) - first, (ExtState.DELALLOC,))
                 if gone:
                     self.space.alloc.unreserve(sum(e.length + e.indlen for e in gone))
-                end = max((e.end for e in emap.iter_extents(first)), default=first)
-                if end > first:
-                    await self._punch(inode, first, end - first)
+                # A punch that rolls commits the smaller size before the
+                # blocks past it are free, and growing the file again would
+                # read them back.  So the inode is on the orphan list from
+                # the transaction that logs the size to the one where the
+                # punch ends, and a crash in between leaves a truncate the
+                # next mount finishes (ext4_setattr's orphan_add).  An
+                # unlinked inode is listed already.
+                listed = inode.nlink > 0 and self.punch_may_roll(emap, first, 1 << 52)
+                if listed:
+                    await self._orphan_add(ino)
+                await self._itruncate_extents(inode)
+                if listed:
+                    await self._orphan_del(ino)
             inode.size = size
             inode.mtime = inode.ctime = now_ns()
             await self.log_inode(inode)
+
+    async def _itruncate_extents(self, inode: Inode) -> None:
+        """Free the allocated blocks past EOF, from the block holding none
+        of the file on (xfs_itruncate_extents): the end of a shrinking
+        truncate, and of one a crash cut short (at mount, or fsck -y).  May
+        roll the transaction: the caller keeps the inode on the orphan list
+        across it."""
+        emap = await self.extent_map(inode.ino)
+        first = (inode.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        end = max((e.end for e in emap.iter_extents(first)), default=first)
+        if end > first:
+            await self._punch(inode, first, end - first)

@@ -21,11 +21,9 @@ from .inode import now_ns
 from .items import (
     COLLISION_SLOTS,
     NLINK_MAX,
-    ORPHAN_OID,
     SYMLINK_INLINE_MAX,
     SYMLINK_MAX,
     T_DIRENT,
-    T_ORPHAN,
     T_SYMLINK,
     Inode,
     OutOfLine,
@@ -225,7 +223,7 @@ class DirOps:
         # On the orphan list in the same transaction as the last name goes:
         # a crash, or a destroy that rolls its transaction, leaves an inode
         # that recovery finds and frees, never a leaked one.
-        await self.tree.insert((ORPHAN_OID, T_ORPHAN, inode.ino), b"")
+        await self._orphan_add(inode.ino)
         if not self.open_counts.get(inode.ino):
             await self._destroy(inode)
 

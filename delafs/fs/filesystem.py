@@ -127,7 +127,8 @@ class Filesystem(InodeOps, DirOps, XattrOps, BmapOps, DataOps, OrphanOps):
         self.open_counts: dict[int, int] = {}
         self.shutdown: str | None = None
         self.salt = sb.uuid
-        self.stats = {"ops": 0, "rolls": 0, "orphans_recovered": 0}
+        self.stats = {"ops": 0, "rolls": 0, "orphans_recovered": 0,
+                      "truncates_recovered": 0}
     # ======================================================================
     # Format, open, close
     # ======================================================================

@@ -15,8 +15,9 @@ Passes:
   2  items: each checked by itself as a reader checks it (ItemContext),
      then extents (no overlap within a file, no block used twice
      anywhere), xattrs, symlinks, directory entries (target exists, d_type
-     matches), orphans; with -y, inodes lost but with surviving items are
-     made anew
+     matches), orphans, WRITTEN extents wholly past EOF (not an error on a
+     linked file on the orphan list: a truncate the next mount finishes);
+     with -y, inodes lost but with surviving items are made anew
   3  connectivity: every inode reachable from the root or on the orphan
      list, link counts and directory sizes match the entries
   4  space: the bitmap equals the set of referenced blocks, the fsinfo
@@ -26,7 +27,8 @@ Passes:
 Repairs (-y): a bad superblock copy or journal slot is rewritten from the
 good one; bitmap and counters are rebuilt from the references; link counts
 and directory sizes are corrected; entries naming missing inodes are
-removed; stale orphan records are removed; unreachable inodes are linked
+removed; stale orphan records are removed; WRITTEN extents past EOF are
+freed (the truncate that left them is finished); unreachable inodes are linked
 into /lost+found.  With the intact tree these go through a mounted
 Filesystem, journaled.  A damaged node, an item failing its checks or a
 damaged fsinfo block makes -y salvage (the lost key ranges from every valid
@@ -50,6 +52,7 @@ from ..log import journal as journal_log
 from ..log.metabuf import MetaStore
 from ..ondisk import (
     BITS_PER_BITMAP_BLOCK,
+    BLOCK_SHIFT,
     MAX_FILE_BLOCKS,
     ROOT_INO,
     FsInfo,
@@ -63,6 +66,8 @@ from . import rebuild
 from .btree import INT_MAX, KEY_MAX, KEY_MIN, Node
 from .filesystem import Filesystem
 from .items import (
+    EXT_WRITTEN,
+    EXTENT_ITEM_SIZE,
     ORPHAN_OID,
     T_DIRENT,
     T_EXTENT,
@@ -138,6 +143,7 @@ class Checker:
         self.out_of_line: list[tuple[OutOfLine, str]] = []
         self.pending_fixes: list[str] = []
         self.fix_blocks: dict[int, int] = {}
+        self.fix_past_eof: dict[int, list] = {}        # ino -> its extents to drop
 
     def error(self, msg: str) -> None:
         self.report.errors.append(msg)
@@ -454,6 +460,9 @@ class Checker:
         self._prefilter()
         last_ext: dict[int, int] = {}
         blocks: dict[int, int] = defaultdict(int)
+        # ino -> [(key, pblock, length, state)] of its extents wholly past
+        # EOF (an inode's item sorts before its extents).
+        past_eof: dict[int, list] = defaultdict(list)
         for n, (key, val, blk) in enumerate(self.items):
             self.progress.tick("items", n, len(self.items))
             oid, typ, off = key
@@ -471,6 +480,9 @@ class Checker:
                     last_ext[oid] = off + length
                     if self._claim(pblock, length, f"extent {off}+{length} of inode {oid}"):
                         blocks[oid] += length
+                        inode = self.inodes.get(oid)
+                        if inode is not None and off << BLOCK_SHIFT >= inode.size:
+                            past_eof[oid].append((key, pblock, length, state))
                 elif typ == T_XATTR:
                     name, value = decode_xattr(val, blk)
                     if isinstance(value, OutOfLine):
@@ -498,6 +510,28 @@ class Checker:
         for ino in set(last_ext) | set(self.entries):
             if ino not in self.inodes:
                 self.error(f"items of inode {ino} exist but the inode does not")
+        self._check_past_eof(past_eof)
+
+    def _check_past_eof(self, past_eof: dict[int, list]) -> None:
+        """WRITTEN blocks wholly past EOF are what a shrinking truncate had
+        not freed yet: growing the file would read them back, and nothing
+        else frees them.  On a listed, linked inode that is a truncate a
+        crash cut short, which the next mount finishes; anywhere else it is
+        damage, repaired by finishing the truncate.  UNWRITTEN ones alone
+        are fallocate KEEP_SIZE, or writeback past the on-disk size whose
+        completion a crash cut off: they read as zeros."""
+        for ino, exts in past_eof.items():
+            written = sum(1 for e in exts if e[3] == EXT_WRITTEN)
+            if not written:
+                continue
+            inode = self.inodes[ino]
+            if ino in self.orphans and inode.nlink > 0 and inode.is_reg:
+                self.report.notes.append(f"inode {ino}: truncate in progress, the next mount frees "
+                                         f"{sum(e[2] for e in exts)} block(s) past EOF")
+                continue
+            self.problem(f"inode {ino}: {written} WRITTEN extent(s) past EOF ({inode.size} bytes), "
+                         f"the first at file block {exts[0][0][2]}")
+            self.fix_past_eof[ino] = exts
 
     # -- pass 3: connectivity and link counts ----------------------------------------
 
@@ -586,7 +620,8 @@ class Checker:
                 self.fix_nlink[ino] = unreachable[ino]
         for ino in self.orphans:
             inode = self.inodes.get(ino)
-            if inode is None or inode.nlink != 0:
+            # A linked regular file is listed while a truncate of it runs.
+            if inode is None or (inode.nlink != 0 and not inode.is_reg):
                 self.problem(f"orphan record for inode {ino}, which is {'missing' if inode is None else 'still linked'}")
                 self.fix_orphans.append(ino)
 
@@ -658,6 +693,11 @@ class Checker:
         inodes = self.inodes
         for ino, n in self.fix_blocks.items():
             inodes[ino].blocks = n
+        for ino, exts in self.fix_past_eof.items():
+            for key, pblock, length, _ in exts:
+                items.pop(key, None)
+                self.used[pblock:pblock + length] = bytes(length)
+                inodes[ino].blocks -= length
         next_ino = max(self.info.next_ino, max(inodes) + 1)
         next_gen = max(self.info.next_generation, max(i.generation for i in inodes.values()) + 1)
         if self.fix_unreachable:
@@ -756,6 +796,10 @@ class Checker:
                     inode = await fs.iget(ino)
                     inode.blocks = n
                     await fs.log_inode(inode)
+            for ino in self.fix_past_eof:
+                # After the block counts above: loading the extent map checks them.
+                async with fs.transaction(items=2, item_size=EXTENT_ITEM_SIZE, pool=True):
+                    await fs._itruncate_extents(await fs.iget(ino))
             if self.fix_unreachable:
                 await self._to_lost_found(fs)
             async with fs.transaction(pool=True):

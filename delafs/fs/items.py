@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from ..lib.errors import CorruptionError
 
-ORPHAN_OID = 0          # (0, T_ORPHAN, ino): inode ino has nlink 0 and is still open
+ORPHAN_OID = 0          # (0, T_ORPHAN, ino): inode ino has nlink 0 and is still open,
+                        # or is in a shrinking truncate that rolls
 T_INODE = 1
 T_XATTR = 2
 T_DIRENT = 3

@@ -1,6 +1,8 @@
 """Open references and the orphan list: an inode with no names that is
-still open is listed in the tree, so a crash cannot leak it; recovery
-reaps the list at mount (xfs_inode.c's unlinked list).
+still open is listed in the tree, so a crash cannot leak it, and so is a
+file while a shrinking truncate that rolls frees its blocks; recovery
+reaps the list at mount, freeing the first and finishing the second
+(xfs_inode.c's unlinked list, ext4's orphan list for truncate).
 
 A mixin of :class:`~delafs.fs.filesystem.Filesystem`: every method runs
 on the Filesystem and keeps its locking rules (public methods are whole
@@ -49,6 +51,15 @@ class OrphanOps:
             if inode.nlink == 0:
                 await self._destroy(inode)
 
+    async def _orphan_add(self, ino: int) -> None:
+        """List the inode for recovery (ext4_orphan_add): an unlinked inode
+        that is still open, or a shrinking truncate that may commit its
+        smaller size before it has freed the blocks past it."""
+        await self.tree.insert((ORPHAN_OID, T_ORPHAN, ino), b"")
+
+    async def _orphan_del(self, ino: int) -> None:
+        await self.tree.delete((ORPHAN_OID, T_ORPHAN, ino))
+
     async def _destroy(self, inode: Inode) -> None:
         """Free everything an unlinked, unopened inode owns."""
         ino = inode.ino
@@ -74,7 +85,7 @@ class OrphanOps:
                     self._free_out_of_line(inode, target)
                 await self.tree.delete((ino, T_SYMLINK, 0))
         await self.tree.delete((ino, T_INODE, 0))
-        await self.tree.delete((ORPHAN_OID, T_ORPHAN, ino))
+        await self._orphan_del(ino)
         self.info.inode_count -= 1
         self.store.mark_dirty(self.info)
         self.inodes.pop(ino, None)
@@ -82,7 +93,10 @@ class OrphanOps:
         self.emaps.pop(ino, None)
 
     async def _reap_orphans(self) -> None:
-        """At mount nothing is open: free every inode left on the orphan list."""
+        """At mount nothing is open: free every inode left on the orphan
+        list.  A listed inode that still has a name is a truncate a crash
+        cut short between its rolls: free what it had not freed yet, the
+        blocks past EOF (as ext4_orphan_cleanup truncates a linked inode)."""
         async with self.transaction(pool=True):
             while True:
                 items = await self.tree.scan((ORPHAN_OID, T_ORPHAN, 0), (ORPHAN_OID, T_ORPHAN + 1, 0), 64)
@@ -98,6 +112,9 @@ class OrphanOps:
                         await self._destroy(inode)       # removes the orphan record too
                         self.stats["orphans_recovered"] += 1
                     else:
-                        await self.tree.delete(key)
+                        if inode.is_reg:
+                            await self._itruncate_extents(inode)
+                            self.stats["truncates_recovered"] += 1
+                        await self._orphan_del(inode.ino)
                     await self.roll_if_full()
         await self.commit()

@@ -663,6 +663,62 @@ async def test_truncate_down_crash_before_commit(tmp_path):
     print(f"truncate down: {n + 1} images")
 
 
+async def test_truncate_that_rolls_is_finished_after_any_crash(tmp_path):
+    """A shrinking truncate of a file with many extents commits its new
+    size, then frees the blocks past it over several rolled transactions.
+    A crash anywhere in it must recover to the old file, or to the new size
+    with nothing past it: blocks left past EOF would come back as the old
+    data when the file grows again, and would never be freed.  The file is
+    on the orphan list meanwhile and the mount finishes the truncate."""
+    img = str(tmp_path / "image")
+    await format_image(img, 4096, log_blocks=LOG_BLOCKS, seed=31)
+    nblocks = 1024
+    old = pattern(b"TRUNCATED AWAY", nblocks * BLOCK_SIZE)
+    dev = InlineDevice.open(img)
+    try:
+        fs = await Filesystem.open(dev)
+        f = await fs.create(1, b"f", stat.S_IFREG | 0o644)
+        await fs.pwrite(f.ino, 0, old)
+        for b in range(1, nblocks, 2):          # 512 extents: eight batches of the punch
+            await fs.punch_hole(f.ino, b, 1)
+        await fs.sync()
+        base = snapshot(img, str(tmp_path / "base"))
+        fs.store.dirty_roll = 8
+        rolls = fs.stats["rolls"]
+        dev.recorder = Recorder()
+        i = 0
+        while len(fs.store.dirty) < 8:          # earlier work, near the roll bound
+            await fs.mkdir(1, b"d%d" % i, 0o755)
+            i += 1
+        await fs.truncate(f.ino, 100)
+        await fs.commit()
+        assert fs.stats["rolls"] > rolls, "the truncate never rolled: the test no longer reaches the bug"
+        events = dev.recorder.events
+    finally:
+        dev.close()
+    seen = set()
+    for n, cut in enumerate(crash_cuts(events, random.Random(31), variants_per_point=1)):
+        dest = str(tmp_path / f"crash-{n}.img")
+        build_cut(base, events, dest, cut)
+        await fsck_clean(dest, cut.label)
+        with InlineDevice.open(dest) as cdev:
+            cfs = await Filesystem.open(cdev)
+            a = await cfs.getattr(f.ino)
+            if a.size == 100:
+                assert a.blocks == 1, f"{cut.label}: {a.blocks - 1} blocks left past EOF"
+                await cfs.truncate(f.ino, len(old))
+                assert await cfs.pread(f.ino, 0, len(old)) == old[:100] + bytes(len(old) - 100), cut.label
+                seen.add("truncated" if cfs.stats["truncates_recovered"] == 0 else "finished at mount")
+            else:
+                assert a.size == len(old), cut.label
+                seen.add("old")
+            await cfs.close()
+        await fsck_clean(dest, f"{cut.label}, recovered")
+        remove(dest)
+    assert seen == {"old", "finished at mount", "truncated"}, seen
+    print(f"rolled truncate: {n + 1} images")
+
+
 # ---------------------------------------------------------------------------
 # Discards of freed blocks that have been reallocated since
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 space accounting, orphans, and reopening without a clean close."""
 
 import errno
+import os
 import stat
 
 import pytest
@@ -10,6 +11,7 @@ from delafs.block import BlockDevice
 from delafs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
 from delafs.fs.fsck import check
 from delafs.lib.errors import CorruptionError, FsError
+from delafs.testing.crashsim import sparse_copy
 
 ROOT = 1
 
@@ -286,6 +288,85 @@ async def test_orphan_survives_crash_and_is_reaped(image):
     await fsck_clean(dev)
 
 
+async def test_truncate_cut_short_by_a_crash_is_finished_at_mount(image, tmp_path):
+    """A shrinking truncate of a file with many extents logs the new size,
+    then frees the blocks past it in batches, rolling the transaction in
+    between.  A crash after a roll leaves the small size with WRITTEN
+    extents past it: growing the file would read the old data back, and
+    nothing would ever free those blocks.  The truncate puts the inode on
+    the orphan list for its duration (as ext4 does), so the next mount
+    finishes it."""
+    nblocks = 2048
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.pwrite(f.ino, 0, b"S" * (nblocks * 4096))
+    for b in range(1, nblocks, 2):      # 1024 extents: many batches of the punch
+        await fs.punch_hole(f.ino, b, 1)
+    await fs.sync()
+    # Earlier work still in the running transaction, near the roll bound.
+    fs.store.dirty_roll = 8
+    i = 0
+    while len(fs.store.dirty) < 8:
+        await fs.mkdir(ROOT, b"d%d" % i, 0o755)
+        i += 1
+    crash = str(tmp_path / "crash.img")
+    commit_locked = fs.store.commit_locked
+
+    async def power_cut_after_first_roll():
+        seq = await commit_locked()
+        if not os.path.exists(crash):
+            sparse_copy(image, crash)
+        return seq
+
+    fs.store.commit_locked = power_cut_after_first_roll
+    await fs.truncate(f.ino, 0)
+    await fs.close()
+    dev.close()
+    assert os.path.exists(crash), "the truncate never rolled: the setup no longer reaches the bug"
+
+    # What the crash left is a state recovery finishes, not damage.
+    dev = BlockDevice.open(crash)
+    await fsck_clean(dev)
+    dev.close()
+    with BlockDevice.open(crash, readonly=True) as rdev:
+        rfs = await Filesystem.open(rdev)
+        left = (await rfs.getattr(f.ino)).blocks
+        free_at_crash = rfs.statfs()["bfree"]
+    assert left, "the crash image holds no blocks past EOF: the setup no longer reaches the bug"
+
+    dev = BlockDevice.open(crash)
+    fs = await Filesystem.open(dev)
+    a = await fs.getattr(f.ino)
+    assert (a.size, a.blocks) == (0, 0)
+    assert [e for e in await fs.map_blocks(f.ino, 0, nblocks) if e.state.name != "HOLE"] == []
+    assert fs.statfs()["bfree"] >= free_at_crash + left
+    await fs.truncate(f.ino, nblocks * 4096)
+    assert await fs.pread(f.ino, 0, nblocks * 4096) == bytes(nblocks * 4096)
+    await fs.close()
+    await fsck_clean(dev)
+    dev.close()
+
+
+async def test_truncate_of_an_open_unlinked_file_keeps_its_orphan_record(image):
+    """An orphan's record is already there when it is truncated: the
+    truncate must neither add it twice nor take it away."""
+    dev, fs = await fresh(image)
+    f = await fs.create(ROOT, b"f", 0o644)
+    await fs.pwrite(f.ino, 0, b"z" * (400 * 4096))
+    for b in range(1, 400, 2):
+        await fs.punch_hole(f.ino, b, 1)
+    fs.open_ref(f.ino)
+    await fs.unlink(ROOT, b"f")
+    await fs.truncate(f.ino, 4096)
+    await fs.commit()
+    dev, fs = await reopen(dev)                        # crash with the file open
+    assert fs.stats["orphans_recovered"] == 1
+    with pytest.raises(FsError):
+        await fs.getattr(f.ino)
+    await fs.close()
+    await fsck_clean(dev)
+
+
 async def test_reopen_without_clean_close_keeps_committed(image):
     dev, fs = await fresh(image)
     d = await fs.mkdir(ROOT, b"d", 0o755)
@@ -448,6 +529,7 @@ async def test_an_extent_conversion_rewrites_only_the_items_it_changes(image, mo
     from delafs.fs.items import EXTENT_ITEM_SIZE
     dev, fs = await fresh(image)
     f = await fs.create(ROOT, b"f", 0o644)
+    await fs.truncate(f.ino, 16 * 4096)     # WRITTEN blocks past EOF would be fsck errors
     await fs.allocate(f.ino, 0, 4)
     await fs.allocate(f.ino, 6, 4)
     await fs.allocate(f.ino, 12, 4)
@@ -481,6 +563,7 @@ async def test_extent_items_follow_the_map_through_random_changes(image):
     rng = random.Random(11)
     dev, fs = await fresh(image)
     f = await fs.create(ROOT, b"f", 0o644)
+    await fs.truncate(f.ino, 224 * 4096)    # WRITTEN blocks past EOF would be fsck errors
     for step in range(300):
         a = rng.randrange(0, 200)
         n = rng.randrange(1, 24)

@@ -30,7 +30,16 @@ from delafs.block import BLOCK_SIZE, BlockDevice
 from delafs.fs.btree import Node
 from delafs.fs.filesystem import Filesystem
 from delafs.fs.fsck import check
-from delafs.fs.items import T_DIRENT, T_EXTENT, T_INODE, T_SYMLINK, decode_dirent, dirent_range, name_hash
+from delafs.fs.items import (
+    T_DIRENT,
+    T_EXTENT,
+    T_INODE,
+    T_ORPHAN,
+    T_SYMLINK,
+    decode_dirent,
+    dirent_range,
+    name_hash,
+)
 from delafs.lib.errors import CorruptionError, DelafsError, NotDelafsError
 from delafs.log import journal as journal_log
 from delafs.log.journal import TAGS_OFF
@@ -971,3 +980,69 @@ async def test_dangling_entry_repair_leaves_clean_image(img):
     assert r.returncode == 1, output(r)
     r = delafs("fsck", "-n", path)
     assert r.returncode == 0, output(r)
+
+
+async def _shrink_size_only(path: str, ino: int, size: int) -> None:
+    """Log a smaller size and free nothing: what a shrinking truncate cut
+    short by a crash left before it kept an orphan record."""
+    with BlockDevice.open(path) as dev:
+        fs = await Filesystem.open(dev)
+        async with fs.transaction():
+            inode = await fs.iget(ino)
+            inode.size = size
+            await fs.log_inode(inode)
+        await fs.close()
+
+
+async def test_written_extents_past_eof_are_freed(img):
+    """Growing the file again would read them back (stale data), and
+    nothing else would ever free them."""
+    path, exp = img
+    ino, keep = exp["fa"], 100
+    await _shrink_size_only(path, ino, keep * BLOCK_SIZE - 10)
+    with BlockDevice.open(path, readonly=True) as dev:
+        free_before = (await Filesystem.open(dev)).statfs()["bfree"]
+
+    r = delafs("fsck", "-n", path)
+    assert r.returncode == 4, output(r)
+    assert f"inode {ino}: {NFRAG - keep} WRITTEN extent(s) past EOF" in output(r)
+    r = delafs("fsck", "-y", path)
+    assert r.returncode == 1, output(r)
+    assert_no_traceback(r)
+    assert f"inode {ino}: {NFRAG - keep} WRITTEN extent(s) past EOF" in output(r)
+    assert_fsck_clean(path)
+    with BlockDevice.open(path) as dev:
+        fs = await Filesystem.open(dev)
+        assert fs.statfs()["bfree"] >= free_before + NFRAG - keep      # and leaves merged
+        assert (await fs.getattr(ino)).blocks == keep
+        assert await fs.pread(ino, 0, keep * BLOCK_SIZE) == b"".join(
+            bytes([i % 251 + 1]) * BLOCK_SIZE for i in range(keep))[:keep * BLOCK_SIZE - 10]
+        await fs.truncate(ino, NFRAG * BLOCK_SIZE)
+        assert await fs.pread(ino, keep * BLOCK_SIZE, (NFRAG - keep) * BLOCK_SIZE) == \
+            bytes((NFRAG - keep) * BLOCK_SIZE)
+        await fs.close()
+    assert_fsck_clean(path)
+
+
+async def test_truncate_in_progress_is_left_to_the_mount(img):
+    """An orphan record on a linked file is a truncate a crash cut short:
+    the next mount finishes it, so its blocks past EOF are not damage."""
+    path, exp = img
+    ino = exp["fa"]
+    await _shrink_size_only(path, ino, 0)
+    with BlockDevice.open(path) as dev:
+        fs = await Filesystem.open(dev)
+        async with fs.transaction(items=1):
+            await fs.tree.insert((0, T_ORPHAN, ino), b"")
+        # Unmounted without the reaping a mount does first: a crash image.
+        await fs.store.checkpoint()
+
+    r = delafs("fsck", "-n", path)
+    assert r.returncode == 0, output(r)
+    assert_no_traceback(r)
+    with BlockDevice.open(path) as dev:
+        fs = await Filesystem.open(dev)
+        assert (await fs.getattr(ino)).blocks == 0
+        assert await fs.pread(ino, 0, 10) == b""
+        await fs.close()
+    assert_fsck_clean(path)
