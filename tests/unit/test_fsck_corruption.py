@@ -194,6 +194,19 @@ def assert_fsck_clean(path: str) -> None:
         assert_no_traceback(r)
 
 
+def assert_fsck_finds_and_repairs(path: str, message: str) -> None:
+    """fsck -n reports ``message`` and exits 4; -y repairs it (exit 1,
+    saying the same); then the image checks clean."""
+    r = delafs("fsck", "-n", path)
+    assert r.returncode == 4, output(r)
+    assert message in output(r)
+    r = delafs("fsck", "-y", path)
+    assert r.returncode == 1, output(r)
+    assert_no_traceback(r)
+    assert message in output(r)
+    assert_fsck_clean(path)
+
+
 # ---------------------------------------------------------------------------
 # Superblocks
 # ---------------------------------------------------------------------------
@@ -824,14 +837,7 @@ async def test_leaked_block_is_freed(img):
         dev.write_sync(blk, [encode_bitmap(bits, blk, seq)])
         dev.flush_sync()
 
-    r = delafs("fsck", "-n", path)
-    assert r.returncode == 4, output(r)
-    assert f"block {leak} marked in use but not referenced" in output(r)
-    r = delafs("fsck", "-y", path)
-    assert r.returncode == 1, output(r)
-    assert_no_traceback(r)
-    assert f"block {leak}" in output(r)
-    assert_fsck_clean(path)
+    assert_fsck_finds_and_repairs(path, f"block {leak} marked in use but not referenced")
     with BlockDevice.open(path, readonly=True) as dev:
         bits = decode_bitmap(dev.read_sync(blk, 1), blk)
     assert not bits[leak >> 3] >> (leak & 7) & 1
@@ -1003,14 +1009,7 @@ async def test_written_extents_past_eof_are_freed(img):
     with BlockDevice.open(path, readonly=True) as dev:
         free_before = (await Filesystem.open(dev)).statfs()["bfree"]
 
-    r = delafs("fsck", "-n", path)
-    assert r.returncode == 4, output(r)
-    assert f"inode {ino}: {NFRAG - keep} WRITTEN extent(s) past EOF" in output(r)
-    r = delafs("fsck", "-y", path)
-    assert r.returncode == 1, output(r)
-    assert_no_traceback(r)
-    assert f"inode {ino}: {NFRAG - keep} WRITTEN extent(s) past EOF" in output(r)
-    assert_fsck_clean(path)
+    assert_fsck_finds_and_repairs(path, f"inode {ino}: {NFRAG - keep} WRITTEN extent(s) past EOF")
     with BlockDevice.open(path) as dev:
         fs = await Filesystem.open(dev)
         assert fs.statfs()["bfree"] >= free_before + NFRAG - keep      # and leaves merged
