@@ -342,15 +342,12 @@ class Operations(pyfuse3.Operations):
             kw["mtime"] = attr.st_mtime_ns
         if fields.update_ctime:
             kw["ctime"] = attr.st_ctime_ns
-        # Nothing to change is chown(f, -1, -1): the kernel sends only
-        # ATTR_CTIME, as FUSE passes it only under writeback_cache.
-        nothing = not (kw or fields.update_size or fields.update_mode)
-        if kw or fields.update_size or nothing:
-            new = await self.fs.setattr(inode, **kw)
-            if fields.update_mode:
-                await self._acl_follow_mode(inode, new.mode)
-            return self._entry(new)
-        return await self._attr(inode)
+        # Always stamps ctime: a SETATTR with no field set is chown(f, -1,
+        # -1), whose ATTR_CTIME FUSE passes only under writeback_cache.
+        new = await self.fs.setattr(inode, **kw)
+        if fields.update_mode:
+            await self._acl_follow_mode(inode, new.mode)
+        return self._entry(new)
 
     async def _acl_follow_mode(self, ino: int, mode: int) -> None:
         try:
@@ -629,13 +626,13 @@ class Operations(pyfuse3.Operations):
 
     # -- xattrs --------------------------------------------------------------------------------
 
-    def _check_xattr_name(self, inode: int, name: bytes) -> None:
+    def _check_xattr_name(self, name: bytes) -> None:
         """The names a local filesystem would take (xattr_resolve_name): a
         known namespace and a non-empty name in it; of system.*, the POSIX
         ACLs, and only with -o acl (without it the kernel would not enforce
         them: ext4 mounted noacl refuses them as well)."""
         ns, dot, rest = name.partition(b".")
-        if not dot or ns not in _XATTR_NAMESPACES or inode == CONTROL_INO:
+        if not dot or ns not in _XATTR_NAMESPACES:
             raise FsError(errno.EOPNOTSUPP)
         if not rest:
             raise FsError(errno.EINVAL)
@@ -644,7 +641,9 @@ class Operations(pyfuse3.Operations):
 
     @_reply
     async def setxattr(self, inode, name, value, ctx):
-        self._check_xattr_name(inode, name)
+        if inode == CONTROL_INO:
+            raise FsError(errno.EOPNOTSUPP)
+        self._check_xattr_name(name)
         if name == ACL_DEFAULT:
             acl_entries(value)
             if not (await self.fs.getattr(inode)).is_dir:
@@ -669,7 +668,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if inode == CONTROL_INO:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        self._check_xattr_name(inode, name)
+        self._check_xattr_name(name)
         if self.fs.xattr_known_absent(inode, name):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
@@ -696,7 +695,7 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         if inode == CONTROL_INO:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        self._check_xattr_name(inode, name)
+        self._check_xattr_name(name)
         try:
             await self.fs.removexattr(inode, name)
         except FsError as e:
