@@ -41,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import functools
 import mmap
 import os
 import stat
@@ -55,6 +54,7 @@ import trio
 from ..lib.errors import FsError
 from ..lib.units import BLOCK_SIZE
 from .faults import FaultTable
+from .iothread import in_worker_thread
 from .recorder import Recorder
 
 # ioctl numbers from <linux/fs.h>, in the generic _IOC encoding used by x86 and
@@ -118,23 +118,6 @@ def check_request(dev, op: str, blk: int = 0, count: int = 0) -> None:
         dev.faults.check(op, blk, count)
     if op == "flush" and dev.errortags is not None and dev.errortags.fires("flush_eio"):
         raise FsError(errno.EIO, f"injected cache flush error on {dev.path} (flush_eio)")
-
-
-async def in_worker_thread(fn, *args):
-    """``await fn(*args)`` in one of trio's cached worker threads, never
-    abandoned: a cancelled caller still waits for it.  The same contract as
-    ``trio.to_thread.run_sync`` without its per-call machinery (capacity
-    limiter, context copy, from_thread plumbing, extra checkpoints), which
-    on a 2-vCPU VM made a round trip 330 us against 185 us for this; a cold
-    4 KiB read pays one.  The FUSE request queue bounds how many run."""
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
-
-    def deliver(result):
-        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-    trio.lowlevel.start_thread_soon(functools.partial(fn, *args), deliver)
-    return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 def submit_sync(dev, writes: Sequence[tuple[int, Sequence[Buffer]]]) -> list[FsError | None]:
