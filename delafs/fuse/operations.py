@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 
 from ..fs.acl import ACL_ACCESS, ACL_DEFAULT, acl_chmod, acl_create, acl_entries, acl_mode
-from ..fs.dir import RENAME_EXCHANGE, RENAME_WHITEOUT
+from ..fs.dir import RENAME_WHITEOUT
 from ..fs.items import Inode
 from ..lib.errors import CorruptionError, DelafsError, FsError
 from ..ondisk import BLOCK_SIZE, ROOT_INO
@@ -452,23 +452,8 @@ class Operations(pyfuse3.Operations):
         uid = gid = 0
         if flags & RENAME_WHITEOUT:     # the whiteout is the caller's, as a mknod would be
             uid, gid, _ = self._new_owner(await self.fs.getattr(parent_inode_old), ctx, stat.S_IFCHR)
-        if not flags & RENAME_EXCHANGE:
-            await self._flush_before_replace(parent_inode_old, name_old, parent_inode_new, name_new)
-        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags,
-                             uid=uid, gid=gid)
-
-    async def _flush_before_replace(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes) -> None:
-        """A regular file renamed over another: its data first (see
-        Mount.flush_before_replace).  The rename itself reports errors."""
-        try:
-            target = await self.fs.lookup(p_new, n_new)
-            if not stat.S_ISREG(target.mode):
-                return
-            source = await self.fs.lookup(p_old, n_old)
-        except FsError:
-            return
-        if stat.S_ISREG(source.mode):
-            await self.m.flush_before_replace(source.ino)
+        await self.m.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags,
+                            uid=uid, gid=gid)
 
     # -- directories ------------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 
 import trio
 
+from ..fs.dir import RENAME_EXCHANGE
 from ..fs.extent_map import Extent, ExtState
 from ..fs.filesystem import Filesystem
 from ..fs.iomap_ops import FsIomapOps
@@ -313,13 +315,27 @@ class Mount:
                 await writepages(self.engine, inode, sync=False)
         await self.fs.close_ref(inode.ino)
 
-    async def flush_before_replace(self, ino: int) -> None:
-        """A rename is about to replace a file with ``ino`` (ext4's
-        auto_da_alloc): write its data back first, so its conversion is
-        logged before the rename and no commit can hold the new name
-        without the data (a file written and renamed over another without
-        fsync would be empty after a crash)."""
-        inode = self.inodes.get(ino)
+    async def rename(self, odir: int, oname: bytes, ndir: int, nname: bytes, flags: int = 0,
+                     *, uid: int = 0, gid: int = 0) -> None:
+        """rename(2).  A regular file renamed over another has its data
+        written back first (ext4's auto_da_alloc), so its conversion is
+        logged before the rename and no commit can hold the new name without
+        the data: a file written and renamed over another without fsync
+        would otherwise be empty after a crash.  The rename reports errors;
+        the flush only tries."""
+        if not flags & RENAME_EXCHANGE:
+            await self._flush_before_replace(odir, oname, ndir, nname)
+        await self.fs.rename(odir, oname, ndir, nname, flags, uid=uid, gid=gid)
+
+    async def _flush_before_replace(self, odir: int, oname: bytes, ndir: int, nname: bytes) -> None:
+        try:
+            target = await self.fs.lookup(ndir, nname)
+            if not stat.S_ISREG(target.mode):
+                return
+            source = await self.fs.lookup(odir, oname)
+        except FsError:
+            return
+        inode = self.inodes.get(source.ino) if stat.S_ISREG(source.mode) else None
         if inode is not None and (inode.mapping.nrdirty or inode.mapping.nrwriteback):
             await writepages(self.engine, inode, sync=True)
             await inode.mapping.wait_writeback_range()

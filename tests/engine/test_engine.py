@@ -1090,3 +1090,34 @@ async def test_truncate_inside_a_written_block_never_races_writeback_for_it(rig)
     check_invariants(m)
     got = await read_after_crash(rig, ino, 2 * BS, BS)
     assert got == head, "the truncate's write of the old head landed last"
+
+
+async def test_a_rename_over_a_file_writes_the_renamed_file_back_first(rig):
+    """Mount.rename (ext4's auto_da_alloc): a regular file renamed over
+    another has its data written back and converted before the rename, so
+    a crash after the rename's commit finds the new name with the data.  An
+    exchange, or a rename over nothing or over a directory, writes nothing."""
+    m = await rig.mount(format=True)
+    old = await new_file(m, b"old")
+    new = await new_file(m, b"new")
+    spare = await new_file(m, b"spare")
+    await m.fs.mkdir(ROOT, b"dir", 0o755)
+    data = os.urandom(3 * BS)
+    for ino in (old, new, spare):
+        f = await m.open(ino, write=True)
+        await m.write(f, 0, data)
+        await m.release(f)
+    await m.fs.commit()
+    await m.rename(ROOT, b"spare", ROOT, b"moved")              # over nothing
+    await m.rename(ROOT, b"moved", ROOT, b"old", 2)             # RENAME_EXCHANGE
+    assert m.inodes[spare].mapping.nrdirty and m.inodes[old].mapping.nrdirty
+    await m.rename(ROOT, b"new", ROOT, b"old")
+    assert not m.inodes[new].mapping.nrdirty
+    assert set(states(m, new, 0, 3)) == {ExtState.WRITTEN}
+    await m.fs.commit()
+    await rig.crash()
+    m = await rig.mount()
+    f = await m.open((await m.fs.lookup(ROOT, b"old")).ino, write=False)
+    assert await m.read(f, 0, len(data)) == data
+    await rig.unmount()
+    await rig.fsck()
