@@ -83,6 +83,11 @@ class _Worker:
             # every wait instead would cost ~20 us a trip.
             with trio.CancelScope(shield=True):
                 await self._wait_done()
+        except BaseException:
+            # KeyboardInterrupt in trio's main task: wait on, then let it go.
+            with trio.CancelScope(shield=True):
+                await self._wait_done()
+            raise
         outcome = self._ok, self._value
         self._value = None
         return outcome

@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+import time
 
 import pytest
 import trio
@@ -91,3 +92,27 @@ def test_a_forked_child_does_not_wait_for_its_parents_threads():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_interrupted_main_task_waits_for_its_job_then_raises():
+    """Ctrl-C in an in-process run (tools, tests) raises KeyboardInterrupt
+    out of the wait, but only once the system call is over."""
+    started, release = threading.Event(), threading.Event()
+    done = []
+
+    def job():
+        started.set()
+        release.wait(5)
+        done.append(True)
+
+    def interrupt():
+        started.wait(5)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        done.append("released")
+        release.set()
+
+    threading.Thread(target=interrupt).start()
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(in_worker_thread, job)
+    assert done == ["released", True]
