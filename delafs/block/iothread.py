@@ -33,7 +33,7 @@ MAX_IDLE = 8
 class _Worker:
     """One thread, a lock it waits on for a job, and a pipe it signals on."""
 
-    __slots__ = ("_rfd", "_wfd", "_go", "_job", "_ok", "_value")
+    __slots__ = ("_rfd", "_wfd", "_go", "_job", "_ok", "_value", "done")
 
     def __init__(self) -> None:
         self._rfd, self._wfd = os.pipe2(os.O_CLOEXEC)
@@ -43,6 +43,7 @@ class _Worker:
         self._job: Callable | None = None
         self._ok = True
         self._value = None
+        self.done = True                    # no job given, or its completion read
         try:
             threading.Thread(target=self._serve, name="delafs-io", daemon=True).start()
         except BaseException:
@@ -70,26 +71,36 @@ class _Worker:
     def retire(self) -> None:
         self._go.release()                  # with no job: the thread ends
 
+    @trio.lowlevel.enable_ki_protection
     async def run(self, job: Callable) -> tuple[bool, object]:
         """Run ``job`` here and wait for it: (True, its result) or (False,
-        its exception)."""
+        its exception).  Protected from KeyboardInterrupt between bytecodes,
+        so one can only arrive at a wait, never between reading the
+        completion byte and ``done``."""
+        self.done = False
         self._job = job
         self._go.release()
+        interrupt = None
         try:
             await self._wait_done()
         except trio.Cancelled:
             # Wait on and hand the outcome back: the caller's cancel scope
             # stays cancelled, so its next checkpoint raises.  Shielding
             # every wait instead would cost ~20 us a trip.
+            pass
+        except KeyboardInterrupt as e:      # in trio's main task: after the job
+            interrupt = e
+        if not self.done:
             with trio.CancelScope(shield=True):
-                await self._wait_done()
-        except BaseException:
-            # KeyboardInterrupt in trio's main task: wait on, then let it go.
-            with trio.CancelScope(shield=True):
-                await self._wait_done()
-            raise
+                while not self.done:
+                    try:
+                        await self._wait_done()
+                    except KeyboardInterrupt as e:
+                        interrupt = interrupt or e
         outcome = self._ok, self._value
         self._value = None
+        if interrupt is not None:
+            raise interrupt
         return outcome
 
     async def _wait_done(self) -> None:
@@ -97,16 +108,18 @@ class _Worker:
             os.read(self._rfd, 1)
         except BlockingIOError:
             pass
-        else:                                   # done already: still a schedule point
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            self.done = True
+            await trio.lowlevel.cancel_shielded_checkpoint()    # still a schedule point
             return
         while True:
             await trio.lowlevel.wait_readable(self._rfd)
             try:
                 os.read(self._rfd, 1)
-                return
             except BlockingIOError:
                 continue
+            self.done = True
+            return
 
 
 _idle: list[_Worker] = []
@@ -122,15 +135,26 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+@trio.lowlevel.enable_ki_protection
 async def in_worker_thread(fn: Callable, *args):
     """``await fn(*args)`` in a worker thread: the result, or its exception.
     Never abandoned (see the module's docstring)."""
-    worker = _idle.pop() if _idle else _Worker()
-    ok, value = await worker.run(lambda: fn(*args))
-    if len(_idle) < MAX_IDLE:
-        _idle.append(worker)
-    else:
-        worker.retire()
+    try:
+        worker = _idle.pop()
+    except IndexError:
+        worker = _Worker()
+    try:
+        ok, value = await worker.run(lambda: fn(*args))
+    finally:
+        # A worker whose byte was not read is still busy: never reused.
+        if worker.done:
+            if len(_idle) < MAX_IDLE:
+                _idle.append(worker)
+            else:
+                worker.retire()
     if ok:
         return value
-    raise value
+    try:
+        raise value
+    finally:
+        del value               # the traceback holds this frame: no cycle through it

@@ -6,6 +6,7 @@ import os
 import pytest
 import trio
 
+from delafs.fs import RENAME_EXCHANGE
 from delafs.fs.extent_map import ExtentMap, ExtState
 from delafs.iomap.types import IOMAP_WRITE, YieldPoints
 from delafs.iomap.writeback import writepages
@@ -1109,7 +1110,7 @@ async def test_a_rename_over_a_file_writes_the_renamed_file_back_first(rig):
         await m.release(f)
     await m.fs.commit()
     await m.rename(ROOT, b"spare", ROOT, b"moved")              # over nothing
-    await m.rename(ROOT, b"moved", ROOT, b"old", 2)             # RENAME_EXCHANGE
+    await m.rename(ROOT, b"moved", ROOT, b"old", RENAME_EXCHANGE)
     assert m.inodes[spare].mapping.nrdirty and m.inodes[old].mapping.nrdirty
     await m.rename(ROOT, b"new", ROOT, b"old")
     assert not m.inodes[new].mapping.nrdirty

@@ -1,6 +1,7 @@
 """block/iothread.py: the worker threads every blocking device call runs in."""
 
 import os
+import random
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ async def test_idle_workers_are_reused_and_at_most_max_idle_are_kept():
         go.wait(10)
         idents.add(threading.get_ident())
 
+    before = _io_threads()                      # the idle ones, at most MAX_IDLE
     async with trio.open_nursery() as n:
         for _ in range(many):
             n.start_soon(in_worker_thread, blocked)
@@ -45,7 +47,7 @@ async def test_idle_workers_are_reused_and_at_most_max_idle_are_kept():
     assert len(idents) == many
     assert len(iothread._idle) == iothread.MAX_IDLE
     with trio.fail_after(5):
-        while _io_threads() > iothread.MAX_IDLE:
+        while _io_threads() > max(before, iothread.MAX_IDLE):
             await trio.sleep(0.01)
 
 
@@ -116,3 +118,37 @@ def test_an_interrupted_main_task_waits_for_its_job_then_raises():
     with pytest.raises(KeyboardInterrupt):
         trio.run(in_worker_thread, job)
     assert done == ["released", True]
+
+
+def test_ctrl_c_at_any_moment_neither_hangs_nor_leaks_a_worker():
+    """A SIGINT landing anywhere in a stream of trips, including just after
+    the completion byte was read, interrupts the run promptly (a second one
+    is never needed) and leaves no thread behind."""
+    random.seed(31)
+    threads = threading.active_count()
+    hung = 0
+
+    async def trips():
+        while True:
+            await in_worker_thread(int)
+
+    for _ in range(40):
+        over = threading.Event()
+
+        def interrupt():
+            nonlocal hung
+            time.sleep(random.uniform(0.002, 0.01))
+            os.kill(os.getpid(), signal.SIGINT)
+            if not over.wait(1.0):
+                hung += 1
+                while not over.wait(0.2):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        t = threading.Thread(target=interrupt)
+        t.start()
+        with pytest.raises(KeyboardInterrupt):
+            trio.run(trips)
+        over.set()
+        t.join()
+    assert hung == 0
+    assert threading.active_count() <= threads + iothread.MAX_IDLE
