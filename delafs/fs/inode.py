@@ -152,6 +152,9 @@ class InodeOps:
         self.info.inode_count += 1
         self.store.mark_dirty(self.info)
         await self.tree.insert((ino, T_INODE, 0), inode.encode())
+        # No xattrs yet (any set at creation reset this): the kernel's
+        # GETXATTR(security.capability) before the first write needs no scan.
+        inode.xattr_names = ()
         self.inodes[ino] = inode
         if inode.is_reg:
             # Nothing to load: a new file has no extents (its first write

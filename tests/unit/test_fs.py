@@ -220,6 +220,34 @@ async def test_xattr_names_cached_by_a_miss_follow_every_change(image):
     await fsck_clean(dev)
 
 
+async def test_a_new_inode_knows_it_has_no_xattrs(image, monkeypatch):
+    """A file this filesystem just created has no xattrs unless it was
+    created with some (inherited ACLs): the GETXATTR(security.capability)
+    before its first write is answered without a tree scan, and names set
+    at creation are still found."""
+    dev, fs = await fresh(image)
+    acl = b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"
+    inherited = await fs.create(ROOT, b"acl", 0o644, xattrs={b"system.posix_acl_access": acl})
+    plain = await fs.create(ROOT, b"f", 0o644)
+    d = await fs.mkdir(ROOT, b"d", 0o755)
+    scans = []
+    real_scan = fs.tree.scan
+
+    async def counted(*args, **kwargs):
+        scans.append(args)
+        return await real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(fs.tree, "scan", counted)
+    for ino in (plain.ino, d.ino):
+        with pytest.raises(FsError) as e:
+            await fs.getxattr(ino, b"security.capability")
+        assert err(e) == errno.ENODATA
+    assert scans == []
+    assert await fs.getxattr(inherited.ino, b"system.posix_acl_access") == acl
+    await fs.close()
+    await fsck_clean(dev)
+
+
 async def test_data_extents_and_truncate(image):
     dev, fs = await fresh(image)
     f = await fs.create(ROOT, b"f", 0o644)
