@@ -4,10 +4,11 @@ pread, pwrite and fdatasync block, and the event loop that serves every FUSE
 request must not: each device request runs in a worker thread while the task
 that made it waits.  On a small request the trip there and back costs more
 than the system call, so the trip is built for latency (round trip of a no-op
-on a 2-vCPU VM, ``python tools/iothread_bench.py``): trio.to_thread.run_sync
-~200 us; trio.lowlevel.start_thread_soon with the result handed back through
-``TrioToken.run_sync_soon`` ~115 us, because that wakes the loop, runs trio's
-entry-queue task, and only then reschedules the waiter; here ~55 us.  Each
+on a 2-vCPU VM, medians, ``python tools/iothread_bench.py``):
+trio.to_thread.run_sync 186-203 us; trio.lowlevel.start_thread_soon with the
+result handed back through ``TrioToken.run_sync_soon`` 101-115 us, because
+that wakes the loop, runs trio's entry-queue task, and only then reschedules
+the waiter; here 65-87 us.  Each
 worker signals completion on its own pipe and the waiting task sleeps in
 ``wait_readable`` on it, so the completion is one epoll event that wakes that
 task directly.
