@@ -74,7 +74,7 @@ JOBS = [
     Job("randwrite2", "fio", "IOPS", layout=True,
         what="randwrite with numjobs=2, a {rand} file each, group_reporting (IOPS of both)"),
     Job("randread", "fio", "IOPS", cold=True, layout=True, direction="read",
-        what="4 KiB random reads of a {rand} file, cold, for {runtime}"),
+        what="4 KiB random reads of a {rand} file, cold: each block once (one pass), at most {runtime}"),
     Job("smallfiles", "fio", "IOPS",
         what="{nfiles} files × 16 KiB created one after the other, 4 KiB writes, fsync at close "
              "(IOPS/4 = files/s)"),
