@@ -335,3 +335,103 @@ def test_an_idle_rwsemaphore_is_small():
     per_lock = sum(s.size_diff for s in after.compare_to(before, "filename")) / len(sems)
     assert per_lock < 500, per_lock
     assert sems[0].statistics()["contended"] == 0
+
+
+# -- Mutex (meta_lock, commit_lock) ----------------------------------------------
+
+
+async def test_mutex_hands_off_in_arrival_order():
+    """A release hands the lock to the longest waiter before it runs: a
+    task arriving just after the release queues behind the waiters."""
+    from delafs.lib.locks import Mutex
+    m = Mutex()
+    order = []
+
+    async def waiter(name):
+        async with m:
+            order.append(name)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as n:
+        await m.acquire()
+        n.start_soon(waiter, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(waiter, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        m.release()
+        assert m.locked()                  # already b's
+        n.start_soon(waiter, "d")
+    assert order == ["b", "c", "d"]
+    assert not m.locked()
+
+
+async def test_mutex_uncontended_acquire_does_not_yield():
+    from delafs.lib.locks import Mutex
+    m = Mutex()
+    ran = []
+
+    async def other():
+        ran.append(1)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(other)
+        async with m:
+            pass
+        await m.acquire()
+        m.release()
+        assert ran == []                   # nobody else got to run
+        await trio.testing.wait_all_tasks_blocked()
+        assert ran == [1]
+
+
+async def test_mutex_cancelled_waiter_leaves_the_queue():
+    from delafs.lib.locks import Mutex
+    m = Mutex()
+    scope = trio.CancelScope()
+
+    async def w():
+        with scope:
+            await m.acquire()
+            raise AssertionError("a cancelled waiter got the lock")
+
+    async with trio.open_nursery() as n:
+        await m.acquire()
+        n.start_soon(w)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        m.release()
+        assert not m.locked()
+        async with m:                      # and it is usable
+            assert m.locked()
+
+
+async def test_mutex_cancel_before_acquire_raises_without_taking():
+    from delafs.lib.locks import Mutex
+    m = Mutex()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await m.acquire()
+    assert not m.locked()
+
+
+async def test_mutex_misuse_raises():
+    from delafs.lib.locks import Mutex, assert_owned
+    m = Mutex()
+    with pytest.raises(RuntimeError):
+        m.release()                        # not held
+    async with m:
+        with pytest.raises(RuntimeError):
+            await m.acquire()              # not recursive
+        assert_owned(m, "f")
+
+        async def other():
+            with pytest.raises(RuntimeError):
+                m.release()                # held by someone else
+            with pytest.raises(AssertionError, match="g called without holding its lock"):
+                assert_owned(m, "g")
+        async with trio.open_nursery() as n:
+            n.start_soon(other)
+    with pytest.raises(AssertionError):
+        assert_owned(m, "h")
