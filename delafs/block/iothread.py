@@ -111,7 +111,10 @@ class _Worker:
             pass
         else:
             self.done = True
-            await trio.lowlevel.cancel_shielded_checkpoint()    # still a schedule point
+            # Still a schedule point, and a cancel point: a Ctrl-C pending
+            # for trio's main task is delivered at one, so a stream of trips
+            # that never wait cannot hold it off (run() handles both).
+            await trio.lowlevel.checkpoint()
             return
         while True:
             await trio.lowlevel.wait_readable(self._rfd)
