@@ -71,6 +71,12 @@ def env_flag(name: str, default: bool) -> bool:
 DEBUG_LOCKS: bool = env_flag("DELAFS_DEBUG_LOCKS", True)
 
 _current_task = trio.lowlevel.current_task
+# A Ctrl-C is raised between any two bytecodes of unprotected code; in the
+# middle of a hand-off it would leave a waiter owning a lock it is never
+# woken for, and the teardown after the Ctrl-C would hang on it.  (Recent
+# trio, 0.35 here, marks the code object instead of wrapping the function:
+# no cost per call.)
+ki_protected = _ki_protected = trio.lowlevel.enable_ki_protection
 
 
 class Mutex:
@@ -96,6 +102,7 @@ class Mutex:
         self._owner = None
         self._waiters: deque | tuple = ()     # a deque once contended
 
+    @_ki_protected
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         task = _current_task()
@@ -116,6 +123,7 @@ class Mutex:
         await trio.lowlevel.wait_task_rescheduled(abort)
         # release() made us the owner before waking us.
 
+    @_ki_protected
     def release(self) -> None:
         if self._owner is not _current_task():
             raise RuntimeError("Mutex: released by a task that does not hold it")
@@ -242,6 +250,7 @@ class RWSemaphore:
             raise RuntimeError(f"{self.name}: task {task.name} acquires a lock it already holds "
                                "(not recursive: this deadlocks)")
 
+    @_ki_protected
     async def acquire_shared(self) -> None:
         """Take the lock shared.  Uncontended, this does not yield (see
         the module docstring); a pending cancellation still raises."""
@@ -254,6 +263,7 @@ class RWSemaphore:
             return
         await self._wait(False, task)
 
+    @_ki_protected
     async def acquire_exclusive(self) -> None:
         """Take the lock exclusive.  Uncontended, this does not yield."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -265,6 +275,7 @@ class RWSemaphore:
             return
         await self._wait(True, task)
 
+    @_ki_protected
     def acquire_shared_nowait(self) -> None:
         """down_read_trylock: take it shared now or raise trio.WouldBlock."""
         task = _current_task()
@@ -274,6 +285,7 @@ class RWSemaphore:
         self._readers.add(task)
         self._n_shared += 1
 
+    @_ki_protected
     def acquire_exclusive_nowait(self) -> None:
         """down_write_trylock: take it exclusive now or raise trio.WouldBlock."""
         task = _current_task()
@@ -323,6 +335,7 @@ class RWSemaphore:
 
     # -- releasing ----------------------------------------------------------
 
+    @_ki_protected
     def release_shared(self) -> None:
         task = _current_task()
         try:
@@ -333,6 +346,7 @@ class RWSemaphore:
         if not self._readers:
             self._grant()
 
+    @_ki_protected
     def release_exclusive(self) -> None:
         task = _current_task()
         if self._writer is not task:

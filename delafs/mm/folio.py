@@ -299,6 +299,7 @@ class Folio:
     def locked(self) -> bool:
         return self._owner is not None
 
+    @_locks.ki_protected
     def lock_new(self) -> None:
         """Lock a folio nobody else can see yet (it is being added to the
         mapping locked, as filemap_add_folio does): no wait."""
@@ -307,6 +308,7 @@ class Folio:
         if _locks.DEBUG_LOCKS:
             _track_locked(task, self)
 
+    @_locks.ki_protected
     async def lock(self) -> None:
         """folio_lock: sleep until the lock is ours.  FIFO hand-off on
         unlock, like trio.Lock.  Afterwards the caller must check that
@@ -328,6 +330,7 @@ class Folio:
         await self._lot.park()
         # unlock() handed the lock to us (and tracked it) before waking us.
 
+    @_locks.ki_protected
     def trylock(self) -> bool:
         """folio_trylock: take the lock if free, never sleep."""
         if self._owner is not None:
@@ -338,6 +341,7 @@ class Folio:
             _track_locked(task, self)
         return True
 
+    @_locks.ki_protected
     def unlock(self) -> None:
         """folio_unlock: release, handing the lock to the longest waiter."""
         owner = self._owner

@@ -435,3 +435,79 @@ async def test_mutex_misuse_raises():
             n.start_soon(other)
     with pytest.raises(AssertionError):
         assert_owned(m, "h")
+
+
+async def test_lock_hand_offs_are_ki_protected(monkeypatch):
+    """A Ctrl-C is raised between any two bytecodes of unprotected code: one
+    landing in a release after the lock was handed to a waiter but before
+    the waiter was woken would leave it owning a lock it never learns of,
+    and the teardown that follows the Ctrl-C hangs on it.  So every
+    hand-off runs KI-protected."""
+    from delafs.lib.locks import Mutex
+    real = trio.lowlevel.reschedule
+    unprotected = []
+
+    def reschedule(task, *args):
+        if not trio.lowlevel.currently_ki_protected():
+            unprotected.append(task)
+        real(task, *args)
+
+    monkeypatch.setattr(trio.lowlevel, "reschedule", reschedule)
+    m, sem = Mutex(), RWSemaphore("t")
+
+    async def use_all():
+        async with m:
+            await trio.lowlevel.checkpoint()
+        async with sem.exclusive():
+            await trio.lowlevel.checkpoint()
+        async with sem.shared():
+            await trio.lowlevel.checkpoint()
+        async with sem.exclusive():
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(use_all)
+    assert sem.statistics()["contended"] > 0
+    assert unprotected == []
+
+
+async def test_folio_lock_hand_off_is_ki_protected():
+    """The folio lock hands off as the locks above do (unpark, then the new
+    owner recorded): a Ctrl-C between the two would wake a waiter that
+    does not own the folio."""
+    from delafs.mm.folio import Folio
+    seen = []
+
+    class Lot:
+        """A ParkingLot (which cannot be subclassed) that notes whether
+        its unpark was called KI-protected."""
+        def __init__(self):
+            self.lot = trio.lowlevel.ParkingLot()
+
+        def __bool__(self):
+            return bool(self.lot)
+
+        async def park(self):
+            await self.lot.park()
+
+        def unpark(self, *args, **kwargs):
+            seen.append(trio.lowlevel.currently_ki_protected())
+            return self.lot.unpark(*args, **kwargs)
+
+    f = Folio(None, 0, 1)
+    f._lot = Lot()
+
+    async def locker():
+        await f.lock()
+        await trio.lowlevel.checkpoint()
+        f.unlock()
+
+    async with trio.open_nursery() as n:
+        f.lock_new()
+        n.start_soon(locker)
+        n.start_soon(locker)
+        await trio.testing.wait_all_tasks_blocked()
+        f.unlock()
+    assert seen and all(seen), seen
+    assert not f.locked
