@@ -29,7 +29,7 @@ import stat
 from collections import OrderedDict
 
 from ..lib.errors import CorruptionError, DelafsError, FsError, NotDelafsError
-from ..lib.locks import Mutex
+from ..lib.locks import Mutex, ki_protected
 from ..log import journal as journal_log
 from ..log.metabuf import CACHE_BLOCKS, MetaStore
 from ..ondisk import (
@@ -386,6 +386,9 @@ class _Transaction:
         self.write = write
         self.pool = pool
 
+    # meta_lock is taken in one and released in the other, by hand: a
+    # Ctrl-C between bytecodes there would leave it held.
+    @ki_protected
     async def __aenter__(self) -> None:
         fs = self.fs
         await fs.meta_lock.acquire()
@@ -414,6 +417,7 @@ class _Transaction:
         self.before = fs.store.changes
         fs.space.begin_op(need, fallback)
 
+    @ki_protected
     async def __aexit__(self, typ, exc, tb) -> bool:
         fs = self.fs
         try:

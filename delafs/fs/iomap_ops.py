@@ -34,6 +34,7 @@ from ..iomap.types import (
     VInode,
 )
 from ..lib.errors import FsError
+from ..lib.locks import ki_protected
 from ..lib.trace import TRACE
 from ..lib.units import BLOCK_SHIFT, BLOCK_SIZE
 from .aops import EXT_TO_IOMAP, FsWritebackOps
@@ -77,6 +78,7 @@ class FsIomapOps(FsWritebackOps):
     # iomap_begin / iomap_end
     # ------------------------------------------------------------------
 
+    @ki_protected       # meta_lock is taken by hand: no Ctrl-C before the try
     async def iomap_begin(self, inode: VInode, pos: int, length: int, flags: int) -> Iomap:
         fs = self.fs
         fblock = pos >> BLOCK_SHIFT

@@ -58,7 +58,7 @@ from collections import deque
 
 import trio
 
-__all__ = ["DEBUG_LOCKS", "Mutex", "RWSemaphore", "assert_owned"]
+__all__ = ["DEBUG_LOCKS", "Mutex", "RWSemaphore", "assert_owned", "ki_protected"]
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -73,9 +73,9 @@ DEBUG_LOCKS: bool = env_flag("DELAFS_DEBUG_LOCKS", True)
 _current_task = trio.lowlevel.current_task
 # A Ctrl-C is raised between any two bytecodes of unprotected code; in the
 # middle of a hand-off it would leave a waiter owning a lock it is never
-# woken for, and the teardown after the Ctrl-C would hang on it.  (Recent
-# trio, 0.35 here, marks the code object instead of wrapping the function:
-# no cost per call.)
+# woken for, and the teardown after the Ctrl-C would hang on it.  trio 0.28
+# and later mark the code object (python-trio/trio#3110) where older ones
+# wrapped the function: no cost per call (hence pyproject's lower bound).
 ki_protected = _ki_protected = trio.lowlevel.enable_ki_protection
 
 
@@ -93,7 +93,9 @@ class Mutex:
     and an inspect call) and cost ~2.9 us a pair; meta_lock is taken several
     times by every request.  What that bought, breaking the lock when its
     owner exits without releasing, delafs does not need: every holder
-    releases in a finally (``async with``).
+    releases in ``async with``, whose enter and exit are KI-protected like
+    the hand-offs (a Ctrl-C raised as ``__aexit__`` starts would otherwise
+    leave the lock held by a task that is gone).
     """
 
     __slots__ = ("_owner", "_waiters")
@@ -141,9 +143,11 @@ class Mutex:
         """The task holding it, or None."""
         return self._owner
 
+    @_ki_protected
     async def __aenter__(self):
         await self.acquire()
 
+    @_ki_protected
     async def __aexit__(self, *exc):
         self.release()
         return False
@@ -175,6 +179,7 @@ class _Guard:
         self._sem = sem
         self._exclusive = exclusive
 
+    @_ki_protected
     async def __aenter__(self):
         if self._exclusive:
             await self._sem.acquire_exclusive()
@@ -182,6 +187,7 @@ class _Guard:
             await self._sem.acquire_shared()
         return self._sem
 
+    @_ki_protected
     async def __aexit__(self, *exc):
         if self._exclusive:
             self._sem.release_exclusive()

@@ -28,7 +28,7 @@ from itertools import islice
 from typing import Callable, Protocol
 
 from ..lib.errors import FsError
-from ..lib.locks import Mutex
+from ..lib.locks import Mutex, ki_protected
 from .journal import Journal, log_blocks_needed
 
 
@@ -248,6 +248,7 @@ class MetaStore:
         self.stats["commits"] += 1
         self.stats["blocks_committed"] += len(frozen.images)
 
+    @ki_protected       # commit_lock is taken by hand: no Ctrl-C before the try (lib/locks.py)
     async def commit(self) -> int:
         """Make every change made so far durable; return its sequence number."""
         if self.readonly:

@@ -9,8 +9,9 @@ those helpers are *relative to the folio* (``first`` = 0 is the folio's
 first block), half-open ``[first, first+n)``.
 
 The folio lock guards a folio's data and its dirty/uptodate bits.
-``Folio.lock`` always yields, as trio's own acquires do (it is where the
-kernel could sleep).  With DEBUG_LOCKS the folios each task holds locked
+``Folio.lock`` yields only when it must wait (an uncontended lock is taken
+at once, as lib/locks.py explains), and a pending cancellation raises there
+as at any acquire.  With DEBUG_LOCKS the folios each task holds locked
 are tracked, so waits that must not happen under a folio lock can check.
 """
 

@@ -511,3 +511,109 @@ async def test_folio_lock_hand_off_is_ki_protected():
         f.unlock()
     assert seen and all(seen), seen
     assert not f.locked
+
+
+@pytest.mark.parametrize("kind", ["mutex", "exclusive", "shared"])
+def test_ctrl_c_as_a_lock_is_left_still_releases_it(kind):
+    """Python checks for signals as a coroutine starts, so a Ctrl-C can be
+    raised at the first instruction of ``__aexit__``, before it releases.
+    Unprotected, the lock stayed held by a task that was gone, and the
+    teardown after the Ctrl-C (a shielded commit that takes meta_lock)
+    would wait for it forever."""
+    import signal
+    import sys
+
+    from delafs.lib.locks import Mutex, _Guard
+    lock = Mutex() if kind == "mutex" else RWSemaphore("t")
+    aexit = (Mutex if kind == "mutex" else _Guard).__aexit__.__code__
+    fired = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is aexit and not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+
+    async def holder():
+        cm = lock if kind == "mutex" else getattr(lock, kind)()
+        async with cm:
+            await trio.sleep(0.01)
+            sys.settrace(tracer)
+        sys.settrace(None)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trio.run(holder)
+    finally:
+        sys.settrace(None)
+    assert fired
+    assert not (lock.locked() if kind == "mutex" else lock.locked)
+
+
+async def test_every_mutex_acquire_runs_ki_protected(tmp_path, monkeypatch):
+    """Code that takes meta_lock or commit_lock by hand (acquire, then a
+    try whose finally releases) has a gap between the two where an
+    unprotected Ctrl-C would leave the lock held.  Every caller of
+    Mutex.acquire, ``async with`` or by hand, must run KI-protected: a
+    write, an fsync, a read and a rename through the engine check it."""
+    from delafs.block import BlockDevice
+    from delafs.fs import Filesystem
+    from delafs.lib.locks import Mutex
+    from delafs.vfs.mount import Mount
+
+    real = Mutex.acquire
+    callers = {}
+
+    async def acquire(self):
+        # This wrapper is not protected: asking here answers for the caller.
+        caller = sys._getframe(1).f_code.co_qualname
+        callers[caller] = callers.get(caller, True) and trio.lowlevel.currently_ki_protected()
+        await real(self)
+
+    import sys
+    monkeypatch.setattr(Mutex, "acquire", acquire)
+    path = str(tmp_path / "img")
+    BlockDevice.create_file(path, 32 << 20)
+    with BlockDevice.open(path) as dev:
+        await Filesystem.format(dev)
+        fs = await Filesystem.open(dev)
+        m = Mount(fs, cache_size=8 << 20)
+        async with trio.open_nursery() as n:
+            await m.start(n)
+            ino = (await fs.create(1, b"f", 0o644)).ino
+            f = await m.open(ino, write=True)
+            await m.write(f, 0, b"x" * 10000)
+            await m.fsync(f)
+            assert await m.read(f, 0, 5) == b"xxxxx"
+            await m.release(f)
+            await m.rename(1, b"f", 1, b"g")
+            await m.syncfs()
+            await m.unmount()
+            n.cancel_scope.cancel()
+    unprotected = sorted(c for c, ok in callers.items() if not ok)
+    assert callers and unprotected == []
+
+
+async def test_mutex_granted_to_a_waiter_cancelled_before_it_runs():
+    """A waiter the lock was handed to owns it even if its scope is
+    cancelled before it runs: acquire returns, the cancellation arrives at
+    its next checkpoint, and ``async with`` releases on the way out."""
+    from delafs.lib.locks import Mutex
+    m = Mutex()
+    scope = trio.CancelScope()
+    got = []
+
+    async def w():
+        with scope:
+            async with m:
+                got.append(True)
+                await trio.lowlevel.checkpoint()
+                raise AssertionError("not cancelled")
+
+    async with trio.open_nursery() as n:
+        await m.acquire()
+        n.start_soon(w)
+        await trio.testing.wait_all_tasks_blocked()
+        m.release()                        # handed to w, which has not run yet
+        scope.cancel()
+    assert got == [True] and scope.cancelled_caught
+    assert not m.locked()
