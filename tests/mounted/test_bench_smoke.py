@@ -39,25 +39,6 @@ def all_mounts() -> set[str]:
         return {" ".join(line.split()[:2]) for line in f}
 
 
-@pytest.mark.timeout(60)
-def test_cold_random_read_job_reads_each_block_once(tmp_path):
-    """The randread job makes one pass over its file however fast the
-    system is: a second pass would read blocks the page cache already
-    holds.  On a host directory whose cache is hot, a pass of 16 MiB
-    takes a fraction of the 5 s cap; a time_based job would go round
-    the file until the cap."""
-    env = dict(os.environ, BENCH_DIR=str(tmp_path), BENCH_SIZE="16M", BENCH_RUNTIME="5",
-               BENCH_NFILES="1")
-    job = str(ROOT / "tools" / "bench" / "jobs" / "randread.fio")
-    subprocess.run(["fio", job], env=dict(env, BENCH_CREATE_ONLY="1"), check=True,
-                   capture_output=True, timeout=50)
-    r = subprocess.run(["fio", "--output-format=json", job], env=dict(env, BENCH_CREATE_ONLY="0"),
-                       check=True, capture_output=True, text=True, timeout=50)
-    read = json.loads(r.stdout)["jobs"][0]["read"]
-    assert read["total_ios"] == 16 * 1024 // 4, read["total_ios"]
-    assert read["iops"] > 0
-
-
 @pytest.mark.timeout(300)
 def test_bench_quick(tmp_path):
     workdir = tmp_path / "work"

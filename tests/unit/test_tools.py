@@ -1,8 +1,13 @@
 """Smoke runs of the measuring tools in tools/ (their figures are not asserted: benchmarks are not tests)."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 TOOLS = Path(__file__).parents[2] / "tools"
 
@@ -29,3 +34,22 @@ def test_request_latency_measures_every_call_and_leaves_nothing_behind(tmp_path)
     assert list(tmp_path.iterdir()) == []
     r = subprocess.run(tool + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+def test_cold_random_read_job_reads_each_block_once(tmp_path):
+    """The randread job makes one pass over its file however fast the
+    system is: a second pass would read blocks the page cache already
+    holds.  On a host directory whose cache is hot, a pass of 16 MiB
+    takes a fraction of the 5 s cap; a time_based job would go round
+    the file until the cap."""
+    env = dict(os.environ, BENCH_DIR=str(tmp_path), BENCH_SIZE="16M", BENCH_RUNTIME="5",
+               BENCH_NFILES="1")
+    job = str(TOOLS / "bench" / "jobs" / "randread.fio")
+    subprocess.run(["fio", job], env=dict(env, BENCH_CREATE_ONLY="1"), check=True,
+                   capture_output=True, timeout=50)
+    r = subprocess.run(["fio", "--output-format=json", job], env=dict(env, BENCH_CREATE_ONLY="0"),
+                       check=True, capture_output=True, text=True, timeout=50)
+    read = json.loads(r.stdout)["jobs"][0]["read"]
+    assert read["total_ios"] == 16 * 1024 // 4, read["total_ios"]
+    assert read["iops"] > 0
