@@ -49,6 +49,15 @@ false/no; a mounted daemon defaults to off, like lockdep in a production
 kernel, and the test suite turns it on) turns on the ownership assertions (``assert_held``, the
 folio-lock checks in mm/folio.py).  It is read at call time, so a process
 may flip it; the bookkeeping that makes releases safe is always on.
+
+Ctrl-C: trio raises KeyboardInterrupt between any two bytecodes of code
+that is not KI-protected, which could leave a lock half handed over or
+held by a task that is gone.  So every acquire, release and ``async with``
+of these locks is KI-protected, and so is any code that takes one by hand
+(acquire, then a ``try`` whose ``finally`` releases): the transaction's
+enter and exit, iomap_begin, MetaStore.commit.  A pending Ctrl-C still
+arrives at the next checkpoint.  (The daemon takes signals through a
+receiver and never sees one; in-process tools and tests do.)
 """
 
 from __future__ import annotations
