@@ -253,9 +253,17 @@ class MetaStore:
         """Make every change made so far durable; return its sequence number."""
         if self.readonly:
             return self.durable_seq
+        # commit_lock first, then freeze: a cancellation (or Ctrl-C) met at
+        # the acquire must find nothing frozen yet, or the transaction would
+        # be dropped unwritten and the next one take its successor's number,
+        # where recovery stops.  meta_lock, held across, keeps changes out.
         async with self.meta_lock:
-            frozen = self._snapshot()
             await self.commit_lock.acquire()
+            try:
+                frozen = self._snapshot()
+            except BaseException:
+                self.commit_lock.release()
+                raise
         try:
             if frozen is not None:
                 await self._write(frozen)
@@ -266,8 +274,8 @@ class MetaStore:
     async def commit_locked(self) -> int:
         """Commit from inside a metadata operation (meta_lock already held):
         how a long operation rolls its transaction so none grows unbounded."""
-        frozen = self._snapshot()
-        async with self.commit_lock:
+        async with self.commit_lock:        # then freeze: see commit()
+            frozen = self._snapshot()
             if frozen is not None:
                 await self._write(frozen)
         return self.durable_seq
@@ -288,8 +296,8 @@ class MetaStore:
     async def checkpoint_locked(self) -> None:
         """Commit and checkpoint from inside a metadata operation (meta_lock
         held): how an allocation short of space gets the busy blocks back."""
-        frozen = self._snapshot()
-        async with self.commit_lock:
+        async with self.commit_lock:        # then freeze: see commit()
+            frozen = self._snapshot()
             if frozen is not None:
                 await self._write(frozen)
             await self._checkpoint()

@@ -617,3 +617,40 @@ async def test_mutex_granted_to_a_waiter_cancelled_before_it_runs():
         scope.cancel()
     assert got == [True] and scope.cancelled_caught
     assert not m.locked()
+
+
+async def test_a_commit_cancelled_while_waiting_for_commit_lock_loses_nothing(rig):
+    """A commit granted meta_lock while its scope was being cancelled used
+    to freeze the running transaction and then meet the cancellation at
+    commit_lock: the frozen transaction was dropped, unwritten, and the
+    next commit took the following sequence number, where recovery stops
+    at the gap.  Nothing is frozen before both locks are held now."""
+    from delafs.ondisk import ROOT_INO
+    m = await rig.mount(format=True)
+    fs = m.fs
+    store = fs.store
+    await fs.commit()
+    ino = (await fs.create(ROOT_INO, b"made-before", 0o644)).ino
+    scope = trio.CancelScope()
+
+    async def committer():
+        with scope:
+            await store.commit()
+
+    async with trio.open_nursery() as n:
+        await store.commit_lock.acquire()      # a commit's write in flight
+        await store.meta_lock.acquire()        # an operation in progress
+        n.start_soon(committer)
+        await trio.testing.wait_all_tasks_blocked()
+        store.meta_lock.release()              # handed to the committer...
+        scope.cancel()                         # ...cancelled before it runs
+        await trio.testing.wait_all_tasks_blocked()
+        store.commit_lock.release()
+    assert scope.cancelled_caught
+    assert store.failed is None
+    await fs.commit()
+    await rig.crash()
+    m = await rig.mount()                      # recovery replays the log
+    assert (await m.fs.lookup(ROOT_INO, b"made-before")).ino == ino
+    await rig.unmount()
+    await rig.fsck()
