@@ -374,23 +374,26 @@ class Engine:
                 start = round_down(start) + BLOCK_SIZE
                 continue
             await folio.lock()
-            if folio.mapping is not mapping or not folio.contains(start >> BLOCK_SHIFT):
-                folio.unlock()
-                continue
-            if POINTS.explorer is not None:
-                await POINTS.hit("delalloc_scan_folio")
-            lo = max(start, folio.pos)
-            hi = min(end, folio.end)
-            for first, n in self.dirty_runs(folio):
-                d0 = max(lo, (folio.index + first) << BLOCK_SHIFT)
-                d1 = min(hi, (folio.index + first + n) << BLOCK_SHIFT)
-                if d0 >= d1:
+            try:
+                if folio.mapping is not mapping or not folio.contains(start >> BLOCK_SHIFT):
                     continue
-                if d0 > punch_start:
-                    await self._punch(inode, punch_start, d0)
-                punch_start = d1
-            start = folio.end
-            folio.unlock()
+                if POINTS.explorer is not None:
+                    await POINTS.hit("delalloc_scan_folio")
+                lo = max(start, folio.pos)
+                hi = min(end, folio.end)
+                for first, n in self.dirty_runs(folio):
+                    d0 = max(lo, (folio.index + first) << BLOCK_SHIFT)
+                    d1 = min(hi, (folio.index + first + n) << BLOCK_SHIFT)
+                    if d0 >= d1:
+                        continue
+                    if d0 > punch_start:
+                        # A failed punch (shutdown, cancellation) must not
+                        # leave the folio locked: hence the finally.
+                        await self._punch(inode, punch_start, d0)
+                    punch_start = d1
+                start = folio.end
+            finally:
+                folio.unlock()
         return punch_start
 
     @staticmethod

@@ -75,7 +75,11 @@ async def writepages(engine, inode: VInode, *, sync: bool, start: int = 0,
                 if not sync:
                     folio.unlock()
                     continue
-                await folio.wait_writeback()
+                try:
+                    await folio.wait_writeback()
+                except BaseException:       # cancelled: not with the folio locked
+                    folio.unlock()
+                    raise
             try:
                 if await writeback_folio(engine, wpc, folio):
                     under_io.append(folio)

@@ -13,6 +13,15 @@ The folio lock guards a folio's data and its dirty/uptodate bits.
 at once, as lib/locks.py explains), and a pending cancellation raises there
 as at any acquire.  With DEBUG_LOCKS the folios each task holds locked
 are tracked, so waits that must not happen under a folio lock can check.
+
+A holder that awaits with a folio locked must unlock it whatever the await
+raises (delalloc_scan around a punch that fails, writepages around a wait
+for writeback that is cancelled), or the next user of the folio waits
+forever.  Lock, unlock and their hand-offs are KI-protected
+(lib/locks.py); a Ctrl-C between two bytecodes of a holder's synchronous
+stretch (the write loop's copy and write_end, readahead's batch before its
+``try``, the shrinker's trylock and remove) can still leave one locked.
+Only in-process runs meet that: the daemon takes signals through a receiver.
 """
 
 from __future__ import annotations

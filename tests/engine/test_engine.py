@@ -1122,3 +1122,45 @@ async def test_a_rename_over_a_file_writes_the_renamed_file_back_first(rig):
     assert await m.read(f, 0, len(data)) == data
     await rig.unmount()
     await rig.fsck()
+
+
+async def test_a_failed_punch_leaves_no_folio_locked(rig):
+    """delalloc_scan holds a folio locked while it punches up to it: a
+    punch that fails (the filesystem shut down by an I/O error, a
+    cancellation) must still unlock it, or the next writeback, truncate or
+    unmount of the file waits for the lock forever."""
+    m = await rig.mount(format=True)
+    ino = (await m.fs.create(1, b"f", 0o644)).ino
+    f = await m.open(ino, write=True)
+    await m.write(f, 2 * BS, b"x" * BS)            # one dirty folio at block 2
+    inode = m.inodes[ino]
+
+    async def punch(*args):
+        await trio.lowlevel.checkpoint()
+        raise FsError(errno.EIO, "injected punch failure")
+
+    m.engine.ops.punch = punch
+    with pytest.raises(FsError):
+        await m.engine.delalloc_scan(inode, 0, 2 * BS, 3 * BS)
+    assert not [folio for folio in inode.mapping.folios.values() if folio.locked]
+
+
+async def test_an_fsync_cancelled_while_waiting_for_writeback_leaves_the_folio_unlocked(rig):
+    """A data-integrity writeback waits, folio locked, for writeback already
+    in flight on it.  Cancelled there (a FUSE request interrupted, the
+    daemon shutting down), it must unlock the folio on its way out."""
+    m = await rig.mount(format=True)
+    ino = (await m.fs.create(1, b"f", 0o644)).ino
+    f = await m.open(ino, write=True)
+    await m.write(f, 0, b"x" * BS)
+    inode = m.inodes[ino]
+    folio = inode.mapping.lookup(0)
+    await folio.lock()
+    folio.start_writeback()                 # an earlier pass's I/O, still in flight
+    folio.unlock()
+    await m.write(f, 0, b"y" * BS)          # dirty again: sync writeback must wait for it
+    with trio.move_on_after(0.05) as scope:
+        await writepages(m.engine, inode, sync=True)
+    assert scope.cancelled_caught
+    assert not folio.locked
+    folio.end_writeback()
