@@ -53,10 +53,13 @@ may flip it; the bookkeeping that makes releases safe is always on.
 Ctrl-C: trio raises KeyboardInterrupt between any two bytecodes of code
 that is not KI-protected, which could leave a lock half handed over or
 held by a task that is gone.  So every acquire, release and ``async with``
-of these locks is KI-protected, and so is any code that takes one by hand
-(acquire, then a ``try`` whose ``finally`` releases): the transaction's
-enter and exit, iomap_begin, MetaStore.commit.  A pending Ctrl-C still
-arrives at the next checkpoint.  (The daemon takes signals through a
+of these locks is KI-protected, and so is the code that takes meta_lock or
+commit_lock by hand (acquire, then a ``try`` whose ``finally`` releases):
+the transaction's enter and exit, iomap_begin, MetaStore.commit.  A pending
+Ctrl-C still arrives at the main task's next checkpoint (so a protected
+stretch of pure computation delays it by that long).  The folio lock's
+hand-offs are protected, not yet every path that holds one: see the
+mm/folio.py docstring.  (The daemon takes signals through a
 receiver and never sees one; in-process tools and tests do.)
 """
 

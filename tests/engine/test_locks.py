@@ -540,11 +540,15 @@ def test_ctrl_c_as_a_lock_is_left_still_releases_it(kind):
             sys.settrace(tracer)
         sys.settrace(None)
 
+    # A background job of a non-interactive shell starts with SIGINT
+    # ignored, and trio then installs no handler of its own.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             trio.run(holder)
     finally:
         sys.settrace(None)
+        signal.signal(signal.SIGINT, old)
     assert fired
     assert not (lock.locked() if kind == "mutex" else lock.locked)
 
@@ -553,24 +557,34 @@ async def test_every_mutex_acquire_runs_ki_protected(tmp_path, monkeypatch):
     """Code that takes meta_lock or commit_lock by hand (acquire, then a
     try whose finally releases) has a gap between the two where an
     unprotected Ctrl-C would leave the lock held.  Every caller of
-    Mutex.acquire, ``async with`` or by hand, must run KI-protected: a
-    write, an fsync, a read and a rename through the engine check it."""
+    Mutex.acquire and Mutex.release, ``async with`` or by hand, must run
+    KI-protected: a write, an fsync, a read and a rename through the engine
+    check it."""
+    import sys
+
     from delafs.block import BlockDevice
     from delafs.fs import Filesystem
     from delafs.lib.locks import Mutex
     from delafs.vfs.mount import Mount
 
-    real = Mutex.acquire
+    real_acquire, real_release = Mutex.acquire, Mutex.release
     callers = {}
 
-    async def acquire(self):
-        # This wrapper is not protected: asking here answers for the caller.
-        caller = sys._getframe(1).f_code.co_qualname
+    def note_caller():
+        # Called from an unprotected wrapper: the answer is the caller's.
+        caller = sys._getframe(2).f_code.co_qualname
         callers[caller] = callers.get(caller, True) and trio.lowlevel.currently_ki_protected()
-        await real(self)
 
-    import sys
+    async def acquire(self):
+        note_caller()
+        await real_acquire(self)
+
+    def release(self):
+        note_caller()
+        real_release(self)
+
     monkeypatch.setattr(Mutex, "acquire", acquire)
+    monkeypatch.setattr(Mutex, "release", release)
     path = str(tmp_path / "img")
     BlockDevice.create_file(path, 32 << 20)
     with BlockDevice.open(path) as dev:

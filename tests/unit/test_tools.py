@@ -37,6 +37,7 @@ def test_request_latency_measures_every_call_and_leaves_nothing_behind(tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+@pytest.mark.timeout(60)
 def test_cold_random_read_job_reads_each_block_once(tmp_path):
     """The randread job makes one pass over its file however fast the
     system is: a second pass would read blocks the page cache already
