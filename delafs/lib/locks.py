@@ -88,7 +88,7 @@ _current_task = trio.lowlevel.current_task
 # woken for, and the teardown after the Ctrl-C would hang on it.  trio 0.28
 # and later mark the code object (python-trio/trio#3110) where older ones
 # wrapped the function: no cost per call (hence pyproject's lower bound).
-ki_protected = _ki_protected = trio.lowlevel.enable_ki_protection
+ki_protected = trio.lowlevel.enable_ki_protection
 
 
 class Mutex:
@@ -116,7 +116,7 @@ class Mutex:
         self._owner = None
         self._waiters: deque | tuple = ()     # a deque once contended
 
-    @_ki_protected
+    @ki_protected
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         task = _current_task()
@@ -137,7 +137,7 @@ class Mutex:
         await trio.lowlevel.wait_task_rescheduled(abort)
         # release() made us the owner before waking us.
 
-    @_ki_protected
+    @ki_protected
     def release(self) -> None:
         if self._owner is not _current_task():
             raise RuntimeError("Mutex: released by a task that does not hold it")
@@ -155,11 +155,11 @@ class Mutex:
         """The task holding it, or None."""
         return self._owner
 
-    @_ki_protected
+    @ki_protected
     async def __aenter__(self):
         await self.acquire()
 
-    @_ki_protected
+    @ki_protected
     async def __aexit__(self, *exc):
         self.release()
         return False
@@ -191,7 +191,7 @@ class _Guard:
         self._sem = sem
         self._exclusive = exclusive
 
-    @_ki_protected
+    @ki_protected
     async def __aenter__(self):
         if self._exclusive:
             await self._sem.acquire_exclusive()
@@ -199,7 +199,7 @@ class _Guard:
             await self._sem.acquire_shared()
         return self._sem
 
-    @_ki_protected
+    @ki_protected
     async def __aexit__(self, *exc):
         if self._exclusive:
             self._sem.release_exclusive()
@@ -268,7 +268,7 @@ class RWSemaphore:
             raise RuntimeError(f"{self.name}: task {task.name} acquires a lock it already holds "
                                "(not recursive: this deadlocks)")
 
-    @_ki_protected
+    @ki_protected
     async def acquire_shared(self) -> None:
         """Take the lock shared.  Uncontended, this does not yield (see
         the module docstring); a pending cancellation still raises."""
@@ -281,7 +281,7 @@ class RWSemaphore:
             return
         await self._wait(False, task)
 
-    @_ki_protected
+    @ki_protected
     async def acquire_exclusive(self) -> None:
         """Take the lock exclusive.  Uncontended, this does not yield."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -293,7 +293,7 @@ class RWSemaphore:
             return
         await self._wait(True, task)
 
-    @_ki_protected
+    @ki_protected
     def acquire_shared_nowait(self) -> None:
         """down_read_trylock: take it shared now or raise trio.WouldBlock."""
         task = _current_task()
@@ -303,7 +303,7 @@ class RWSemaphore:
         self._readers.add(task)
         self._n_shared += 1
 
-    @_ki_protected
+    @ki_protected
     def acquire_exclusive_nowait(self) -> None:
         """down_write_trylock: take it exclusive now or raise trio.WouldBlock."""
         task = _current_task()
@@ -353,7 +353,7 @@ class RWSemaphore:
 
     # -- releasing ----------------------------------------------------------
 
-    @_ki_protected
+    @ki_protected
     def release_shared(self) -> None:
         task = _current_task()
         try:
@@ -364,7 +364,7 @@ class RWSemaphore:
         if not self._readers:
             self._grant()
 
-    @_ki_protected
+    @ki_protected
     def release_exclusive(self) -> None:
         task = _current_task()
         if self._writer is not task:
