@@ -30,6 +30,7 @@ from ..lib import locks
 from ..lib.errors import DelafsError, FsError
 from ..lib.errortag import ErrorTags
 from ..vfs.mount import Mount
+from . import loop
 from .control import ControlHandler, write_back_kernel_pages
 from .inspect import InspectServer
 from .operations import Operations
@@ -161,6 +162,8 @@ class Daemon:
             except OSError as e:      # watching is optional; serving files is not
                 log.warning("no inspection socket (bmap, trace, top will not work): %s", e)
             n.start_soon(self._finish_setup, ready)
+            if not loop.install():
+                log.debug("pyfuse3's session loop keeps its trio.Lock (pyfuse3.trio is not trio)")
             try:
                 self.serving = True
                 await pyfuse3.main()

@@ -1,0 +1,100 @@
+"""fuse/loop.py: pyfuse3's session loop takes turns with delafs's Mutex."""
+
+import os
+import types
+
+import pyfuse3
+import pytest
+import trio
+
+from delafs.fuse import loop
+from delafs.lib.locks import Mutex
+
+
+@pytest.fixture
+def pyfuse3_trio():
+    """Whatever a test does to pyfuse3's ``trio``, the next test gets it back."""
+    saved = pyfuse3.trio
+    yield
+    pyfuse3.trio = saved
+
+
+def test_install_gives_pyfuse3_a_mutex_and_trio_for_everything_else(pyfuse3_trio):
+    assert pyfuse3.trio is trio                         # the hook is there to take
+    assert loop.install() and loop.installed()
+    assert loop.install()                               # a second call changes nothing
+    t = pyfuse3.trio
+    assert isinstance(t.Lock(), Mutex)
+    # what pyfuse3 3.5's compiled loop and handlers look up on it
+    assert t.lowlevel is trio.lowlevel
+    assert t.open_nursery is trio.open_nursery
+    assert t.ClosedResourceError is trio.ClosedResourceError
+    assert t.from_thread is trio.from_thread
+    with pytest.raises(AttributeError):
+        t.no_such_thing
+
+
+def test_install_leaves_a_replaced_trio_alone(pyfuse3_trio):
+    """pyfuse3's asyncio mode puts its own module there: not ours to replace."""
+    other = types.ModuleType("pyfuse3.asyncio")
+    pyfuse3.trio = other
+    assert not loop.install() and not loop.installed()
+    assert pyfuse3.trio is other
+
+
+async def test_readers_take_turns_as_in_pyfuse3s_loop(pyfuse3_trio):
+    """pyfuse3's readers: under the lock, wait for the fd, read one request,
+    let the next reader have the lock.  Each request is read exactly once,
+    by the readers in turn, and a free lock is taken without a scheduler
+    pass (a trio.Lock's acquire always made one)."""
+    loop.install()
+    lock = pyfuse3.trio.Lock()
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    got = []
+
+    async def reader(name):
+        while True:
+            async with lock:
+                try:
+                    await pyfuse3.trio.lowlevel.wait_readable(rfd)
+                except pyfuse3.trio.ClosedResourceError:
+                    return
+                byte = os.read(rfd, 1)
+            if byte == b"q":
+                return
+            got.append((name, byte))
+            await trio.sleep(0)                         # the handler's own awaits
+
+    try:
+        async with pyfuse3.trio.open_nursery() as n:
+            for name in "abc":
+                n.start_soon(reader, name)
+            for i in range(30):
+                os.write(wfd, bytes([65 + i % 26]))
+                await trio.sleep(0.001)
+            os.write(wfd, b"qqq")
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    assert [b for _, b in got] == [bytes([65 + i % 26]) for i in range(30)]
+    assert {n for n, _ in got} == set("abc")            # the lock went round
+
+    # taken free without yielding: the task is not stepped again in between
+    me = trio.lowlevel.current_task()
+
+    class Steps(trio.abc.Instrument):
+        n = 0
+
+        def before_task_step(self, task):
+            self.n += task is me
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with lock:
+            pass
+        await trio.lowlevel.checkpoint()                # the control: one step
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert steps.n == 1
