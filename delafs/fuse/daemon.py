@@ -131,6 +131,8 @@ class Daemon:
             fuse_opts.add("debug")
         if "ro" not in fuse_opts and self.readonly:
             fuse_opts.add("ro")
+        if not loop.install():
+            log.debug("pyfuse3's session loop keeps its trio.Lock (pyfuse3.trio is not trio)")
         try:
             pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
         except RuntimeError as e:
@@ -146,7 +148,8 @@ class Daemon:
         stats["daemon"] = {"pid": os.getpid(), "image": self.image,
                            "mountpoint": self.mountpoint, "readonly": self.readonly,
                            "inspect": self.inspect.address if self.inspect_live else None,
-                           "inspect_clients": self.inspect.clients}
+                           "inspect_clients": self.inspect.clients,
+                           "pyfuse3_read_lock": "Mutex" if loop.locks_made() else "trio.Lock"}
         return stats
 
     # -- main loop ---------------------------------------------------------------------
@@ -162,8 +165,6 @@ class Daemon:
             except OSError as e:      # watching is optional; serving files is not
                 log.warning("no inspection socket (bmap, trace, top will not work): %s", e)
             n.start_soon(self._finish_setup, ready)
-            if not loop.install():
-                log.debug("pyfuse3's session loop keeps its trio.Lock (pyfuse3.trio is not trio)")
             try:
                 self.serving = True
                 await pyfuse3.main()

@@ -10,9 +10,19 @@ request paid a scheduler pass and that bookkeeping before it was read.
 pyfuse3 reaches trio through its module global ``trio`` at each use; its
 asyncio mode (pyfuse3.asyncio.enable) replaces that global with a stand-in
 module, and so does :func:`install`: a module that is trio in everything
-but ``Lock``, which is :class:`~delafs.lib.locks.Mutex` (FIFO, hand-off,
-no yield when free, KI-protected like trio's).  pyfuse3 uses the lock only
-as ``async with``, by one task at a time, never recursively.
+but ``Lock``, which makes a :class:`~delafs.lib.locks.Mutex` (FIFO,
+hand-off, no yield when free, KI-protected like trio's).  pyfuse3 3.2 to
+3.5 (the versions read) use that lock only in ``async with``, held by one
+task at a time, never recursively and never with another lock held, and
+look nothing else up on trio but ``lowlevel``, ``open_nursery``,
+``from_thread`` and ``ClosedResourceError``.  Up to 3.4 the lock is made
+by pyfuse3.init(), from 3.5 on a reader's first turn: install first.
+
+What a trio.Lock has and this does not: if its holder ended without
+releasing it, the waiters got BrokenResourceError and pyfuse3.main()
+failed; with a Mutex they would wait.  A holder can only end that way on
+a KeyboardInterrupt between the lock's enter and the ``try`` that pyfuse3
+compiles around it, and the daemon takes signals through a receiver.
 
 Measured in process on pyfuse3's pattern (three readers taking turns
 at a pipe, one byte a request): ~17,000 fewer instructions a request
@@ -31,13 +41,26 @@ import trio
 
 from ..lib.locks import Mutex
 
-__all__ = ["install", "installed"]
+__all__ = ["install", "installed", "locks_made"]
+
+_made = 0
+
+
+def _lock() -> Mutex:
+    global _made
+    _made += 1
+    return Mutex()
 
 
 class _TrioForPyfuse3(types.ModuleType):
-    """trio, except ``Lock``."""
+    """trio, except ``Lock``.  What pyfuse3 looks up once a request is a
+    plain attribute; anything else falls through to trio."""
 
-    Lock = Mutex
+    Lock = staticmethod(_lock)
+    lowlevel = trio.lowlevel
+    open_nursery = staticmethod(trio.open_nursery)
+    from_thread = trio.from_thread
+    ClosedResourceError = trio.ClosedResourceError
 
     def __getattr__(self, name: str):
         return getattr(trio, name)
@@ -47,10 +70,10 @@ _module = _TrioForPyfuse3("delafs.fuse.loop.trio", __doc__)
 
 
 def install() -> bool:
-    """Give pyfuse3's session loop a :class:`Mutex` for its read lock.
-    Call before pyfuse3.main(), which creates the lock on its first turn.
-    Leaves pyfuse3 alone (False) unless its ``trio`` is trio itself: in
-    asyncio mode, or under an unknown pyfuse3 that has no such global."""
+    """Give pyfuse3's session loop a :class:`Mutex` for its read lock;
+    call before pyfuse3.init().  Leaves pyfuse3 alone (False) unless its
+    ``trio`` is trio itself: in asyncio mode, or under a pyfuse3 that has
+    no such global."""
     current = getattr(pyfuse3, "trio", None)
     if current is _module:
         return True
@@ -62,3 +85,10 @@ def install() -> bool:
 
 def installed() -> bool:
     return getattr(pyfuse3, "trio", None) is _module
+
+
+def locks_made() -> int:
+    """How many locks pyfuse3 has made through :func:`install`'s module:
+    one per session once it has served (the daemon's statistics say
+    whether its loop runs on a Mutex)."""
+    return _made

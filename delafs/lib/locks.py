@@ -10,6 +10,10 @@ list while holding one further up, never the reverse)::
                        every extent-map change           -- fs/filesystem.py
             commit_lock  the journal's Mutex           -- log/metabuf.py
 
+Outside that order: the read lock of pyfuse3's session loop, a Mutex
+(fuse/loop.py), held only while a reader waits for /dev/fuse, with no
+other lock held and none taken under it.
+
 Who takes what:
 
 - buffered write: ``i_rwsem`` exclusive for the whole write; inside it each
@@ -92,7 +96,8 @@ ki_protected = trio.lowlevel.enable_ki_protection
 
 
 class Mutex:
-    """A FIFO sleeping mutex (meta_lock, commit_lock): the kernel's mutex.
+    """A FIFO sleeping mutex (meta_lock, commit_lock, pyfuse3's read lock):
+    the kernel's mutex.
 
     An uncontended acquire takes it without yielding; a release hands it to
     the longest waiter before that task runs, so a task arriving meanwhile

@@ -551,3 +551,32 @@ def test_output_into_a_closed_pipe_ends_quietly(delafs_mount):
         for cmd in (f"{DELAFS} stat {m.mnt} | true", f"{DELAFS} stat --json {m.mnt} | head -c 1 >/dev/null"):
             r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
             assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, (unbuffered, cmd, r.stderr)
+
+
+def test_the_daemons_fuse_readers_take_turns_with_a_mutex(delafs_mount):
+    """delafs stat says the daemon's pyfuse3 made its session loop's read
+    lock through fuse/loop.py (a Mutex, not a trio.Lock), and the loop
+    serves concurrent callers with it."""
+    m = delafs_mount()
+    errors = []
+
+    def writer(i):
+        try:
+            for j in range(50):
+                with open(m.path(f"f{i}"), "ab") as f:
+                    f.write(bytes([i]) * 1000)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        with open(m.path(f"f{i}"), "rb") as f:
+            assert f.read() == bytes([i]) * 50_000
+    assert m.stat()["daemon"]["pyfuse3_read_lock"] == "Mutex"
+    m.umount()
+    m.fsck()

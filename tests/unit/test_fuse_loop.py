@@ -6,6 +6,7 @@ import types
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from delafs.fuse import loop
 from delafs.lib.locks import Mutex
@@ -24,7 +25,9 @@ def test_install_gives_pyfuse3_a_mutex_and_trio_for_everything_else(pyfuse3_trio
     assert loop.install() and loop.installed()
     assert loop.install()                               # a second call changes nothing
     t = pyfuse3.trio
+    made = loop.locks_made()
     assert isinstance(t.Lock(), Mutex)
+    assert loop.locks_made() == made + 1
     # what pyfuse3 3.5's compiled loop and handlers look up on it
     assert t.lowlevel is trio.lowlevel
     assert t.open_nursery is trio.open_nursery
@@ -45,8 +48,8 @@ def test_install_leaves_a_replaced_trio_alone(pyfuse3_trio):
 async def test_readers_take_turns_as_in_pyfuse3s_loop(pyfuse3_trio):
     """pyfuse3's readers: under the lock, wait for the fd, read one request,
     let the next reader have the lock.  Each request is read exactly once,
-    by the readers in turn, and a free lock is taken without a scheduler
-    pass (a trio.Lock's acquire always made one)."""
+    in order, the lock goes round all the readers, and a free lock is taken
+    without a scheduler pass (a trio.Lock's acquire always made one)."""
     loop.install()
     lock = pyfuse3.trio.Lock()
     rfd, wfd = os.pipe()
@@ -98,3 +101,79 @@ async def test_readers_take_turns_as_in_pyfuse3s_loop(pyfuse3_trio):
     finally:
         trio.lowlevel.remove_instrument(steps)
     assert steps.n == 1
+
+
+async def _queued_readers(lock, rfd):
+    """Readers as pyfuse3's _wait_fuse_readable: under the lock, leave if
+    the session has exited, else wait for the fd.  Returns the reader, the
+    list of how each ended and the session's exit flag."""
+    ended = []
+    exited = []
+
+    async def reader(name):
+        try:
+            async with lock:
+                if exited:
+                    ended.append((name, "exited"))
+                    return
+                try:
+                    await pyfuse3.trio.lowlevel.wait_readable(rfd)
+                except pyfuse3.trio.ClosedResourceError:
+                    ended.append((name, "closed"))
+                    return
+        except trio.Cancelled:
+            ended.append((name, "cancelled"))
+            raise
+
+    return reader, ended, exited
+
+
+async def _lock_is_free(lock):
+    assert not lock.locked()
+    with trio.fail_after(1):                            # nobody left queued on it
+        async with lock:
+            pass
+
+
+async def test_terminate_ends_the_holder_and_the_queued_readers(pyfuse3_trio):
+    """pyfuse3.terminate() sets the session's exit flag and closes the fd
+    under the reader holding the lock (notify_closing): that one leaves,
+    and each reader queued behind it gets the lock, sees the flag and
+    leaves too."""
+    loop.install()
+    lock = pyfuse3.trio.Lock()
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    reader, ended, exited = await _queued_readers(lock, rfd)
+    try:
+        async with trio.open_nursery() as n:
+            for name in "abc":
+                n.start_soon(reader, name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.locked()
+            exited.append(True)
+            pyfuse3.trio.lowlevel.notify_closing(rfd)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    assert sorted(ended) == [("a", "closed"), ("b", "exited"), ("c", "exited")]
+    await _lock_is_free(lock)
+
+
+async def test_cancelling_the_loop_frees_the_lock_of_holder_and_queue(pyfuse3_trio):
+    loop.install()
+    lock = pyfuse3.trio.Lock()
+    rfd, wfd = os.pipe()
+    reader, ended, _ = await _queued_readers(lock, rfd)
+    try:
+        async with trio.open_nursery() as n:
+            for name in "abc":
+                n.start_soon(reader, name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.locked()
+            n.cancel_scope.cancel()
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    assert sorted(ended) == [("a", "cancelled"), ("b", "cancelled"), ("c", "cancelled")]
+    await _lock_is_free(lock)
