@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             for _ in range(args.calls):
                 call()
-            print(f"{name:30s} {(time.perf_counter() - t) / args.calls * 1e6:8.1f} us")
+            print(f"{name:30s} {(time.perf_counter() - t) / args.calls * 1e6:8.1f} us", flush=True)
     finally:
         os.close(fd)
         os.unlink(path)
@@ -67,4 +67,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        # The reader went away (`| head`): end quietly, as SIGPIPE would,
+        # and keep the flush of stdout at exit from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + 13)

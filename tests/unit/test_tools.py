@@ -34,7 +34,13 @@ def test_request_latency_measures_every_call_and_leaves_nothing_behind(tmp_path)
     assert list(tmp_path.iterdir()) == []
     r = subprocess.run(tool + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a directory" in r.stderr
-
+    # a reader that is gone before the first line (`| true`): a quiet end, the file still removed
+    for unbuffered in ("", "1"):
+        r = subprocess.run(["bash", "-c", f"'{sys.executable}' '{tool[1]}' '{tmp_path}' --calls 20 | true"],
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONUNBUFFERED=unbuffered))
+        assert "Traceback" not in r.stderr and "Broken pipe" not in r.stderr, (unbuffered, r.stderr)
+        assert list(tmp_path.iterdir()) == []
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
 @pytest.mark.timeout(60)
