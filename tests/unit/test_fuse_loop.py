@@ -103,7 +103,7 @@ async def test_readers_take_turns_as_in_pyfuse3s_loop(pyfuse3_trio):
     assert steps.n == 1
 
 
-async def _queued_readers(lock, rfd):
+def _queued_readers(lock, rfd):
     """Readers as pyfuse3's _wait_fuse_readable: under the lock, leave if
     the session has exited, else wait for the fd.  Returns the reader, the
     list of how each ended and the session's exit flag."""
@@ -128,6 +128,21 @@ async def _queued_readers(lock, rfd):
     return reader, ended, exited
 
 
+async def _run_three_readers(lock, reader, rfd, wfd, end) -> None:
+    """Start readers a, b and c; once one holds the lock and the others
+    queue on it, ``end(nursery)``; wait for them all to leave."""
+    try:
+        async with trio.open_nursery() as n:
+            for name in "abc":
+                n.start_soon(reader, name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.locked()
+            end(n)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
 async def _lock_is_free(lock):
     assert not lock.locked()
     with trio.fail_after(1):                            # nobody left queued on it
@@ -144,18 +159,13 @@ async def test_terminate_ends_the_holder_and_the_queued_readers(pyfuse3_trio):
     lock = pyfuse3.trio.Lock()
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)
-    reader, ended, exited = await _queued_readers(lock, rfd)
-    try:
-        async with trio.open_nursery() as n:
-            for name in "abc":
-                n.start_soon(reader, name)
-            await trio.testing.wait_all_tasks_blocked()
-            assert lock.locked()
-            exited.append(True)
-            pyfuse3.trio.lowlevel.notify_closing(rfd)
-    finally:
-        os.close(rfd)
-        os.close(wfd)
+    reader, ended, exited = _queued_readers(lock, rfd)
+
+    def terminate(_nursery):
+        exited.append(True)
+        pyfuse3.trio.lowlevel.notify_closing(rfd)
+
+    await _run_three_readers(lock, reader, rfd, wfd, terminate)
     assert sorted(how for _, how in ended) == ["closed", "exited", "exited"]   # the holder: closed
     assert {name for name, _ in ended} == set("abc")
     await _lock_is_free(lock)
@@ -165,16 +175,7 @@ async def test_cancelling_the_loop_frees_the_lock_of_holder_and_queue(pyfuse3_tr
     loop.install()
     lock = pyfuse3.trio.Lock()
     rfd, wfd = os.pipe()
-    reader, ended, _ = await _queued_readers(lock, rfd)
-    try:
-        async with trio.open_nursery() as n:
-            for name in "abc":
-                n.start_soon(reader, name)
-            await trio.testing.wait_all_tasks_blocked()
-            assert lock.locked()
-            n.cancel_scope.cancel()
-    finally:
-        os.close(rfd)
-        os.close(wfd)
+    reader, ended, _ = _queued_readers(lock, rfd)
+    await _run_three_readers(lock, reader, rfd, wfd, lambda n: n.cancel_scope.cancel())
     assert sorted(ended) == [("a", "cancelled"), ("b", "cancelled"), ("c", "cancelled")]
     await _lock_is_free(lock)
