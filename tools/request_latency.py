@@ -19,6 +19,11 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from delafs.cli.fail import SIGPIPE_STATUS, reader_gone  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -70,7 +75,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except BrokenPipeError:
-        # The reader went away (`| head`): end quietly, as SIGPIPE would,
-        # and keep the flush of stdout at exit from raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + 13)
+        reader_gone()       # end quietly, as the delafs command does
+        sys.exit(SIGPIPE_STATUS)

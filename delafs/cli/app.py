@@ -14,7 +14,7 @@ import sys
 
 from ..lib import units
 from ..lib.errors import DelafsError, FsError, NotDelafsError
-from .fail import fail
+from .fail import SIGPIPE_STATUS, fail, reader_gone
 from .inspect import add_commands as add_inspect_commands
 from .mount import add_commands
 
@@ -214,11 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader of our output went away (`| head`): end quietly, as a
-        # process killed by SIGPIPE does, and keep the final flush of
-        # stdout at exit from raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + 13
+        reader_gone()           # end quietly, as a process killed by SIGPIPE does
+        return SIGPIPE_STATUS
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from ..fuse.control import DaemonGone, NotMounted, control_command
 from ..lib.errors import FsError
 from ..lib.trace import EVENTS
 from ..lib.units import BLOCK_SIZE, format_size
-from .fail import fail
+from .fail import fail, reader_gone
 
 
 class InspectError(Exception):
@@ -114,8 +114,7 @@ def _run(cmd: str, body, args) -> int:
     except KeyboardInterrupt:
         return 0            # the way to stop a stream or a view
     except BrokenPipeError:
-        # The reader (head, a closed pager) went away: nothing left to say.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reader_gone()       # nothing left to say
         return 0
 
 
